@@ -11,7 +11,6 @@ const FILES: &[&str] = &[
     "v3lockpb/v3lock.proto",
     "v3electionpb/v3election.proto",
     "internal/request.proto",
-    "internal/peer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
