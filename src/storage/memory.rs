@@ -1,0 +1,72 @@
+//! An in-memory [`Engine`] for unit tests, benches and simulation.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::RwLock;
+
+use super::{Batch, Engine, Error, Keyspace, Result, Scan};
+
+/// An [`Engine`] that keeps everything in a `BTreeMap`; `sync` is a no-op.
+#[derive(Debug, Default)]
+pub struct MemEngine {
+    map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemEngine {
+    /// Creates an empty engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Engine("memory engine lock poisoned".to_owned())
+}
+
+impl Engine for MemEngine {
+    fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let map = self.map.read().map_err(poisoned)?;
+        Ok(map.get(&keyspace.encode(key)).cloned())
+    }
+
+    fn scan(
+        &self,
+        keyspace: Keyspace,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Scan,
+    ) -> Result<()> {
+        let map = self.map.read().map_err(poisoned)?;
+        let lo = keyspace.encode(start);
+        let hi = match end {
+            Some(end) => Bound::Excluded(keyspace.encode(end)),
+            None => Bound::Excluded(vec![keyspace.prefix() + 1]),
+        };
+        for (k, v) in map.range((Bound::Included(lo), hi)) {
+            if visit(k.get(1..).unwrap_or_default(), v) == Scan::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: Batch) -> Result<()> {
+        let mut map = self.map.write().map_err(poisoned)?;
+        for op in batch.into_ops() {
+            let key = op.keyspace.encode(&op.key);
+            match op.value {
+                Some(v) => map.insert(key, v),
+                None => map.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(0)
+    }
+}

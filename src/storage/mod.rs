@@ -1,0 +1,255 @@
+//! The state machine's storage: a narrow [`Engine`] trait over an ordered byte store.
+//!
+//! Everything the state machine keeps (the mvcc keyspace, meta records such as the applied
+//! index, and later leases, auth and members) lives in one engine, split into [`Keyspace`]s
+//! by a one-byte key prefix, so that one [`Batch`] covering several keyspaces is atomic.
+//!
+//! This module knows nothing of mvcc, raft or the wire. The raft log does **not** live here:
+//! it has its own fdatasynced log in `raft::log_store`, because sled's flush is not an fsync.
+//! [`SledEngine`] is the only file that names sled; [`MemEngine`] serves unit tests and
+//! benches.
+
+mod memory;
+mod sled;
+
+pub use self::memory::MemEngine;
+pub use self::sled::SledEngine;
+
+/// Errors from a storage engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The underlying engine failed (I/O, corruption, a poisoned lock).
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A filesystem operation on the engine's directory failed.
+    #[error("storage I/O on {path}: {source}")]
+    Io {
+        /// The file or directory the operation touched.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for storage operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A named region of the engine's single ordered key space.
+///
+/// Each keyspace is a one-byte prefix; keys of different keyspaces never interleave, and a
+/// scan never crosses from one keyspace into the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Keyspace {
+    /// mvcc revisions: `revision (16 bytes) [+ tombstone mark]` to an encoded key-value.
+    Kv,
+    /// Small records about the state machine itself: applied index, revisions, versions.
+    Meta,
+    /// Leases: id to granted TTL and checkpointed remaining TTL.
+    Lease,
+    /// Auth users, roles and the auth revision.
+    Auth,
+    /// Cluster members.
+    Members,
+}
+
+impl Keyspace {
+    /// The one-byte prefix under which this keyspace's keys are stored.
+    pub const fn prefix(self) -> u8 {
+        match self {
+            Keyspace::Kv => b'k',
+            Keyspace::Meta => b'm',
+            Keyspace::Lease => b'l',
+            Keyspace::Auth => b'a',
+            Keyspace::Members => b'b',
+        }
+    }
+
+    /// Prepends this keyspace's prefix to `key`.
+    pub fn encode(self, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(key.len() + 1);
+        out.push(self.prefix());
+        out.extend_from_slice(key);
+        out
+    }
+}
+
+/// One write in a [`Batch`]: a put when `value` is `Some`, a delete otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOp {
+    /// The keyspace written.
+    pub keyspace: Keyspace,
+    /// The key inside the keyspace (without the prefix).
+    pub key: Vec<u8>,
+    /// The new value, or `None` to delete the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// An ordered list of writes applied atomically by [`Engine::write`]: after a crash either
+/// all of them are visible or none.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<BatchOp>,
+}
+
+impl Batch {
+    /// Creates an empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put of `value` at `key` in `keyspace`; a later op on the same key wins.
+    pub fn put(&mut self, keyspace: Keyspace, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp { keyspace, key: key.into(), value: Some(value.into()) });
+    }
+
+    /// Adds a delete of `key` in `keyspace`; a later op on the same key wins.
+    pub fn delete(&mut self, keyspace: Keyspace, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp { keyspace, key: key.into(), value: None });
+    }
+
+    /// Appends every op of `other` after this batch's ops.
+    pub fn extend(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+
+    /// Returns true when the batch holds no op.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Returns the number of ops in the batch.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Returns the ops in the order they were added.
+    pub fn ops(&self) -> &[BatchOp] {
+        &self.ops
+    }
+
+    /// Consumes the batch, returning its ops in order.
+    pub fn into_ops(self) -> Vec<BatchOp> {
+        self.ops
+    }
+}
+
+/// What a scan callback tells the scan to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Visit the next key.
+    Continue,
+    /// Stop the scan here.
+    Stop,
+}
+
+/// An ordered key-value store holding the state machine.
+///
+/// Reads see every completed [`Engine::write`]. Writes are atomic per batch but not durable
+/// until [`Engine::sync`] returns: after a process crash the engine recovers a prefix of the
+/// batches written (never a torn batch); after a power loss, everything up to the last
+/// `sync`. Callers therefore record the applied raft index inside each batch and keep the
+/// raft log until a `sync` has covered it.
+pub trait Engine: Send + Sync + 'static {
+    /// Returns the value at `key` in `keyspace`, or `None` when absent.
+    ///
+    /// # Errors
+    /// Fails when the engine cannot read.
+    fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Visits the keys of `keyspace` in `[start, end)` in ascending order (`end = None`
+    /// means to the end of the keyspace), calling `visit(key, value)` with the prefix
+    /// removed until it returns [`Scan::Stop`].
+    ///
+    /// # Errors
+    /// Fails when the engine cannot read.
+    fn scan(
+        &self,
+        keyspace: Keyspace,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Scan,
+    ) -> Result<()>;
+
+    /// Applies every op of `batch` atomically, in order.
+    ///
+    /// # Errors
+    /// Fails when the engine cannot write; nothing of the batch is then visible.
+    fn write(&self, batch: Batch) -> Result<()>;
+
+    /// Makes every completed write durable against power loss (a checkpoint).
+    ///
+    /// # Errors
+    /// Fails when flushing or fsyncing fails; the caller must not treat data as durable.
+    fn sync(&self) -> Result<()>;
+
+    /// Returns the engine's size on disk in bytes (0 for an in-memory engine).
+    ///
+    /// # Errors
+    /// Fails when the size cannot be read.
+    fn size_on_disk(&self) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the contract checks every engine must pass.
+    pub(crate) fn engine_contract(engine: &dyn Engine) {
+        let mut b = Batch::new();
+        b.put(Keyspace::Kv, b"a".to_vec(), b"1".to_vec());
+        b.put(Keyspace::Kv, b"b".to_vec(), b"2".to_vec());
+        b.put(Keyspace::Kv, b"c".to_vec(), b"3".to_vec());
+        b.put(Keyspace::Meta, b"a".to_vec(), b"meta".to_vec());
+        b.delete(Keyspace::Kv, b"c".to_vec());
+        engine.write(b).unwrap();
+
+        assert_eq!(engine.get(Keyspace::Kv, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(engine.get(Keyspace::Kv, b"c").unwrap(), None);
+        assert_eq!(engine.get(Keyspace::Meta, b"a").unwrap(), Some(b"meta".to_vec()));
+
+        let mut seen = Vec::new();
+        engine
+            .scan(Keyspace::Kv, b"", None, &mut |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                Scan::Continue
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+
+        let mut seen = Vec::new();
+        engine
+            .scan(Keyspace::Kv, b"b", Some(b"c"), &mut |k, _| {
+                seen.push(k.to_vec());
+                Scan::Continue
+            })
+            .unwrap();
+        assert_eq!(seen, vec![b"b".to_vec()]);
+
+        let mut count = 0;
+        engine
+            .scan(Keyspace::Kv, b"", None, &mut |_, _| {
+                count += 1;
+                Scan::Stop
+            })
+            .unwrap();
+        assert_eq!(count, 1);
+        engine.sync().unwrap();
+    }
+
+    #[test]
+    fn mem_engine_keeps_the_contract() {
+        engine_contract(&MemEngine::new());
+    }
+
+    #[test]
+    fn sled_engine_keeps_the_contract_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let engine = SledEngine::open(dir.path()).unwrap();
+            engine_contract(&engine);
+        }
+        let engine = SledEngine::open(dir.path()).unwrap();
+        assert_eq!(engine.get(Keyspace::Kv, b"b").unwrap(), Some(b"2".to_vec()));
+        assert!(engine.size_on_disk().unwrap() > 0);
+    }
+}
