@@ -35,7 +35,12 @@ pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
 }
 
-/// Cairn's replicated request and peer service.
-pub mod internal {
-    tonic::include_proto!("cairn.internal");
+/// Cairn's own proto packages (`cairn.*`), nested as prost's generated paths expect.
+pub mod cairn {
+    /// Cairn's replicated request and peer service.
+    pub mod internal {
+        tonic::include_proto!("cairn.internal");
+    }
 }
+
+pub use cairn::internal;
