@@ -1,9 +1,24 @@
 //! Cairn: an etcd-compatible, strongly consistent key-value store.
 //!
+//! A request flows edge → server → raft → apply → state machines (DESIGN.md):
+//!
 //! # Layout
 //!
-//! - `storage`: the state machine's ordered byte store behind the `Engine` trait (sled).
-//! - `mvcc`: the revisioned keyspace: range, put, delete, txn, compaction.
+//! - [`config`]: etcd's flags and `ETCD_*` variables, validated into typed values.
+//! - [`storage`]: the state machine's ordered byte store behind the `Engine` trait (sled in
+//!   one file, an in-memory engine for tests).
+//! - [`mvcc`]: the revisioned keyspace: range, put, delete, txn, compaction.
+//! - [`raft`]: the raft-rs owner task and its durable, fdatasynced log.
+//! - [`apply`]: applies committed entries in order, atomically with the applied index.
+//! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
+//! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
+//! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
+pub mod apply;
+pub mod bench;
+pub mod config;
+pub mod grpc;
 pub mod mvcc;
+pub mod raft;
+pub mod server;
 pub mod storage;

@@ -36,7 +36,8 @@ impl SledEngine {
     /// # Errors
     /// Fails when the directory cannot be created or sled cannot open or recover it.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| Error::Io { path: dir.to_owned(), source })?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
@@ -50,7 +51,10 @@ impl SledEngine {
 
     /// Fsyncs every regular file below `dir`, then `dir` itself.
     fn fsync_tree(dir: &Path) -> Result<()> {
-        let io = |path: &Path| move |source| Error::Io { path: path.to_owned(), source };
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
             let path = entry.path();

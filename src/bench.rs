@@ -1,0 +1,256 @@
+//! `cairn bench`: a load generator for any etcd-compatible endpoint, modeled on etcd's
+//! `benchmark` tool (tools/benchmark): the same workloads, flags and summary shape, so the
+//! same command measures Cairn and real etcd on the same machine.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+use tonic::transport::{Channel, Endpoint};
+
+/// Flags shared by every workload.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Comma-separated gRPC endpoints (`http://host:port`); connections round-robin over them.
+    #[arg(long, default_value = "http://127.0.0.1:2379", global = true)]
+    pub endpoints: String,
+    /// Total number of gRPC connections.
+    #[arg(long, default_value_t = 1, global = true)]
+    pub conns: usize,
+    /// Total number of concurrent clients (requests in flight).
+    #[arg(long, default_value_t = 1, global = true)]
+    pub clients: usize,
+    /// Total number of requests.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    pub total: u64,
+    /// The workload.
+    #[command(subcommand)]
+    pub workload: Workload,
+}
+
+/// A benchmark workload.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Workload {
+    /// Puts of fixed-size values.
+    Put {
+        /// Key size in bytes.
+        #[arg(long, default_value_t = 8)]
+        key_size: usize,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 8)]
+        val_size: usize,
+        /// Number of distinct keys written (keys cycle through this space).
+        #[arg(long, default_value_t = 1)]
+        key_space_size: u64,
+        /// Use sequential keys instead of pseudo-random ones.
+        #[arg(long)]
+        sequential_keys: bool,
+    },
+    /// Ranges over a key or `[key, end)`.
+    Range {
+        /// The key to read.
+        key: String,
+        /// The end of the range (exclusive), if any.
+        end: Option<String>,
+        /// `l` for linearizable, `s` for serializable.
+        #[arg(long, default_value = "l")]
+        consistency: String,
+        /// Maximum keys per response (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+        /// Return only the count of keys.
+        #[arg(long)]
+        count_only: bool,
+    },
+}
+
+/// Latency statistics of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Wall time of the run.
+    pub total: Duration,
+    /// Successful requests.
+    pub ok: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Sorted latencies of successful requests.
+    pub latencies: Vec<Duration>,
+}
+
+impl Summary {
+    /// Requests per second over the run.
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.total.as_secs_f64().max(1e-9)
+    }
+
+    /// The `p`-th percentile latency (0..=100).
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
+        self.latencies.get(rank.min(self.latencies.len() - 1)).copied().unwrap_or_default()
+    }
+
+    /// Prints the summary in the shape of etcd's benchmark tool.
+    pub fn print(&self) {
+        let secs = |d: Duration| d.as_secs_f64();
+        let n = self.latencies.len().max(1) as f64;
+        let avg = self.latencies.iter().map(|d| secs(*d)).sum::<f64>() / n;
+        let var = self.latencies.iter().map(|d| (secs(*d) - avg).powi(2)).sum::<f64>() / n;
+        println!("\nSummary:");
+        println!("  Total:\t{:.4} secs.", secs(self.total));
+        println!(
+            "  Slowest:\t{:.4} secs.",
+            secs(self.latencies.last().copied().unwrap_or_default())
+        );
+        println!(
+            "  Fastest:\t{:.4} secs.",
+            secs(self.latencies.first().copied().unwrap_or_default())
+        );
+        println!("  Average:\t{avg:.4} secs.");
+        println!("  Stddev:\t{:.4} secs.", var.sqrt());
+        println!("  Requests/sec:\t{:.4}", self.rps());
+        if self.errors > 0 {
+            println!("  Errors:\t{}", self.errors);
+        }
+        println!("\nLatency distribution:");
+        for p in [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9] {
+            println!("  {p}% in {:.4} secs.", secs(self.percentile(p)));
+        }
+    }
+}
+
+/// Opens `conns` separate HTTP/2 connections over the endpoints.
+async fn connect(endpoints: &str, conns: usize) -> anyhow::Result<Vec<Channel>> {
+    let eps: Vec<&str> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    anyhow::ensure!(!eps.is_empty(), "no endpoints");
+    let mut out = Vec::with_capacity(conns);
+    for i in 0..conns.max(1) {
+        let ep = eps.get(i % eps.len()).copied().unwrap_or_default();
+        let ch = Endpoint::from_shared(ep.to_owned())?
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+/// Makes the key for request `i`.
+fn make_key(i: u64, key_size: usize, key_space: u64, sequential: bool) -> Vec<u8> {
+    let n = if sequential {
+        i % key_space.max(1)
+    } else {
+        // A multiplicative hash spreads requests over the key space without a RNG crate.
+        i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % key_space.max(1)
+    };
+    let mut key = vec![b'0'; key_size];
+    let digits = n.to_string();
+    let start = key_size.saturating_sub(digits.len());
+    for (dst, src) in key.iter_mut().skip(start).zip(digits.bytes()) {
+        *dst = src;
+    }
+    key
+}
+
+/// Runs `args` and returns the summary.
+///
+/// # Errors
+/// Fails when the endpoints cannot be reached.
+pub async fn run(args: &Args) -> anyhow::Result<Summary> {
+    let channels = connect(&args.endpoints, args.conns).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(args.clients);
+    for c in 0..args.clients.max(1) {
+        let Some(ch) = channels.get(c % channels.len()).cloned() else { continue };
+        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
+        let next = next.clone();
+        let errors = errors.clone();
+        let workload = args.workload.clone();
+        let total = args.total;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t0 = Instant::now();
+                let res = match &workload {
+                    Workload::Put { key_size, val_size, key_space_size, sequential_keys } => {
+                        let key = make_key(i, *key_size, *key_space_size, *sequential_keys);
+                        client
+                            .put(PutRequest {
+                                key,
+                                value: vec![b'v'; *val_size],
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                    Workload::Range { key, end, consistency, limit, count_only } => client
+                        .range(RangeRequest {
+                            key: key.clone().into_bytes(),
+                            range_end: end.clone().unwrap_or_default().into_bytes(),
+                            serializable: consistency == "s",
+                            limit: *limit,
+                            count_only: *count_only,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                match res {
+                    Ok(()) => lat.push(t0.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await?);
+    }
+    let total = start.elapsed();
+    latencies.sort_unstable();
+    Ok(Summary {
+        total,
+        ok: latencies.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        latencies,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_have_the_requested_size_and_cycle_through_the_space() {
+        assert_eq!(make_key(7, 8, 100, true), b"00000007".to_vec());
+        assert_eq!(make_key(107, 8, 100, true), b"00000007".to_vec());
+        assert_eq!(make_key(3, 4, 1, false), b"0000".to_vec());
+    }
+
+    #[test]
+    fn percentiles_pick_from_sorted_latencies() {
+        let s = Summary {
+            total: Duration::from_secs(1),
+            ok: 100,
+            errors: 0,
+            latencies: (1..=100).map(Duration::from_millis).collect(),
+        };
+        assert_eq!(s.percentile(50.0), Duration::from_millis(51));
+        assert_eq!(s.percentile(99.0), Duration::from_millis(99));
+        assert!((s.rps() - 100.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,118 @@
+//! etcd's `Maintenance` service. `Status` is served; the rest answer `Unimplemented` until
+//! the features behind them exist (hashes with clusters, snapshots with backup/restore).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cairn_proto::etcdserverpb::{self as pb, maintenance_server::Maintenance};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::server::{ETCD_VERSION, STORAGE_VERSION, Server};
+
+/// The Maintenance service over one server.
+#[derive(Debug, Clone)]
+pub struct MaintenanceService {
+    server: Arc<Server>,
+}
+
+impl MaintenanceService {
+    /// Creates the service.
+    pub fn new(server: Arc<Server>) -> Self {
+        Self { server }
+    }
+}
+
+fn unimplemented(method: &str) -> Status {
+    Status::unimplemented(format!(
+        "etcdserverpb.Maintenance/{method} is not implemented by Cairn yet"
+    ))
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    /// Lists alarms. No alarm is ever raised yet (quota enforcement and corruption checks
+    /// arrive later), so the list is truthfully empty; raising or clearing one by hand is
+    /// not served.
+    async fn alarm(
+        &self,
+        request: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
+        match pb::alarm_request::AlarmAction::try_from(request.get_ref().action) {
+            Ok(pb::alarm_request::AlarmAction::Get) => Ok(Response::new(pb::AlarmResponse {
+                header: convert::header(self.server.header(), self.server.kv().current_revision()),
+                alarms: Vec::new(),
+            })),
+            _ => Err(unimplemented("Alarm (activate/deactivate)")),
+        }
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.server.status();
+        let db_size = i64::try_from(s.db_size).unwrap_or(i64::MAX);
+        Ok(Response::new(pb::StatusResponse {
+            header: convert::header(self.server.header(), self.server.kv().current_revision()),
+            version: ETCD_VERSION.to_owned(),
+            db_size,
+            leader: s.raft.leader,
+            raft_index: s.raft.commit,
+            raft_term: s.raft.term,
+            raft_applied_index: s.applied,
+            errors: Vec::new(),
+            db_size_in_use: db_size,
+            is_learner: false,
+            storage_version: STORAGE_VERSION.to_owned(),
+            db_size_quota: i64::try_from(s.quota).unwrap_or(i64::MAX),
+            downgrade_info: None,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        Err(unimplemented("Defragment"))
+    }
+
+    async fn hash(
+        &self,
+        _: Request<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
+        Err(unimplemented("Hash"))
+    }
+
+    async fn hash_kv(
+        &self,
+        _: Request<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
+        Err(unimplemented("HashKV"))
+    }
+
+    type SnapshotStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static>>;
+
+    async fn snapshot(
+        &self,
+        _: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(unimplemented("MoveLeader"))
+    }
+
+    async fn downgrade(
+        &self,
+        _: Request<pb::DowngradeRequest>,
+    ) -> Result<Response<pb::DowngradeResponse>, Status> {
+        Err(unimplemented("Downgrade"))
+    }
+}

@@ -1,0 +1,118 @@
+//! The tonic edge: etcd's gRPC services on the client URLs.
+//!
+//! Each service validates its requests (`validate`), calls the server, and maps every error
+//! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
+//! yet (Watch, Lease, Auth, Lock, Election) are not registered, so clients get gRPC's
+//! `Unimplemented` for them rather than a fake answer.
+
+mod cluster;
+pub mod convert;
+mod kv;
+mod maintenance;
+pub mod status;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cairn_proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+};
+use futures::StreamExt as _;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+pub use self::cluster::ClusterService;
+pub use self::kv::KvService;
+pub use self::maintenance::MaintenanceService;
+use crate::config::{GRPC_OVERHEAD_BYTES, Url};
+use crate::server::Server;
+
+/// Errors while starting the client listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listen URL's host did not resolve.
+    #[error("cannot resolve {url}: {source}")]
+    Resolve {
+        /// The URL.
+        url: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// No address of a listen URL could be bound.
+    #[error("cannot listen on {url}: {source}")]
+    Bind {
+        /// The URL.
+        url: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server failed while serving.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Binds every address of every URL (a `localhost` URL binds both loopback families when
+/// the host has them). A URL none of whose addresses binds is an error.
+///
+/// # Errors
+/// [`Error::Resolve`] or [`Error::Bind`].
+pub async fn bind(urls: &[Url]) -> Result<Vec<TcpListener>, Error> {
+    let mut listeners = Vec::new();
+    for url in urls {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(url.host_port())
+            .await
+            .map_err(|source| Error::Resolve { url: url.raw.clone(), source })?
+            .collect();
+        let mut last_err = None;
+        let before = listeners.len();
+        for addr in addrs {
+            match TcpListener::bind(addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if listeners.len() == before {
+            let source = last_err.unwrap_or_else(|| std::io::Error::other("no address"));
+            return Err(Error::Bind { url: url.raw.clone(), source });
+        }
+    }
+    Ok(listeners)
+}
+
+/// Serves the client services on `listeners` until `shutdown` resolves.
+///
+/// # Errors
+/// [`Error::Serve`] when the transport fails.
+pub async fn serve(
+    server: Arc<Server>,
+    listeners: Vec<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let max_recv = usize::try_from(server.config().raw.max_request_bytes).unwrap_or(usize::MAX)
+        + GRPC_OVERHEAD_BYTES;
+    // `serve_with_incoming` ignores the builder's TCP_NODELAY; set it on each incoming
+    // stream, or small unary calls wait ~40 ms for delayed ACKs (DEPENDENCIES.md).
+    let incoming = futures::stream::select_all(
+        listeners.into_iter().map(|l| TcpIncoming::from(l).with_nodelay(Some(true)).boxed()),
+    );
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(
+            KvServer::new(KvService::new(server.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            MaintenanceServer::new(MaintenanceService::new(server.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The `cairn` binary: parse etcd-style configuration, start a member, serve until a signal.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use cairn::config::Config;
+use clap::{Parser, Subcommand};
+
+/// An etcd-compatible, strongly consistent key-value store.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", disable_version_flag = true, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Print the version and exit.
+    #[arg(long)]
+    version: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load-test an etcd-compatible endpoint (modeled on etcd's benchmark tool).
+    Bench(cairn::bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if cli.version {
+        println!("cairn Version: {}", env!("CARGO_PKG_VERSION"));
+        println!("etcd API Version: {}", cairn::server::ETCD_VERSION);
+        return std::process::ExitCode::SUCCESS;
+    }
+    let result = match cli.command {
+        Some(Command::Bench(args)) => run_bench(&args),
+        None => run_server(&cli.config),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cairn-worker")
+        .build()
+        .context("tokio runtime")
+}
+
+fn run_bench(args: &cairn::bench::Args) -> anyhow::Result<()> {
+    let summary = runtime()?.block_on(cairn::bench::run(args))?;
+    summary.print();
+    Ok(())
+}
+
+fn run_server(config: &Config) -> anyhow::Result<()> {
+    // Everything is validated before anything is written.
+    let cfg = config.validate()?;
+    init_logging(&cfg.log_filter, &cfg.raw.log_outputs)?;
+    runtime()?.block_on(async move {
+        let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
+        let server = cairn::server::Server::start(cfg.clone())?;
+        for l in &listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving client traffic");
+            }
+        }
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, async {
+            let _ = stop_rx.await;
+        }));
+        shutdown_signal().await;
+        tracing::info!("received signal; shutting down");
+        let _ = stop_tx.send(());
+        // Clients that keep connections open must not hold the process hostage.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serving).await;
+        server.shutdown().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Where log lines go: etcd's `--log-outputs` (default/stderr, stdout, or file paths).
+#[derive(Clone)]
+struct Outputs(Arc<Mutex<Vec<Box<dyn Write + Send>>>>);
+
+impl Write for Outputs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut outs) = self.0.lock() {
+            for o in outs.iter_mut() {
+                o.write_all(buf)?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Ok(mut outs) = self.0.lock() {
+            for o in outs.iter_mut() {
+                o.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn init_logging(level: &str, outputs: &str) -> anyhow::Result<()> {
+    let mut sinks: Vec<Box<dyn Write + Send>> = Vec::new();
+    for out in outputs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match out {
+            "default" | "stderr" => sinks.push(Box::new(std::io::stderr())),
+            "stdout" => sinks.push(Box::new(std::io::stdout())),
+            path => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("--log-outputs: cannot open {path}"))?;
+                sinks.push(Box::new(f));
+            }
+        }
+    }
+    let outputs = Outputs(Arc::new(Mutex::new(sinks)));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(move || outputs.clone())
+        .init();
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Consensus: drives a raft-rs `RawNode` and persists its log.
+//!
+//! One owner task (in [`node`]) holds the `RawNode` on a dedicated thread, so the fdatasync
+//! of each `Ready` never blocks the client-facing runtime. It selects over an inbox of
+//! [`Command`]s and a ticker; per `Ready` it sends messages, hands committed entries to apply,
+//! appends entries and hard state to the [`LogStore`] with one fdatasync (group commit: all
+//! proposals that arrived since the last `Ready` share it), and advances.
+//!
+//! This module moves bytes. It knows nothing of gRPC, etcd messages or mvcc: entries are
+//! `Vec<u8>`, peers are reached through the [`Transport`] trait declared here and implemented
+//! by the peer service, and committed entries leave through a channel as [`ToApply`].
+
+pub mod log_store;
+mod logger;
+mod node;
+mod transport;
+mod wal;
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::log_store::LogStore;
+pub use self::logger::tracing_logger;
+pub use self::node::start;
+pub use self::transport::{NoPeers, Transport};
+pub use raft::prelude::{ConfState, Entry, EntryType, Message, Snapshot};
+
+/// Errors of the consensus layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The member knows no leader, so a proposal or read index cannot be served.
+    #[error("no leader")]
+    NoLeader,
+    /// The raft task has stopped (shutdown or a fatal persistence failure).
+    #[error("raft stopped")]
+    Stopped,
+    /// raft-rs refused an operation.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// The state machine is behind the raft log's compaction point: the entries between were
+    /// dropped, so replay cannot rebuild it (the state machine lost durable data).
+    #[error(
+        "state machine applied index {applied} is behind the raft log's compaction point {compacted}"
+    )]
+    StateBehindLog {
+        /// The state machine's applied index.
+        applied: u64,
+        /// The last index dropped from the raft log.
+        compacted: u64,
+    },
+    /// The durable raft log failed.
+    #[error("raft log: {0}")]
+    Log(#[from] log_store::Error),
+}
+
+/// What the raft task hands to the apply task, in log order.
+#[derive(Debug)]
+pub enum ToApply {
+    /// Committed entries, contiguous and in index order.
+    Entries(Vec<Entry>),
+    /// A snapshot from the leader that replaces the state machine.
+    Snapshot(Snapshot),
+}
+
+/// Static settings of the raft node.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    /// This member's id (non-zero).
+    pub id: u64,
+    /// The voters of a brand-new cluster; used only when the log is empty.
+    pub initial_voters: Vec<u64>,
+    /// One tick.
+    pub heartbeat: Duration,
+    /// Election timeout in ticks (heartbeat is one tick).
+    pub election_ticks: usize,
+    /// The state machine's applied index at start; raft resends committed entries after it.
+    pub applied: u64,
+    /// Entries kept behind the compaction point for slow followers (etcd's 5000).
+    pub catch_up_entries: u64,
+}
+
+/// A point-in-time view of the node, published after every `Ready`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This member's id.
+    pub id: u64,
+    /// The current leader's id, 0 when unknown.
+    pub leader: u64,
+    /// The current term.
+    pub term: u64,
+    /// The commit index.
+    pub commit: u64,
+    /// The last index in the log.
+    pub last_index: u64,
+}
+
+impl RaftStatus {
+    /// True when this member is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader != 0 && self.leader == self.id
+    }
+}
+
+/// Requests to the raft task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Propose `data` as a normal entry; the reply says whether raft accepted it (not
+    /// whether it committed: the caller waits for apply).
+    Propose { data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+    /// Ask for a read index; the reply carries the commit index to wait for.
+    ReadIndex { ctx: Vec<u8>, reply: oneshot::Sender<Result<u64, Error>> },
+    /// A message from a peer.
+    Step(Box<Message>),
+    /// The state machine has durably applied up to this index; the log may be compacted.
+    Compact(u64),
+    /// Stop the raft task (graceful shutdown).
+    Shutdown,
+}
+
+/// A cheap, cloneable handle to the raft task.
+#[derive(Debug, Clone)]
+pub struct RaftHandle {
+    tx: mpsc::Sender<Command>,
+    status: watch::Receiver<RaftStatus>,
+}
+
+impl RaftHandle {
+    /// Proposes `data` as a log entry.
+    ///
+    /// # Errors
+    /// [`Error::NoLeader`] when raft drops the proposal for want of a leader,
+    /// [`Error::Stopped`] when the raft task is gone.
+    pub async fn propose(&self, data: Vec<u8>) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Propose { data, reply }).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Asks raft for a read index under the unique context `ctx` and returns the index a
+    /// linearizable read must wait for the state machine to reach.
+    ///
+    /// The answer may never come (a leader change drops it); callers bound the wait.
+    ///
+    /// # Errors
+    /// [`Error::NoLeader`] or [`Error::Stopped`].
+    pub async fn read_index(&self, ctx: Vec<u8>) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::ReadIndex { ctx, reply }).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Delivers a message from a peer.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] when the raft task is gone.
+    pub async fn step(&self, msg: Message) -> Result<(), Error> {
+        self.tx.send(Command::Step(Box::new(msg))).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Tells raft the state machine is durable up to `index`; never blocks.
+    pub fn compact(&self, index: u64) {
+        // A full inbox only delays compaction until the next checkpoint.
+        let _ = self.tx.try_send(Command::Compact(index));
+    }
+
+    /// Stops the raft task; committed entries already handed to apply are still applied.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+
+    /// Returns the latest published status.
+    pub fn status(&self) -> RaftStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Returns a receiver that sees every status change.
+    pub fn subscribe(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+}

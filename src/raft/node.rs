@@ -1,0 +1,292 @@
+//! The raft owner task: the only code that touches the `RawNode`.
+//!
+//! The loop runs on its own thread (a current-thread tokio runtime), because each `Ready`
+//! ends in an fdatasync that must not stall the client-facing workers. Per iteration it
+//! drains every queued command before looking at `Ready`, so all proposals that arrived
+//! while the previous fdatasync ran land in one `Ready` and share one fdatasync (group
+//! commit). The order inside `on_ready` follows raft-rs's contract (tikv/raft-rs
+//! examples/five_mem_node): messages first (a leader may send before it persists, raft thesis
+//! 10.2.1), committed entries to apply, persist entries and hard state, then the persisted
+//! messages (votes and appends a follower may only send once durable), then `advance`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread;
+
+use raft::prelude::*;
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Command, Error, LogStore, RaftConfig, RaftHandle, RaftStatus, ToApply, Transport};
+
+/// Capacity of the raft task's inbox. Senders wait when it is full, which pushes back on
+/// clients instead of growing memory without bound.
+const INBOX_CAPACITY: usize = 4096;
+
+/// Starts the raft task on its own thread.
+///
+/// `log` must be open; when it is empty, it is bootstrapped with `cfg.initial_voters`.
+/// Committed entries go to `apply_tx` in order. The task stops when every [`RaftHandle`]
+/// is dropped.
+///
+/// # Errors
+/// Fails when the log cannot be bootstrapped or raft-rs rejects the configuration.
+pub fn start(
+    cfg: RaftConfig,
+    log: LogStore,
+    transport: Arc<dyn Transport>,
+    apply_tx: mpsc::Sender<ToApply>,
+) -> Result<(RaftHandle, thread::JoinHandle<()>), Error> {
+    if log.is_empty() {
+        let mut cs = ConfState::default();
+        cs.set_voters(cfg.initial_voters.clone());
+        log.initialize(cs)?;
+    }
+    // Entries the state machine already holds are never replayed. raft requires the applied
+    // index not to exceed the commit index it knows; the commit record is written without
+    // its own fdatasync, so after a crash it may lag the state machine. Every applied entry
+    // was committed, so the commit index is raised to the applied index.
+    let compacted = log.first_index().saturating_sub(1);
+    // The bootstrap point (index 1) holds no data, so an empty state machine is at it.
+    if cfg.applied < compacted && compacted > 1 {
+        return Err(Error::StateBehindLog { applied: cfg.applied, compacted });
+    }
+    let applied = cfg.applied.clamp(compacted, log.last_index().max(compacted));
+    if applied > log.hard_state().commit {
+        log.set_commit(applied)?;
+    }
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: 1,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let mut raw = RawNode::new(&raft_cfg, log.clone(), &super::tracing_logger())?;
+
+    // A cluster of one elects itself at once instead of waiting out an election timeout.
+    let voters = log.conf_state().voters.clone();
+    if voters.len() == 1 && voters.first() == Some(&cfg.id) {
+        raw.campaign()?;
+    }
+
+    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let initial = RaftStatus {
+        id: cfg.id,
+        leader: 0,
+        term: raw.raft.term,
+        commit: raw.raft.raft_log.committed,
+        last_index: log.last_index(),
+    };
+    let (status_tx, status_rx) = watch::channel(initial);
+    let node = Node {
+        raw,
+        log,
+        transport,
+        apply_tx,
+        status: status_tx,
+        pending_reads: HashMap::new(),
+        cfg,
+    };
+    let handle = thread::Builder::new()
+        .name("cairn-raft".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the raft runtime");
+                    return;
+                }
+            };
+            rt.block_on(node.run(rx));
+        })
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot spawn the raft thread");
+            Error::Stopped
+        })?;
+    Ok((RaftHandle { tx, status: status_rx }, handle))
+}
+
+/// The state owned by the raft task.
+struct Node {
+    raw: RawNode<LogStore>,
+    log: LogStore,
+    transport: Arc<dyn Transport>,
+    apply_tx: mpsc::Sender<ToApply>,
+    status: watch::Sender<RaftStatus>,
+    /// Read-index requests waiting for raft's answer, by context.
+    pending_reads: HashMap<Vec<u8>, oneshot::Sender<Result<u64, Error>>>,
+    cfg: RaftConfig,
+}
+
+impl Node {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut ticker = tokio::time::interval(self.cfg.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.raw.tick();
+                    // Read indexes raft dropped (e.g. before the leader committed in its
+                    // term) have callers that gave up; forget them.
+                    self.pending_reads.retain(|_, reply| !reply.is_closed());
+                }
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut stop = self.handle(cmd);
+                    // Drain what queued up meanwhile so it shares this Ready's fdatasync.
+                    while let Ok(cmd) = rx.try_recv() {
+                        stop |= self.handle(cmd);
+                    }
+                    if stop {
+                        // Persist what was accepted so far, then leave.
+                        let _ = self.on_ready().await;
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.on_ready().await {
+                // The raft log is the source of truth for acknowledged writes; if it cannot
+                // be written, continuing would risk acknowledging lost data. Stop the node.
+                tracing::error!(error = %e, "raft log persistence failed; stopping raft");
+                break;
+            }
+        }
+        self.fail_pending_reads();
+        tracing::info!("raft task stopped");
+    }
+
+    /// Handles one command; returns true when the task must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Shutdown => return true,
+            Command::Propose { data, reply } => {
+                let res = self.raw.propose(vec![], data).map_err(|e| match e {
+                    raft::Error::ProposalDropped => Error::NoLeader,
+                    e => Error::Raft(e),
+                });
+                let _ = reply.send(res);
+            }
+            Command::ReadIndex { ctx, reply } => {
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    let _ = reply.send(Err(Error::NoLeader));
+                    return false;
+                }
+                self.raw.read_index(ctx.clone());
+                self.pending_reads.insert(ctx, reply);
+            }
+            Command::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(error = %e, "dropping raft message");
+                }
+            }
+            Command::Compact(durable) => {
+                let keep = self.cfg.catch_up_entries;
+                let to = durable.saturating_sub(keep);
+                if to >= self.log.first_index() {
+                    if let Err(e) = self.log.compact(to) {
+                        tracing::warn!(error = %e, index = to, "raft log compaction failed");
+                    } else {
+                        tracing::debug!(index = to, "compacted raft log");
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    async fn on_ready(&mut self) -> Result<(), Error> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+
+        // 1. A leader sends before it persists; followers' messages come with persisted ones.
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+        // 2. A snapshot from the leader replaces the log and, through apply, the state.
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.log.apply_snapshot(snap.clone())?;
+            self.to_apply(ToApply::Snapshot(snap)).await?;
+        }
+        // 3. Read indexes: answered with the commit index at the time raft confirmed
+        //    leadership; the caller waits for apply to reach it.
+        for rs in rd.take_read_states() {
+            if let Some(reply) = self.pending_reads.remove(&rs.request_ctx) {
+                let _ = reply.send(Ok(rs.index));
+            }
+        }
+        // 4. Entries committed in earlier Readies go to apply (already durable).
+        let committed = rd.take_committed_entries();
+        if !committed.is_empty() {
+            self.to_apply(ToApply::Entries(committed)).await?;
+        }
+        // 5. Persist new entries and hard state: one write, one fdatasync.
+        if !rd.entries().is_empty() || rd.hs().is_some() {
+            self.log.append(rd.entries(), rd.hs())?;
+        }
+        let role_changed = rd.ss().is_some();
+        // 6. Messages that may only leave once the log is durable (votes, follower acks).
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+        // 7. Advance; the light ready carries what became committed by this persist.
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.log.set_commit(commit)?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        if !committed.is_empty() {
+            self.to_apply(ToApply::Entries(committed)).await?;
+        }
+        // Apply is ordered and runs behind us; entries handed over count as applied for
+        // raft's own bookkeeping (as etcd's raftNode does).
+        self.raw.advance_apply();
+
+        if role_changed && self.raw.raft.state != StateRole::Leader {
+            // Reads queued on a member that lost leadership would never be answered.
+            self.fail_pending_reads();
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    async fn to_apply(&self, task: ToApply) -> Result<(), Error> {
+        self.apply_tx.send(task).await.map_err(|_| Error::Stopped)
+    }
+
+    fn fail_pending_reads(&mut self) {
+        for (_, reply) in self.pending_reads.drain() {
+            let _ = reply.send(Err(Error::NoLeader));
+        }
+    }
+
+    fn publish_status(&self) {
+        let next = RaftStatus {
+            id: self.cfg.id,
+            leader: self.raw.raft.leader_id,
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            last_index: self.log.last_index(),
+        };
+        self.status.send_if_modified(|cur| {
+            if *cur == next {
+                false
+            } else {
+                *cur = next;
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,71 @@
+//! Proposing a write: encode the replicated request under a unique id, hand it to raft, and
+//! wait for apply to report its result.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cairn_proto::internal::{InternalRequest, internal_request::Op};
+use prost::Message as _;
+
+use super::{Error, Server};
+use crate::apply::Response;
+
+/// etcd's `maxGapBetweenApplyAndCommitIndex`: beyond this apply lag, writes are refused.
+const MAX_APPLY_LAG: u64 = 5000;
+
+/// Generates request ids unique across members and restarts, as etcd's idutil does: the
+/// member id's low 16 bits, then the start time in milliseconds (40 bits), then a counter.
+#[derive(Debug)]
+pub struct IdGen {
+    next: AtomicU64,
+}
+
+impl IdGen {
+    /// Creates a generator for `member_id`, seeded with the current time.
+    pub fn new(member_id: u64) -> Self {
+        let millis =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let millis = u64::try_from(millis).unwrap_or(0) & ((1 << 40) - 1);
+        Self { next: AtomicU64::new(((member_id & 0xffff) << 48) | (millis << 8)) }
+    }
+
+    /// Returns the next id.
+    pub fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Server {
+    /// Replicates `op` through raft and returns its apply result.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] past `--max-request-bytes`, [`Error::TooManyRequests`] when apply
+    /// lags, [`Error::NoLeader`], [`Error::Timeout`], [`Error::Stopped`], or the apply error.
+    pub async fn propose(&self, op: Op) -> Result<Response, Error> {
+        let status = self.raft.status();
+        if status.commit.saturating_sub(*self.applied.borrow()) > MAX_APPLY_LAG {
+            return Err(Error::TooManyRequests);
+        }
+        let id = self.ids.next();
+        let data = InternalRequest { id, op: Some(op) }.encode_to_vec();
+        if data.len() > usize::try_from(self.cfg.raw.max_request_bytes).unwrap_or(usize::MAX) {
+            return Err(Error::TooLarge);
+        }
+        let rx = self.wait.register(id);
+        if let Err(e) = self.raft.propose(data).await {
+            self.wait.cancel(id);
+            return Err(match e {
+                crate::raft::Error::NoLeader => Error::NoLeader,
+                _ => Error::Stopped,
+            });
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(_)) => Err(Error::Stopped),
+            Err(_) => {
+                self.wait.cancel(id);
+                Err(Error::Timeout)
+            }
+        }
+    }
+}
