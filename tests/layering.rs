@@ -94,10 +94,11 @@ fn sled_is_named_in_one_file_only() {
             continue;
         }
         let text = fs::read_to_string(&f).unwrap();
+        // `self::sled::` is the storage module re-exporting SledEngine, not the crate.
         let offending = text
             .lines()
             .filter(|l| !l.trim_start().starts_with("//"))
-            .any(|l| l.contains("sled::"));
+            .any(|l| l.replace("self::sled::", "").contains("sled::"));
         assert!(!offending, "{} names sled", f.display());
     }
 }
