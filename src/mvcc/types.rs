@@ -194,7 +194,8 @@ pub enum CompareTarget {
 ///
 /// A missing key has version, create and mod revision 0 and lease 0, so `Mod == 0` tests
 /// absence. A value compare on a missing key is false. With a range, every key in it must
-/// satisfy the condition (an empty range satisfies it vacuously, as etcd does).
+/// satisfy the condition; a range holding no key is compared like one missing key (so a
+/// value compare fails and `version > 0` is false), as etcd does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compare {
     /// The key, or the start of the range.
