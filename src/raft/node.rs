@@ -231,6 +231,7 @@ impl Node {
         }
         // 5. Persist new entries and hard state: one write, one fdatasync.
         if !rd.entries().is_empty() || rd.hs().is_some() {
+            tracing::trace!(entries = rd.entries().len(), hard_state = ?rd.hs(), "persisting ready");
             self.log.append(rd.entries(), rd.hs())?;
         }
         let role_changed = rd.ss().is_some();
