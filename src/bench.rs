@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+use cairn_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, kv_client::KvClient,
+    lease_client::LeaseClient,
+};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 /// Flags shared by every workload.
@@ -63,6 +67,8 @@ pub enum Workload {
         #[arg(long)]
         count_only: bool,
     },
+    /// Lease renewals: each client grants one lease and renews it over a keep-alive stream.
+    LeaseKeepalive,
 }
 
 /// Latency statistics of a run.
@@ -169,11 +175,15 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
     let mut tasks = Vec::with_capacity(args.clients);
     for c in 0..args.clients.max(1) {
         let Some(ch) = channels.get(c % channels.len()).cloned() else { continue };
-        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
         let next = next.clone();
         let errors = errors.clone();
         let workload = args.workload.clone();
         let total = args.total;
+        if let Workload::LeaseKeepalive = workload {
+            tasks.push(tokio::spawn(keepalive_client(ch, next, errors, total)));
+            continue;
+        }
+        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -205,6 +215,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         })
                         .await
                         .map(|_| ()),
+                    Workload::LeaseKeepalive => Ok(()),
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),
@@ -228,6 +239,48 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         errors: errors.load(Ordering::Relaxed),
         latencies,
     })
+}
+
+/// One keep-alive client: grants a lease, then renews it over one stream, one request in
+/// flight at a time, until the shared request budget is spent.
+async fn keepalive_client(
+    ch: Channel,
+    next: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    total: u64,
+) -> Vec<Duration> {
+    let mut lat = Vec::new();
+    let mut client = LeaseClient::new(ch);
+    let id = match client.lease_grant(LeaseGrantRequest { ttl: 600, id: 0 }).await {
+        Ok(r) => r.into_inner().id,
+        Err(_) => {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return lat;
+        }
+    };
+    let (tx, rx) = mpsc::channel(1);
+    let requests =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let Ok(resp) = client.lease_keep_alive(requests).await else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    let mut responses = resp.into_inner();
+    while next.fetch_add(1, Ordering::Relaxed) < total {
+        let t0 = Instant::now();
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        match responses.message().await {
+            Ok(Some(r)) if r.ttl > 0 => lat.push(t0.elapsed()),
+            _ => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    lat
 }
 
 #[cfg(test)]

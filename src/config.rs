@@ -115,6 +115,15 @@ pub struct Config {
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
 
+    /// Enable leader to send regular checkpoints to other members to prevent reset of
+    /// remaining TTL on leader change (Cairn: on by default).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub experimental_enable_lease_checkpoint: bool,
+
+    /// Duration of periodic lease checkpoints (a Go duration such as "5m").
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m")]
+    pub experimental_lease_checkpoint_interval: String,
+
     /// Configures log level. Only supports debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -247,6 +256,8 @@ pub struct Validated {
     pub quota_backend_bytes: u64,
     /// Log filter directive for `tracing`.
     pub log_filter: String,
+    /// How often remaining lease TTLs are checkpointed through raft; `None` = never.
+    pub lease_checkpoint_interval: Option<Duration>,
 }
 
 /// etcd's default backend quota, 2 GiB.
@@ -358,6 +369,18 @@ impl Config {
             )));
         }
 
+        let interval = parse_go_duration(&self.experimental_lease_checkpoint_interval)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                bad(
+                    "experimental-lease-checkpoint-interval",
+                    &self.experimental_lease_checkpoint_interval,
+                    "must be a positive duration such as 5m",
+                )
+            })?;
+        let lease_checkpoint_interval =
+            self.experimental_enable_lease_checkpoint.then_some(interval);
+
         let data_dir =
             self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
         Ok(Validated {
@@ -375,6 +398,7 @@ impl Config {
             auto_compaction,
             quota_backend_bytes,
             log_filter: log_filter.to_owned(),
+            lease_checkpoint_interval,
         })
     }
 }

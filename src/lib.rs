@@ -8,6 +8,7 @@
 //! - [`storage`]: the state machine's ordered byte store behind the `Engine` trait (sled in
 //!   one file, an in-memory engine for tests).
 //! - [`mvcc`]: the revisioned keyspace: range, put, delete, txn, compaction.
+//! - [`lease`]: leases: replicated lessor state and the leader's expiry clock.
 //! - [`raft`]: the raft-rs owner task and its durable, fdatasynced log.
 //! - [`apply`]: applies committed entries in order, atomically with the applied index.
 //! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
@@ -18,6 +19,7 @@ pub mod apply;
 pub mod bench;
 pub mod config;
 pub mod grpc;
+pub mod lease;
 pub mod mvcc;
 pub mod raft;
 pub mod server;

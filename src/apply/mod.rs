@@ -24,7 +24,10 @@ use std::sync::Arc;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
-use crate::mvcc::{self, KvStore};
+use cairn_proto::internal::internal_request::Op;
+
+use crate::lease::{self, Lessor};
+use crate::mvcc::{self, KvStore, WriteTxn};
 use crate::raft::{Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
 
@@ -40,6 +43,9 @@ pub enum Error {
     /// The mvcc layer refused the request (compacted, future revision, key not found, ...).
     #[error(transparent)]
     Mvcc(#[from] mvcc::Error),
+    /// The lessor refused the request (unknown lease, duplicate id, TTL too large).
+    #[error(transparent)]
+    Lease(#[from] lease::Error),
     /// The request could not be converted to a domain request.
     #[error(transparent)]
     Convert(#[from] ConvertError),
@@ -64,6 +70,17 @@ pub enum Response {
     Txn(mvcc::TxnResult),
     /// A compaction finished (physically: the compacted revisions are gone from storage).
     Compact,
+    /// A lease was granted with this id and TTL (seconds, after the minimum was applied).
+    LeaseGrant {
+        /// The lease id.
+        id: i64,
+        /// The granted TTL in seconds.
+        ttl: i64,
+    },
+    /// A lease was revoked and its keys deleted.
+    LeaseRevoke,
+    /// Remaining TTLs were checkpointed.
+    LeaseCheckpoint,
 }
 
 /// What the proposer of an entry receives.
@@ -86,9 +103,19 @@ pub fn applied_index(engine: &dyn Engine) -> Result<u64, mvcc::Error> {
     }
 }
 
+/// Entries applied in one write transaction, awaiting its commit.
+#[derive(Default)]
+struct Group {
+    /// Raft index of the last entry in the group (0 = empty group).
+    last: u64,
+    /// Results for the proposers, triggered once the group is committed.
+    results: Vec<(u64, ApplyResult)>,
+}
+
 /// The apply task's state.
 pub struct Applier {
     kv: KvStore,
+    leases: Lessor,
     engine: Arc<dyn Engine>,
     wait: Arc<Wait>,
     applied: watch::Sender<u64>,
@@ -102,8 +129,10 @@ pub struct Applier {
 
 impl Applier {
     /// Creates the applier. `applied` must hold the recovered applied index.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kv: KvStore,
+        leases: Lessor,
         engine: Arc<dyn Engine>,
         wait: Arc<Wait>,
         applied: watch::Sender<u64>,
@@ -111,7 +140,7 @@ impl Applier {
         on_durable: Box<dyn Fn(u64) + Send>,
     ) -> Self {
         let checkpointed = *applied.borrow();
-        Self { kv, engine, wait, applied, snapshot_count, checkpointed, on_durable }
+        Self { kv, leases, engine, wait, applied, snapshot_count, checkpointed, on_durable }
     }
 
     /// Applies everything raft hands over until the channel closes, then checkpoints.
@@ -156,9 +185,8 @@ impl Applier {
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
-        let Some(last) = entries.last().map(|e| e.index) else { return };
         let prev = *self.applied.borrow();
-        let mut results = Vec::with_capacity(entries.len());
+        let mut group = Group::default();
         let mut txn = self.kv.write();
         for entry in entries {
             // raft may resend entries the state machine already holds after a restart.
@@ -172,8 +200,14 @@ impl Applier {
                 EntryType::EntryNormal => {
                     match cairn_proto::internal::InternalRequest::decode(entry.data.as_ref()) {
                         Ok(req) => {
-                            let res = dispatch::apply(&mut txn, req.op);
-                            results.push((req.id, res));
+                            if matches!(req.op, Some(Op::LeaseRevoke(_))) && group.last > 0 {
+                                // A revoke deletes the keys attached to its lease, and keys
+                                // attach when their puts commit: commit what came before.
+                                self.commit(txn, std::mem::take(&mut group));
+                                txn = self.kv.write();
+                            }
+                            let res = dispatch::apply(&mut txn, &self.leases, req.op);
+                            group.results.push((req.id, res));
                         }
                         Err(e) => {
                             tracing::error!(index = entry.index, error = %e, "skipping undecodable entry");
@@ -187,23 +221,33 @@ impl Applier {
                     );
                 }
             }
+            group.last = entry.index;
         }
-        if last <= prev {
-            return;
+        if group.last > 0 {
+            self.commit(txn, group);
         }
+    }
+
+    /// Writes one group's effects with its applied index atomically, then publishes them:
+    /// lease attachments, the applied index, and the proposers' results.
+    fn commit(&self, mut txn: WriteTxn<'_>, group: Group) {
         txn.batch_mut().put(
             Keyspace::Meta,
             APPLIED_INDEX_KEY.to_vec(),
-            last.to_be_bytes().to_vec(),
+            group.last.to_be_bytes().to_vec(),
         );
-        if let Err(e) = txn.commit() {
-            // The state machine diverged from the log it claims to have applied; the only
-            // safe course is to stop and recover from the raft log on restart.
-            tracing::error!(error = %e, index = last, "state machine write failed");
-            std::process::abort();
-        }
-        self.applied.send_replace(last);
-        for (id, res) in results {
+        let events = match txn.commit() {
+            Ok(events) => events,
+            Err(e) => {
+                // The state machine diverged from the log it claims to have applied; the
+                // only safe course is to stop and recover from the raft log on restart.
+                tracing::error!(error = %e, index = group.last, "state machine write failed");
+                std::process::abort();
+            }
+        };
+        self.leases.observe(&events);
+        self.applied.send_replace(group.last);
+        for (id, res) in group.results {
             self.wait.trigger(id, res);
         }
     }

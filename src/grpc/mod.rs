@@ -2,12 +2,13 @@
 //!
 //! Each service validates its requests (`validate`), calls the server, and maps every error
 //! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
-//! yet (Watch, Lease, Auth, Lock, Election) are not registered, so clients get gRPC's
+//! yet (Watch, Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 
 mod cluster;
 pub mod convert;
 mod kv;
+mod lease;
 mod maintenance;
 pub mod status;
 pub mod validate;
@@ -16,7 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer,
 };
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
@@ -24,6 +26,7 @@ use tonic::transport::server::TcpIncoming;
 
 pub use self::cluster::ClusterService;
 pub use self::kv::KvService;
+pub use self::lease::LeaseService;
 pub use self::maintenance::MaintenanceService;
 use crate::config::{GRPC_OVERHEAD_BYTES, Url};
 use crate::server::Server;
@@ -103,6 +106,9 @@ pub async fn serve(
             KvServer::new(KvService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            LeaseServer::new(LeaseService::new(server.clone())).max_decoding_message_size(max_recv),
         )
         .add_service(
             MaintenanceServer::new(MaintenanceService::new(server.clone()))

@@ -139,3 +139,33 @@ async fn etcdctl_txn_compaction_and_endpoint_status_work() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn etcdctl_lease_commands_work() {
+    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
+        eprintln!("no etcdctl; skipping");
+        return;
+    }
+    let srv = Cairn::start().await;
+    let ep = srv.endpoint();
+    tokio::task::spawn_blocking(move || {
+        let out = ok(&ep, &["lease", "grant", "60"]);
+        // "lease 694d7a0a3f0d1a0b granted with TTL(60s)"
+        let id = out.split_whitespace().nth(1).unwrap().to_owned();
+        assert!(out.ends_with("granted with TTL(60s)\n"), "{out}");
+        assert_eq!(ok(&ep, &["put", "--lease", &id, "svc/a", "up"]), "OK\n");
+        let out = ok(&ep, &["lease", "keep-alive", "--once", &id]);
+        assert_eq!(out, format!("lease {id} keepalived with TTL(60)\n"));
+        let out = ok(&ep, &["lease", "timetolive", "--keys", &id]);
+        assert!(out.starts_with(&format!("lease {id} granted with TTL(60s), remaining(")), "{out}");
+        assert!(out.ends_with("attached keys([svc/a])\n"), "{out}");
+        let out = ok(&ep, &["lease", "list"]);
+        assert_eq!(out, format!("found 1 leases\n{id}\n"));
+        assert_eq!(ok(&ep, &["lease", "revoke", &id]), format!("lease {id} revoked\n"));
+        assert_eq!(ok(&ep, &["get", "svc/a"]), "", "the revoke deleted the key");
+        let out = ok(&ep, &["lease", "timetolive", &id]);
+        assert_eq!(out, format!("lease {id} already expired\n"));
+    })
+    .await
+    .unwrap();
+}

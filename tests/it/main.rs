@@ -7,4 +7,5 @@ mod diff;
 mod etcdctl;
 mod harness;
 mod kv;
+mod lease;
 mod server;
