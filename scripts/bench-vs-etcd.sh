@@ -22,8 +22,9 @@ CAIRN_BIN="$(pwd)/target/release/cairn"
 
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-CPORT=23790
-PPORT=23800
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+CPORT=$(free_port)
+PPORT=$(free_port)
 
 start_server() { # kind → pid on stdout
   local kind=$1 dir="$WORK/$1-data"
