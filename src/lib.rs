@@ -13,13 +13,17 @@
 //! - [`apply`]: applies committed entries in order, atomically with the applied index.
 //! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
 //! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
+//! - [`gateway`]: HTTP on the client port: etcd's JSON gateway, health, version, metrics.
+//! - [`metrics`]: the Prometheus registry with etcd's metric names.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
 pub mod apply;
 pub mod bench;
 pub mod config;
+pub mod gateway;
 pub mod grpc;
 pub mod lease;
+pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod server;

@@ -247,6 +247,9 @@ impl Applier {
         };
         self.leases.observe(&events);
         self.applied.send_replace(group.last);
+        if let Some(m) = crate::metrics::get() {
+            m.server.proposals_applied_total.set(i64::try_from(group.last).unwrap_or(i64::MAX));
+        }
         for (id, res) in group.results {
             self.wait.trigger(id, res);
         }

@@ -281,6 +281,7 @@ impl Node {
             commit: self.raw.raft.raft_log.committed,
             last_index: self.log.last_index(),
         };
+        record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {
             if *cur == next {
                 false
@@ -290,4 +291,16 @@ impl Node {
             }
         });
     }
+}
+
+/// Updates the `etcd_server_*` raft gauges and counts a leader change the way etcd's
+/// raftNode does: when the leader differs from the previous one and is known.
+fn record_status(prev: &RaftStatus, next: &RaftStatus) {
+    let Some(m) = crate::metrics::get() else { return };
+    if next.leader != raft::INVALID_ID && next.leader != prev.leader {
+        m.server.leader_changes_seen_total.inc();
+    }
+    m.server.has_leader.set(i64::from(next.leader != raft::INVALID_ID));
+    m.server.is_leader.set(i64::from(next.is_leader()));
+    m.server.proposals_committed_total.set(i64::try_from(next.commit).unwrap_or(i64::MAX));
 }

@@ -52,8 +52,11 @@ impl Server {
             return Err(Error::TooLarge);
         }
         let rx = self.wait.register(id);
+        // Pending from registration until this call returns, whatever the outcome.
+        let _pending = crate::metrics::get().map(|m| Pending::new(&m.server.proposals_pending));
         if let Err(e) = self.raft.propose(data).await {
             self.wait.cancel(id);
+            count_failed_proposal();
             return Err(match e {
                 crate::raft::Error::NoLeader => Error::NoLeader,
                 _ => Error::Stopped,
@@ -64,8 +67,33 @@ impl Server {
             Ok(Err(_)) => Err(Error::Stopped),
             Err(_) => {
                 self.wait.cancel(id);
+                count_failed_proposal();
                 Err(Error::Timeout)
             }
         }
+    }
+}
+
+/// Counts a proposal that never produced an apply result (`etcd_server_proposals_failed_total`,
+/// as etcd counts dropped and timed-out proposals; apply errors are results, not failures).
+fn count_failed_proposal() {
+    if let Some(m) = crate::metrics::get() {
+        m.server.proposals_failed_total.inc();
+    }
+}
+
+/// Holds one unit of `etcd_server_proposals_pending` until dropped.
+struct Pending<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Pending<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Pending(gauge)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
