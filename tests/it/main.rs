@@ -5,7 +5,9 @@
 mod crash;
 mod diff;
 mod etcdctl;
+mod gateway;
 mod harness;
 mod kv;
 mod lease;
+mod metrics;
 mod server;
