@@ -1,9 +1,6 @@
 //! The HTTP/JSON gateway and the operations endpoints of a real `cairn` process, through a
 //! plain HTTP client (hyper, HTTP/1.1 and HTTP/2) and through `curl` as a child process.
 
-// Helpers outside #[test] functions panic on failure by design: they are test code.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,9 +1,6 @@
 //! `/metrics` of a real `cairn` process, parsed as Prometheus text: etcd's names, types,
 //! label sets and buckets, and counters that move with traffic.
 
-// Helpers outside #[test] functions panic on failure by design: they are test code.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use tonic::Code;
