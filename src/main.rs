@@ -82,6 +82,11 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
             let _ = stop_rx.await;
         }));
+        for l in &metrics_listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving /metrics and health endpoints");
+            }
+        }
         let metrics_serving = (!metrics_listeners.is_empty()).then(|| {
             let router = cairn::gateway::metrics_router(&server);
             tokio::spawn(cairn::gateway::serve_http(

@@ -17,7 +17,7 @@
 //!
 //! This module is a leaf: it knows nothing of raft, storage, tonic or etcd messages.
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -290,9 +290,10 @@ pub struct CairnMetrics {
 }
 
 /// Every metric handle plus the registry they are registered in.
-#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The gRPC services registered on the client port (see [`Metrics::init_grpc_service`]).
+    grpc_services: RwLock<Vec<&'static str>>,
     /// Families that have labels but may have no series yet (peer metrics of a member with
     /// no peers); rendered with their HELP and TYPE so their registration is visible.
     labelled: Vec<(String, String, &'static str)>,
@@ -546,6 +547,7 @@ impl Metrics {
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
             registry: b.registry,
+            grpc_services: RwLock::new(Vec::new()),
             labelled: b.labelled,
             server,
             disk,
@@ -561,9 +563,14 @@ impl Metrics {
     /// and code, as go-grpc-prometheus does for every registered service. Unknown names are
     /// ignored.
     pub fn init_grpc_service(&self, service: &str) {
-        let Some((_, methods)) = GRPC_METHODS.iter().find(|(s, _)| *s == service) else {
+        let Some((name, methods)) = GRPC_METHODS.iter().find(|(s, _)| *s == service) else {
             return;
         };
+        if let Ok(mut registered) = self.grpc_services.write()
+            && !registered.contains(name)
+        {
+            registered.push(name);
+        }
         for (method, kind) in *methods {
             let labels = [kind.as_str(), service, method];
             self.grpc.started_total.with_label_values(&labels);
@@ -574,6 +581,14 @@ impl Metrics {
                 self.grpc.handled_total.with_label_values(&[kind.as_str(), service, method, code]);
             }
         }
+    }
+
+    /// The kind of `method` of `service` when the service is registered on the client port:
+    /// calls to anything else (a service Cairn does not serve) are not counted, as
+    /// go-grpc-prometheus never sees them.
+    pub fn registered_grpc_method(&self, service: &str, method: &str) -> Option<GrpcType> {
+        let registered = self.grpc_services.read().ok()?;
+        registered.contains(&service).then(|| grpc_type(service, method)).flatten()
     }
 
     /// Counts the start of an RPC.
@@ -626,6 +641,25 @@ impl Metrics {
             }
         }
         Ok(text)
+    }
+}
+
+/// Holds one unit of a gauge (such as `etcd_server_proposals_pending`) until dropped, so
+/// every exit path of the measured operation gives it back.
+#[derive(Debug)]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -700,6 +734,19 @@ mod tests {
             .get();
         assert_eq!(c, 1);
         assert_eq!(grpc_code_name(99), "Unknown");
+        assert_eq!(m.registered_grpc_method("etcdserverpb.KV", "Put"), None);
+        m.init_grpc_service("etcdserverpb.KV");
+        assert_eq!(m.registered_grpc_method("etcdserverpb.KV", "Put"), Some(GrpcType::Unary));
+        assert_eq!(m.registered_grpc_method("etcdserverpb.Watch", "Watch"), None);
+    }
+
+    #[test]
+    fn a_gauge_guard_gives_its_unit_back_when_dropped() {
+        let m = Metrics::new(Level::Basic).unwrap();
+        let guard = GaugeGuard::new(&m.server.proposals_pending);
+        assert_eq!(m.server.proposals_pending.get(), 1);
+        drop(guard);
+        assert_eq!(m.server.proposals_pending.get(), 0);
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Call {
             return None;
         }
         let (service, method) = req.uri().path().strip_prefix('/')?.split_once('/')?;
-        let kind = metrics::grpc_type(service, method)?;
+        let kind = metrics.registered_grpc_method(service, method)?;
         Some(Call {
             metrics,
             kind,

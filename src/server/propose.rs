@@ -53,7 +53,8 @@ impl Server {
         }
         let rx = self.wait.register(id);
         // Pending from registration until this call returns, whatever the outcome.
-        let _pending = crate::metrics::get().map(|m| Pending::new(&m.server.proposals_pending));
+        let _pending = crate::metrics::get()
+            .map(|m| crate::metrics::GaugeGuard::new(&m.server.proposals_pending));
         if let Err(e) = self.raft.propose(data).await {
             self.wait.cancel(id);
             count_failed_proposal();
@@ -79,21 +80,5 @@ impl Server {
 fn count_failed_proposal() {
     if let Some(m) = crate::metrics::get() {
         m.server.proposals_failed_total.inc();
-    }
-}
-
-/// Holds one unit of `etcd_server_proposals_pending` until dropped.
-struct Pending<'a>(&'a prometheus::IntGauge);
-
-impl<'a> Pending<'a> {
-    fn new(gauge: &'a prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Pending(gauge)
-    }
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

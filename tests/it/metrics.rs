@@ -213,7 +213,17 @@ async fn metrics_carry_etcds_names_types_and_labels_and_move_with_traffic() {
             .await;
     assert_eq!(put.status, 200);
 
-    let after = scrape(url).await;
+    // The commit index is published after raft hands the entries to apply, so a reply can
+    // overtake it by one `Ready`: wait until it catches up.
+    let committed = "etcd_server_proposals_committed_total";
+    let mut after = scrape(url).await;
+    for _ in 0..40 {
+        if after.value(committed, &[]) >= before.value(committed, &[]) + 4.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        after = scrape(url).await;
+    }
     let delta = |name: &str, labels: &[(&str, &str)]| {
         after.value(name, labels) - before.value(name, labels)
     };
