@@ -57,5 +57,8 @@ log "using protoc at ${PROTOC}"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+log "cargo clippy (workspace lints: no unwrap/expect/indexing outside tests)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 log "cargo test (workspace)"
 cargo test --workspace --locked -- --test-threads=4

@@ -228,13 +228,10 @@ impl Server {
         });
         let lease_loop =
             tokio::spawn(lease::run(server.clone(), server.cfg.lease_checkpoint_interval));
+        let compactor = compactor::start(server.clone());
         if let Ok(mut t) = server.tasks.lock() {
             t.push(lease_loop);
-        }
-        if let Some(task) = compactor::start(server.clone()) {
-            if let Ok(mut t) = server.tasks.lock() {
-                t.push(task);
-            }
+            t.extend(compactor);
         }
         Ok(server)
     }
