@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod expiry;
+
 use cairn_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, kv_client::KvClient,
     lease_client::LeaseClient,
@@ -69,6 +71,16 @@ pub enum Workload {
     },
     /// Lease renewals: each client grants one lease and renews it over a keep-alive stream.
     LeaseKeepalive,
+    /// Many leases (one key each) expiring together while the clients keep putting; reports
+    /// put latency before and during the burst (`--total` is ignored).
+    LeaseExpiry {
+        /// Number of leases.
+        #[arg(long, default_value_t = 10_000)]
+        leases: usize,
+        /// Their TTL in seconds.
+        #[arg(long, default_value_t = 10)]
+        ttl: i64,
+    },
 }
 
 /// Latency statistics of a run.
@@ -169,6 +181,11 @@ fn make_key(i: u64, key_size: usize, key_space: u64, sequential: bool) -> Vec<u8
 /// Fails when the endpoints cannot be reached.
 pub async fn run(args: &Args) -> anyhow::Result<Summary> {
     let channels = connect(&args.endpoints, args.conns).await?;
+    if let Workload::LeaseExpiry { leases, ttl } = args.workload {
+        let report = expiry::run(&channels, args.clients, leases, ttl).await?;
+        expiry::print(&report);
+        return Ok(report.burst);
+    }
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -215,7 +232,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         })
                         .await
                         .map(|_| ()),
-                    Workload::LeaseKeepalive => Ok(()),
+                    Workload::LeaseKeepalive | Workload::LeaseExpiry { .. } => Ok(()),
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),
