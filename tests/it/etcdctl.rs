@@ -30,6 +30,20 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String,
     )
 }
 
+/// True when etcdctl is available; without it the test is skipped, unless the test script
+/// (which installs etcdctl) set `CAIRN_REQUIRE_ETCD`, in which case its absence fails.
+pub fn have_etcdctl() -> bool {
+    if etcdctl_binary().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CAIRN_REQUIRE_ETCD").is_none(),
+        "CAIRN_REQUIRE_ETCD is set but etcdctl is missing"
+    );
+    eprintln!("no etcdctl; skipping");
+    false
+}
+
 fn ok(endpoint: &str, args: &[&str]) -> String {
     let (success, out, err) = etcdctl(endpoint, args, None);
     assert!(success, "etcdctl {args:?} failed: {err}");
@@ -50,8 +64,7 @@ fn json_number(json: &str, field: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn etcdctl_put_get_del_and_their_options_work() {
-    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
-        eprintln!("no etcdctl; skipping");
+    if !have_etcdctl() {
         return;
     }
     let srv = Cairn::start().await;
@@ -93,8 +106,7 @@ async fn etcdctl_put_get_del_and_their_options_work() {
 
 #[tokio::test]
 async fn etcdctl_txn_compaction_and_endpoint_status_work() {
-    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
-        eprintln!("no etcdctl; skipping");
+    if !have_etcdctl() {
         return;
     }
     let srv = Cairn::start().await;
@@ -142,8 +154,7 @@ async fn etcdctl_txn_compaction_and_endpoint_status_work() {
 
 #[tokio::test]
 async fn etcdctl_lease_commands_work() {
-    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
-        eprintln!("no etcdctl; skipping");
+    if !have_etcdctl() {
         return;
     }
     let srv = Cairn::start().await;
