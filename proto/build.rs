@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "v3lockpb/v3lock.proto",
     "v3electionpb/v3election.proto",
     "internal/request.proto",
+    "internal/peer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

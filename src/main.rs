@@ -66,7 +66,17 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
     init_logging(&cfg.log_filter, &cfg.raw.log_outputs)?;
     runtime()?.block_on(async move {
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
-        let server = cairn::server::Server::start(cfg.clone())?;
+        let peer_listeners = cairn::grpc::bind(&cfg.listen_peer_urls).await?;
+        let join = if cairn::server::Server::needs_join(&cfg) {
+            let mine: Vec<String> = cfg.advertise_peer_urls.iter().map(|u| u.raw.clone()).collect();
+            let all: Vec<String> = cfg.initial_cluster.values().flatten().cloned().collect();
+            Some(cairn::grpc::peer::fetch_cluster(&mine, &all).await.map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
+        let transport = Arc::new(cairn::grpc::peer::PeerTransport::new());
+        let mut told_removed = transport.removed();
+        let server = cairn::server::Server::start(cfg.clone(), transport, join)?;
         for l in &listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "serving client traffic");
@@ -76,7 +86,18 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, async {
             let _ = stop_rx.await;
         }));
-        shutdown_signal().await;
+        let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let peers = tokio::spawn(cairn::grpc::serve_peers(server.clone(), peer_listeners, async {
+            let _ = peer_stop_rx.await;
+        }));
+        let mut removed = server.removed();
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = removed.wait_for(|r| *r) => {}
+            _ = told_removed.wait_for(|r| *r) => {}
+        }
+        let _ = peer_stop_tx.send(());
+        peers.abort();
         tracing::info!("received signal; shutting down");
         let _ = stop_tx.send(());
         // Clients that keep connections open must not hold the process hostage.

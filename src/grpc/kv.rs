@@ -26,6 +26,9 @@ impl KvService {
     }
 
     async fn propose(&self, op: Op) -> Result<Applied, Status> {
+        if self.server.is_learner() {
+            return Err(status::from_server(crate::server::Error::Learner));
+        }
         self.server.propose(op).await.map_err(status::from_server)
     }
 }

@@ -13,9 +13,14 @@ pub fn free_port() -> u16 {
 /// A `cairn` member running as a child process; killed on drop.
 pub struct Cairn {
     child: Option<Child>,
+    pub name: String,
     pub client_url: String,
     pub peer_url: String,
     pub data_dir: PathBuf,
+    /// `--initial-cluster`; a single-member cluster of this member when empty.
+    pub initial_cluster: String,
+    /// `--initial-cluster-state`.
+    pub cluster_state: String,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -30,22 +35,36 @@ impl Cairn {
     pub async fn start_with(extra: &[&str]) -> Cairn {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
-        let mut c = Cairn {
-            child: None,
-            client_url: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            data_dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _tmp: Some(tmp),
-        };
+        let mut c = Cairn::new("it", tmp, extra);
+        c.data_dir = data_dir;
         c.spawn().await;
         c
     }
 
+    /// A member on fresh ports and a fresh data dir, not started yet.
+    pub fn new(name: &str, tmp: tempfile::TempDir, extra: &[&str]) -> Cairn {
+        Cairn {
+            child: None,
+            name: name.to_owned(),
+            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            data_dir: tmp.path().join("data"),
+            initial_cluster: String::new(),
+            cluster_state: "new".to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        }
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        let initial_cluster = if self.initial_cluster.is_empty() {
+            format!("{}={}", self.name, self.peer_url)
+        } else {
+            self.initial_cluster.clone()
+        };
         cmd.arg("--name")
-            .arg("it")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
@@ -57,7 +76,9 @@ impl Cairn {
             .arg("--initial-advertise-peer-urls")
             .arg(&self.peer_url)
             .arg("--initial-cluster")
-            .arg(format!("it={}", self.peer_url))
+            .arg(initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg(&self.cluster_state)
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -68,9 +89,19 @@ impl Cairn {
 
     /// Spawns the process and waits until it answers `Status`.
     pub async fn spawn(&mut self) {
+        self.spawn_only();
+        wait_ready(&self.client_url).await;
+    }
+
+    /// Spawns the process without waiting (a cluster member cannot serve before a quorum).
+    pub fn spawn_only(&mut self) {
         let child = self.command().spawn().expect("spawn cairn");
         self.child = Some(child);
-        wait_ready(&self.client_url).await;
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `kill -9`s the process.

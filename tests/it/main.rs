@@ -2,6 +2,7 @@
 //! third-party clients (the `etcd-client` crate and `etcdctl`), plus a differential run
 //! against real etcd and a kill -9 crash test.
 
+mod cluster;
 mod crash;
 mod diff;
 mod etcdctl;
