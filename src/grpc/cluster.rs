@@ -94,14 +94,33 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        let after = self
-            .server
-            .member_promote(request.into_inner().id)
-            .await
-            .map_err(status::from_server)?;
-        Ok(Response::new(pb::MemberPromoteResponse {
-            header: self.header(),
-            members: members(&after),
-        }))
+        let id = request.into_inner().id;
+        match self.server.member_promote(id).await {
+            Ok(after) => Ok(Response::new(pb::MemberPromoteResponse {
+                header: self.header(),
+                members: members(&after),
+            })),
+            // Only the leader knows whether the learner caught up: ask it (etcd forwards
+            // promotions to the leader too).
+            Err(crate::server::Error::NotLeader { leader }) if leader != 0 => {
+                let url = self
+                    .server
+                    .members()
+                    .into_iter()
+                    .find(|m| m.id == leader)
+                    .and_then(|m| m.client_urls.into_iter().next())
+                    .ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;
+                let channel = tonic::transport::Endpoint::from_shared(url)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .connect_timeout(std::time::Duration::from_secs(1))
+                    .timeout(std::time::Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .map_err(|_| status::from_server(crate::server::Error::NoLeader))?;
+                let mut leader_client = pb::cluster_client::ClusterClient::new(channel);
+                leader_client.member_promote(pb::MemberPromoteRequest { id }).await
+            }
+            Err(e) => Err(status::from_server(e)),
+        }
     }
 }

@@ -109,6 +109,10 @@ impl Kv for KvService {
         validate::check_range_stream(&r)?;
         let mut req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
         if !r.serializable {
+            // A learner serves serializable reads only, as etcd's.
+            if self.server.is_learner() {
+                return Err(status::from_server(crate::server::Error::Learner));
+            }
             self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         // Pin every page to one revision so the chunks form one consistent view.
@@ -134,6 +138,10 @@ impl Kv for KvService {
         validate::check_range(&r)?;
         let req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
         if !r.serializable {
+            // A learner serves serializable reads only, as etcd's.
+            if self.server.is_learner() {
+                return Err(status::from_server(crate::server::Error::Learner));
+            }
             self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         let res = self.server.range(&req).map_err(status::from_server)?;

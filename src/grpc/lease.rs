@@ -24,6 +24,14 @@ impl LeaseService {
         Self { forward: super::peer::LeaderForward::new(server.clone()), server }
     }
 
+    /// Learners serve no lease RPCs (etcd: "rpc not supported for learner").
+    fn refuse_learner(&self) -> Result<(), Status> {
+        if self.server.is_learner() {
+            return Err(status::from_server(crate::server::Error::Learner));
+        }
+        Ok(())
+    }
+
     fn header(&self) -> Option<pb::ResponseHeader> {
         convert::header(self.server.header(), self.server.kv().current_revision())
     }
@@ -38,6 +46,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.refuse_learner()?;
         let r = request.into_inner();
         let (id, ttl) = self.server.lease_grant(r.id, r.ttl).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseGrantResponse {
@@ -52,6 +61,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        self.refuse_learner()?;
         self.server.lease_revoke(request.into_inner().id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseRevokeResponse { header: self.header() }))
     }

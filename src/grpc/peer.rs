@@ -394,6 +394,18 @@ impl LeaderForward {
     }
 }
 
+/// Asks the other members listed in `--initial-cluster` for their cluster id; `None` when
+/// none answers.
+pub async fn remote_cluster_id(peer_urls: &[String], initial_cluster: &[String]) -> Option<u64> {
+    for url in initial_cluster.iter().filter(|u| !peer_urls.contains(u)) {
+        let Some(ch) = channel(url) else { continue };
+        if let Ok(resp) = client(ch).members(MembersRequest {}).await {
+            return Some(resp.into_inner().cluster_id);
+        }
+    }
+    None
+}
+
 /// Asks the members listed in `--initial-cluster` (other than this one) for the cluster a
 /// member started with `--initial-cluster-state existing` joins, and finds this member's
 /// record by its peer URLs (etcd's GetClusterFromRemotePeers).

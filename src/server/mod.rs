@@ -329,6 +329,11 @@ impl Server {
         !cfg.new_cluster && matches!(datadir::DataDir::inspect(&cfg.data_dir), Ok(None))
     }
 
+    /// The cluster id recorded in the data dir, if it holds a member.
+    pub fn recorded_cluster_id(cfg: &Validated) -> Option<u64> {
+        datadir::DataDir::inspect(&cfg.data_dir).ok().flatten().map(|i| i.cluster_id)
+    }
+
     /// The validated configuration.
     pub fn config(&self) -> &Validated {
         &self.cfg
@@ -387,12 +392,8 @@ impl Server {
     /// call (raft ReadIndex, batched across concurrent readers).
     ///
     /// # Errors
-    /// [`Error::Learner`], [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
+    /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
     pub async fn linearizable_barrier(&self) -> Result<(), Error> {
-        // A learner does not serve linearizable reads (etcd: "rpc not supported for learner").
-        if self.is_learner() {
-            return Err(Error::Learner);
-        }
         self.reads.barrier().await
     }
 

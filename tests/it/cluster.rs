@@ -9,19 +9,36 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, MemberAddOptions};
 
-use crate::harness::{Cairn, wait_ready};
+use crate::harness::{Cairn, Proxy, etcdctl_binary, wait_ready};
 
 /// A cluster of real `cairn` processes on loopback ports.
 pub struct Cluster {
     pub members: Vec<Cairn>,
+    /// One proxy per member in front of its peer port, when started with proxies.
+    pub proxies: Vec<Proxy>,
 }
 
 impl Cluster {
     /// Starts `n` founding members and waits until every one serves writes.
     pub async fn start(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_with(n, extra, false).await
+    }
+
+    /// Starts `n` founding members, each behind a peer proxy when `proxied`.
+    pub async fn start_with(n: usize, extra: &[&str], proxied: bool) -> Cluster {
         let mut members: Vec<Cairn> = (0..n)
             .map(|i| Cairn::new(&format!("m{i}"), tempfile::tempdir().unwrap(), extra))
             .collect();
+        let mut proxies = Vec::new();
+        if proxied {
+            for m in &mut members {
+                let listen = m.peer_url.clone();
+                let proxy = Proxy::start(listen.trim_start_matches("http://").to_owned()).await;
+                m.listen_peer_url = Some(listen);
+                m.peer_url = proxy.url.clone();
+                proxies.push(proxy);
+            }
+        }
         let initial: Vec<String> =
             members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
         for m in &mut members {
@@ -31,7 +48,28 @@ impl Cluster {
         for m in &members {
             wait_ready(&m.client_url).await;
         }
-        Cluster { members }
+        let cluster = Cluster { members, proxies };
+        cluster.wait_published(n).await;
+        cluster
+    }
+
+    /// Waits until every member's record carries its name and client URLs (etcdctl's
+    /// `--cluster` commands dial the client URLs of the member list).
+    pub async fn wait_published(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.members[0].client().await.member_list().await.unwrap();
+            let ready = list.members().len() == n
+                && list
+                    .members()
+                    .iter()
+                    .all(|m| !m.name().is_empty() && !m.client_urls().is_empty());
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "members never published: {:?}", list.members());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Every client URL of running members.
@@ -359,4 +397,199 @@ async fn move_leader_hands_leadership_to_the_target() {
     let mut fc = cluster.members[leader].client().await;
     let err = fc.move_leader(target_id).await.unwrap_err();
     assert!(err.to_string().contains("etcdserver: not leader"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_followers_steps_down_and_no_acknowledged_write_is_lost() {
+    let mut cluster = Cluster::start_with(3, &[], true).await;
+    let endpoints = cluster.endpoints();
+    let acked: Acked = Arc::default();
+    let (stop, handles) = writers(&endpoints, 4, &acked);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // Nothing reaches the leader's peer port any more: its appends go out but no answer
+    // comes back, so CheckQuorum makes it step down and the others elect a leader.
+    let old = cluster.leader().await;
+    cluster.proxies[old].block();
+    let others: Vec<String> =
+        (0..3).filter(|i| *i != old).map(|i| cluster.members[i].client_url.clone()).collect();
+    let failover = time_until_writable(&others).await;
+    eprintln!(
+        "PARTITION FAILOVER: writes succeeded again {failover:?} after the leader was cut off"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut oc = cluster.members[old].client().await;
+    let status = oc.status().await.unwrap();
+    assert_ne!(
+        status.leader(),
+        status.header().unwrap().member_id(),
+        "the cut-off leader still leads"
+    );
+
+    cluster.proxies[old].heal();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_acked_readable(&mut cluster, &acked).await;
+    cluster.assert_hashes_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_member_is_replaced_and_catches_up_while_writers_run() {
+    let mut cluster = Cluster::start(3, &["--snapshot-count", "200"]).await;
+    let endpoints = cluster.endpoints();
+    let acked: Acked = Arc::default();
+    let (stop, handles) = writers(&endpoints, 4, &acked);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    let leader = cluster.leader().await;
+    let victim = (leader + 1) % 3;
+    let victim_id = {
+        let mut c = cluster.members[victim].client().await;
+        c.status().await.unwrap().header().unwrap().member_id()
+    };
+    cluster.members[victim].kill9();
+    cluster.members[victim].wipe();
+    let mut lc = cluster.members[leader].client().await;
+    lc.member_remove(victim_id).await.unwrap();
+    let peer_url = cluster.members[victim].peer_url.clone();
+    let added = lc.member_add([peer_url.as_str()], None).await.unwrap();
+    assert!(!added.member().unwrap().is_learner());
+    let initial: Vec<String> =
+        cluster.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    let m = &mut cluster.members[victim];
+    m.initial_cluster = initial.join(",");
+    m.cluster_state = "existing".into();
+    m.spawn().await;
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_acked_readable(&mut cluster, &acked).await;
+    cluster.assert_hashes_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_keep_serving_with_two_down_including_the_leader() {
+    let mut cluster = Cluster::start(5, &[]).await;
+    let mut c = Client::connect(cluster.endpoints(), None).await.unwrap();
+    c.put("five", "1", None).await.unwrap();
+    let leader = cluster.leader().await;
+    cluster.members[leader].kill9();
+    cluster.members[(leader + 1) % 5].kill9();
+    let writable = time_until_writable(&cluster.endpoints()).await;
+    eprintln!("FIVE MEMBERS: writable {writable:?} after losing the leader and a follower");
+    cluster.assert_hashes_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_is_refused_with_cluster_id_mismatch() {
+    let cluster = Cluster::start(3, &[]).await;
+    // A stranger bootstrapped its own single-member cluster, then claims to join ours.
+    let mut stranger = Cairn::new("m0", tempfile::tempdir().unwrap(), &[]);
+    stranger.spawn().await;
+    stranger.kill9();
+    let initial: Vec<String> =
+        cluster.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    stranger.initial_cluster = format!("{},m9={}", initial.join(","), stranger.peer_url);
+    stranger.name = "m9".into();
+    stranger.cluster_state = "existing".into();
+    let (ok, stderr) = stranger.run_to_exit();
+    assert!(!ok);
+    assert!(stderr.contains("cluster ID mismatch"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_manages_and_inspects_a_three_member_cluster() {
+    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
+        eprintln!("no etcdctl; skipping");
+        return;
+    }
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.leader().await;
+    let eps: Vec<String> =
+        cluster.endpoints().iter().map(|e| e.trim_start_matches("http://").to_owned()).collect();
+    let all = eps.join(",");
+    let leader_ep = eps[leader].clone();
+    let target_ep = eps[(leader + 1) % 3].clone();
+    let new_peer = format!("http://127.0.0.1:{}", crate::harness::free_port());
+    tokio::task::spawn_blocking(move || {
+        let ctl = |args: &[&str]| -> String {
+            let out = std::process::Command::new(etcdctl_binary().unwrap())
+                .env("ETCDCTL_API", "3")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let e = format!("--endpoints={all}");
+        ctl(&[&e, "put", "k", "v"]);
+        let list = ctl(&[&e, "member", "list"]);
+        assert_eq!(list.lines().count(), 3, "{list}");
+        let status = ctl(&[&e, "endpoint", "status", "--cluster"]);
+        assert_eq!(status.lines().filter(|l| l.contains(", true, false,")).count(), 1, "{status}");
+        let health = ctl(&[&e, "endpoint", "health", "--cluster"]);
+        assert_eq!(health.matches("is healthy").count(), 3, "{health}");
+        let hashes = ctl(&[&e, "endpoint", "hashkv", "--cluster"]);
+        let values: Vec<&str> = hashes.lines().filter_map(|l| l.split(", ").nth(1)).collect();
+        assert_eq!(values.len(), 3, "{hashes}");
+        assert!(values.iter().all(|v| *v == values[0]), "{hashes}");
+
+        // Membership round trip: add a learner, update its URLs, remove it.
+        let added =
+            ctl(&[&e, "member", "add", "extra", "--learner", &format!("--peer-urls={new_peer}")]);
+        let id = added.split_whitespace().nth(1).unwrap().to_owned();
+        let moved = new_peer.replace("127.0.0.1", "localhost");
+        ctl(&[&e, "member", "update", &id, &format!("--peer-urls={moved}")]);
+        assert!(ctl(&[&e, "member", "list"]).contains(&moved));
+        let out = std::process::Command::new(etcdctl_binary().unwrap())
+            .args([e.as_str(), "member", "promote", id.as_str()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in sync with leader"), "{err}");
+        ctl(&[&e, "member", "remove", &id]);
+        assert_eq!(ctl(&[&e, "member", "list"]).lines().count(), 3);
+
+        // Leadership moves where it is told.
+        let target_id = ctl(&[&format!("--endpoints={target_ep}"), "endpoint", "status"])
+            .split(", ")
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        let moved = ctl(&[&format!("--endpoints={leader_ep}"), "move-leader", &target_id]);
+        assert!(moved.contains("Leadership transferred"), "{moved}");
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.leader().await, (leader + 1) % 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keep_alive_and_time_to_live_on_a_follower_reach_the_leader() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut fc = cluster.members[follower].client().await;
+    let lease = fc.lease_grant(5, None).await.unwrap();
+    fc.put("leased", "v", Some(etcd_client::PutOptions::new().with_lease(lease.id())))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut keeper, mut stream) = fc.lease_keep_alive(lease.id()).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert_eq!(resp.ttl(), 5, "a follower's renewal reaches the leader's lease clock");
+    let ttl = fc.lease_time_to_live(lease.id(), None).await.unwrap();
+    assert!(ttl.ttl() >= 4 && ttl.ttl() <= 5, "TimeToLive after renewal: {}", ttl.ttl());
+    assert_eq!(ttl.granted_ttl(), 5);
 }

@@ -21,6 +21,9 @@ pub struct Cairn {
     pub initial_cluster: String,
     /// `--initial-cluster-state`.
     pub cluster_state: String,
+    /// Where the member listens for peers when that differs from its advertised peer URL
+    /// (a fault-injecting proxy sits between them).
+    pub listen_peer_url: Option<String>,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -51,6 +54,7 @@ impl Cairn {
             data_dir: tmp.path().join("data"),
             initial_cluster: String::new(),
             cluster_state: "new".to_owned(),
+            listen_peer_url: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         }
@@ -72,7 +76,7 @@ impl Cairn {
             .arg("--advertise-client-urls")
             .arg(&self.client_url)
             .arg("--listen-peer-urls")
-            .arg(&self.peer_url)
+            .arg(self.listen_peer_url.as_ref().unwrap_or(&self.peer_url))
             .arg("--initial-advertise-peer-urls")
             .arg(&self.peer_url)
             .arg("--initial-cluster")
@@ -97,6 +101,17 @@ impl Cairn {
     pub fn spawn_only(&mut self) {
         let child = self.command().spawn().expect("spawn cairn");
         self.child = Some(child);
+    }
+
+    /// Runs the member in the foreground until it exits; returns (success, stderr).
+    pub fn run_to_exit(&self) -> (bool, String) {
+        let out = self.command().stderr(Stdio::piped()).output().expect("run cairn");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Deletes the data dir (the member must be stopped).
+    pub fn wipe(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 
     /// True while the process runs.
@@ -229,4 +244,64 @@ pub fn etcdctl_binary() -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths).map(|d| d.join("etcdctl")).find(|p| Path::new(p).exists())
     })
+}
+
+/// A TCP proxy in front of a member's peer port that can cut every connection through it
+/// (a partition of the member's inbound peer traffic) and heal.
+pub struct Proxy {
+    /// The proxy's URL, advertised as the member's peer URL.
+    pub url: String,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a fresh port and forwards to `target` (host:port).
+    pub async fn start(target: String) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, c) = (blocked.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if b.load(Ordering::SeqCst) {
+                    continue; // dropped: the peer sees a reset
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = out.set_nodelay(true);
+                        let _ = inbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Proxy { url, blocked, conns, task }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn block(&self) {
+        self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.blocked.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.block();
+    }
 }
