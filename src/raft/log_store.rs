@@ -1144,6 +1144,30 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_missing_or_stale_snapshot_is_requested_from_the_state_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.initialize(ConfState::from((vec![1], vec![]))).unwrap();
+        store.append(&entries(2..=10, 1), Some(&hard_state(1, 1, 10))).unwrap();
+        assert!(!store.take_snapshot_request());
+        let _ = store.snapshot(0, 2);
+        assert!(store.take_snapshot_request(), "a missing snapshot is requested");
+        assert!(!store.take_snapshot_request(), "the request is taken once");
+
+        store.set_snapshot(snapshot(4, 1, vec![1], b"old"));
+        store.compact(6).unwrap();
+        assert_eq!(
+            storage_error(store.snapshot(0, 2)),
+            StorageError::SnapshotTemporarilyUnavailable,
+            "a snapshot older than the compaction point would leave a gap"
+        );
+        assert!(store.take_snapshot_request());
+        store.set_snapshot(snapshot(8, 1, vec![1], b"new"));
+        assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 8);
+        assert_eq!(store.term_of(8), Some(1));
+    }
+
     /// Processes every pending `Ready` of a single-voter node the way the node task will:
     /// persist, then advance, recording the data of committed normal entries in `applied`.
     fn drive(node: &mut RawNode<LogStore>, store: &LogStore, applied: &mut Vec<Vec<u8>>) {
