@@ -356,11 +356,14 @@ impl Peer for PeerService {
 #[derive(Debug, Clone)]
 pub(super) struct LeaderForward {
     server: Arc<Server>,
+    /// The channel to the last leader dialed, reused while it leads: a keep-alive stream
+    /// renews every few seconds and must not open a connection each time.
+    cached: Arc<Mutex<Option<(String, Channel)>>>,
 }
 
 impl LeaderForward {
     pub(super) fn new(server: Arc<Server>) -> Self {
-        Self { server }
+        Self { server, cached: Arc::default() }
     }
 
     fn leader_client(&self) -> Result<PeerClient<Channel>, Status> {
@@ -375,7 +378,16 @@ impl LeaderForward {
             .find(|m| m.id == leader)
             .and_then(|m| m.peer_urls.into_iter().next())
             .ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;
-        channel(&url).map(client).ok_or_else(|| status::from_server(crate::server::Error::NoLeader))
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached_url, ch)) = cached.as_ref() {
+            if *cached_url == url {
+                return Ok(client(ch.clone()));
+            }
+        }
+        let ch =
+            channel(&url).ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;
+        *cached = Some((url, ch.clone()));
+        Ok(client(ch))
     }
 
     /// Renews lease `id` on the leader.

@@ -189,6 +189,11 @@ async fn assert_acked_readable(cluster: &mut Cluster, acked: &Acked) {
             assert_eq!(found.get(k), Some(v), "acknowledged write {k} on {}", m.name);
         }
     }
+    // Revisions never go back: a new write lands above every acknowledged one.
+    let max = snapshot.values().map(|(_, rev)| *rev).max().unwrap_or(0);
+    let mut c = Client::connect(cluster.endpoints(), None).await.unwrap();
+    let put = c.put("after-faults", "x", None).await.unwrap();
+    assert!(put.header().unwrap().revision() > max, "revision went back");
 }
 
 /// Puts until one succeeds; returns how long that took.
