@@ -3,8 +3,8 @@
 //!
 //! [`PeerTransport`] implements raft's [`Transport`]: every peer has its own bounded queue
 //! and sender task, so a dead or slow peer only fills its own queue; what does not fit is
-//! dropped and reported unreachable (raft retries). A sender drains its queue into one
-//! batch per call. Snapshot messages go on a client stream in chunks followed by a CRC32.
+//! dropped and reported unreachable (raft retries). A sender drains its queue into batches
+//! on one long-lived client stream per peer, reopened when it ends. Snapshot messages go on a client stream in chunks followed by a CRC32.
 //! Every channel has HTTP/2 keepalive and each call a timeout, so a peer lost in a
 //! partition is noticed rather than waited on forever (DEPENDENCIES.md trap 6).
 //!
@@ -42,18 +42,53 @@ const CHUNK: usize = 1024 * 1024;
 /// The largest message the peer service accepts (a raft append of many entries).
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// Builds a lazily connecting channel to `url` with keepalive and timeouts.
+/// Builds a lazily connecting channel to `url` with keepalive and a per-call timeout.
 fn channel(url: &str) -> Option<Channel> {
+    Some(endpoint(url)?.timeout(CALL_TIMEOUT).connect_lazy())
+}
+
+/// An endpoint with connect timeout, TCP_NODELAY and HTTP/2 keepalive, so a peer lost in a
+/// partition is noticed within seconds even on a long-lived stream.
+fn endpoint(url: &str) -> Option<Endpoint> {
     let ep = Endpoint::from_shared(url.to_owned()).ok()?;
     Some(
         ep.connect_timeout(Duration::from_secs(1))
-            .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
+            .keep_alive_while_idle(true),
     )
+}
+
+/// Batches buffered on an open message stream before the sender waits.
+const STREAM_BUFFER: usize = 64;
+
+/// Opens a message stream to peer `to` on `ch` (a channel without a call timeout: the
+/// stream lives as long as the connection). The returned sender closes when the stream
+/// ends; an error ending it is reported to raft and logged.
+fn open_stream(
+    ch: Channel,
+    to: u64,
+    raft: RaftHandle,
+    removed: Arc<tokio::sync::watch::Sender<bool>>,
+) -> mpsc::Sender<RaftBatch> {
+    let (tx, rx) = mpsc::channel::<RaftBatch>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let outbound =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        if let Err(e) = client(ch).stream(outbound).await {
+            if e.message() == status::msg::MEMBER_REMOVED {
+                tracing::warn!(to, "peer says this member was removed from the cluster");
+                removed.send_replace(true);
+            } else if e.message() == status::msg::CLUSTER_ID_MISMATCH {
+                tracing::error!(to, "peer refused our messages: cluster ID mismatch");
+            } else {
+                tracing::debug!(to, error = %e, "raft message stream ended");
+            }
+            raft.report_unreachable(to);
+        }
+    });
+    tx
 }
 
 fn client(ch: Channel) -> PeerClient<Channel> {
@@ -175,7 +210,10 @@ async fn run_link(
         return;
     };
     let mut peer = client(ch);
-    let mut mismatch_logged = false;
+    let Some(stream_ch) = urls.first().and_then(|u| endpoint(u)).map(|e| e.connect_lazy()) else {
+        return;
+    };
+    let mut open: Option<mpsc::Sender<RaftBatch>> = None;
     while let Some(first) = rx.recv().await {
         let Some(a) = attached.get() else { continue };
         let mut batch = vec![first];
@@ -190,20 +228,20 @@ async fn run_link(
         if !msgs.is_empty() {
             let messages = msgs.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
             let req = RaftBatch { cluster_id: a.cluster_id, from: a.local_id, messages };
-            match peer.send(req).await {
-                Ok(_) => mismatch_logged = false,
-                Err(e) => {
-                    if e.message() == status::msg::MEMBER_REMOVED {
-                        tracing::warn!(to, "peer says this member was removed from the cluster");
-                        removed.send_replace(true);
-                    }
-                    if e.message() == status::msg::CLUSTER_ID_MISMATCH && !mismatch_logged {
-                        tracing::error!(to, "peer refused our messages: cluster ID mismatch");
-                        mismatch_logged = true;
-                    }
-                    tracing::debug!(to, error = %e, "raft messages not delivered");
-                    a.raft.report_unreachable(to);
+            // One long-lived stream per peer: batches follow each other without waiting for
+            // an answer. A stream that ended is reopened; what was sent into it meanwhile
+            // is lost, which raft's retries cover.
+            let tx = match &open {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let tx = open_stream(stream_ch.clone(), to, a.raft.clone(), removed.clone());
+                    open = Some(tx.clone());
+                    tx
                 }
+            };
+            if tx.send(req).await.is_err() {
+                open = None;
+                a.raft.report_unreachable(to);
             }
         }
         for snap in snapshots {
@@ -262,6 +300,20 @@ impl PeerService {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// Checks a batch's origin and steps its messages into raft, in order.
+    async fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
+        self.check_cluster(batch.cluster_id)?;
+        if self.server.was_removed(batch.from) {
+            return Err(Status::new(Code::FailedPrecondition, status::msg::MEMBER_REMOVED));
+        }
+        for bytes in batch.messages {
+            let msg = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            self.server.raft().step(msg).await.map_err(|_| Status::unavailable("raft stopped"))?;
+        }
+        Ok(())
+    }
+
     fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
         let mine = self.server.header().cluster_id;
         if cluster_id != mine {
@@ -279,15 +331,17 @@ impl PeerService {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<PeerAck>, Status> {
-        let batch = request.into_inner();
-        self.check_cluster(batch.cluster_id)?;
-        if self.server.was_removed(batch.from) {
-            return Err(Status::new(Code::FailedPrecondition, status::msg::MEMBER_REMOVED));
-        }
-        for bytes in batch.messages {
-            let msg = Message::parse_from_bytes(&bytes)
-                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-            self.server.raft().step(msg).await.map_err(|_| Status::unavailable("raft stopped"))?;
+        self.deliver(request.into_inner()).await?;
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut inbound = request.into_inner();
+        while let Some(batch) = inbound.next().await {
+            self.deliver(batch?).await?;
         }
         Ok(Response::new(PeerAck {}))
     }
@@ -429,33 +483,39 @@ pub async fn fetch_cluster(
     peer_urls: &[String],
     initial_cluster: &[String],
 ) -> Result<Join, String> {
+    let mut wanted = peer_urls.to_vec();
+    wanted.sort();
     let mut last = String::from("no other member in --initial-cluster");
-    for url in initial_cluster.iter().filter(|u| !peer_urls.contains(u)) {
-        let Some(ch) = channel(url) else { continue };
-        let mut c = client(ch);
-        match c.members(MembersRequest {}).await {
-            Ok(resp) => {
-                let resp = resp.into_inner();
-                let members: Vec<Member> = resp.members.into_iter().map(Member::from).collect();
-                let me = members
-                    .iter()
-                    .find(|m| {
-                        let mut a = m.peer_urls.clone();
-                        let mut b = peer_urls.to_vec();
-                        a.sort();
-                        b.sort();
-                        a == b
-                    })
-                    .map(|m| m.id)
-                    .ok_or_else(|| {
-                        format!(
-                            "member with peer URLs {peer_urls:?} is not in the cluster's member list; add it with MemberAdd first"
-                        )
-                    })?;
-                return Ok(Join { cluster_id: resp.cluster_id, member_id: me, members });
+    // A member that has not applied the MemberAdd yet does not list us: ask the others,
+    // and ask again for a few seconds.
+    for _ in 0..10 {
+        for url in initial_cluster.iter().filter(|u| !peer_urls.contains(u)) {
+            let Some(ch) = channel(url) else { continue };
+            match client(ch).members(MembersRequest {}).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let members: Vec<Member> = resp.members.into_iter().map(Member::from).collect();
+                    let me = members.iter().find(|m| {
+                        let mut urls = m.peer_urls.clone();
+                        urls.sort();
+                        urls == wanted
+                    });
+                    match me {
+                        Some(me) => {
+                            let member_id = me.id;
+                            return Ok(Join { cluster_id: resp.cluster_id, member_id, members });
+                        }
+                        None => {
+                            last = format!(
+                                "member with peer URLs {peer_urls:?} is not in the cluster's member list; add it with MemberAdd first"
+                            );
+                        }
+                    }
+                }
+                Err(e) => last = format!("{url}: {e}"),
             }
-            Err(e) => last = format!("{url}: {e}"),
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(format!("cannot fetch the cluster from its members: {last}"))
+    Err(format!("cannot join the cluster: {last}"))
 }
