@@ -433,10 +433,10 @@ impl LeaderForward {
             .and_then(|m| m.peer_urls.into_iter().next())
             .ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;
         let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((cached_url, ch)) = cached.as_ref() {
-            if *cached_url == url {
-                return Ok(client(ch.clone()));
-            }
+        if let Some((cached_url, ch)) = cached.as_ref()
+            && *cached_url == url
+        {
+            return Ok(client(ch.clone()));
         }
         let ch =
             channel(&url).ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;

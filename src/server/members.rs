@@ -288,7 +288,7 @@ async fn publish(server: Arc<Server>) {
     let client_urls: Vec<String> =
         server.cfg.advertise_client_urls.iter().map(|u| u.raw.clone()).collect();
     loop {
-        let current = server.members().into_iter().find(|m| m.id == me);
+        let current = server.members.borrow().iter().find(|m| m.id == me).cloned();
         match current {
             Some(m) if m.name == name && m.client_urls == client_urls => return,
             Some(m) => {

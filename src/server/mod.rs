@@ -351,7 +351,17 @@ impl Server {
 
     /// The cluster's members as of this member's applied index, ordered by id.
     pub fn members(&self) -> Vec<Member> {
-        self.members.borrow().clone()
+        let mut members = self.members.borrow().clone();
+        // Until its publish entry applies, this member's own record lacks its name and client
+        // URLs; it knows them, so it answers with them (the records themselves stay as raft
+        // made them on every member).
+        if let Some(me) = members.iter_mut().find(|m| m.id == self.header.member_id)
+            && me.client_urls.is_empty()
+        {
+            me.name.clone_from(&self.cfg.raw.name);
+            me.client_urls = self.cfg.advertise_client_urls.iter().map(|u| u.raw.clone()).collect();
+        }
+        members
     }
 
     /// The raft handle, for the peer service to deliver messages.
