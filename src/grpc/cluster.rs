@@ -1,9 +1,16 @@
 //! etcd's `Cluster` service: member list and membership changes, each a raft conf change
-//! (or, for `MemberUpdate`, a replicated request) applied to the member records.
+//! (or, for `MemberUpdate`, a replicated request) applied to the member records. A follower
+//! hands adds, removes and promotions to the leader, which alone sees which members are
+//! active and how far a learner is.
 
 use std::sync::Arc;
 
-use cairn_proto::etcdserverpb::{self as pb, cluster_server::Cluster};
+use std::time::Duration;
+
+use cairn_proto::etcdserverpb::{
+    self as pb, cluster_client::ClusterClient, cluster_server::Cluster,
+};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::{convert, status};
@@ -19,6 +26,33 @@ impl ClusterService {
     /// Creates the service.
     pub fn new(server: Arc<Server>) -> Self {
         Self { server }
+    }
+
+    /// A client of the leader's Cluster service when this member is a follower that knows
+    /// the leader; `None` on the leader. Membership changes run on the leader: only it knows
+    /// which members are active (the strict reconfiguration check) and how far a learner is.
+    async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
+        let status = self.server.raft_status();
+        if status.is_leader() || status.leader == 0 {
+            return Ok(None);
+        }
+        let no_leader = || status::from_server(crate::server::Error::NoLeader);
+        let url = self
+            .server
+            .members()
+            .into_iter()
+            .find(|m| m.id == status.leader)
+            .and_then(|m| m.client_urls.into_iter().next())
+            .ok_or_else(no_leader)?;
+        let channel = Endpoint::from_shared(url)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(15))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|_| no_leader())?;
+        Ok(Some(ClusterClient::new(channel)))
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -37,6 +71,9 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
         let r = request.into_inner();
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.member_add(r).await;
+        }
         let (member, after) = self
             .server
             .member_add(r.peer_ur_ls, r.is_learner)
@@ -53,11 +90,11 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        let after = self
-            .server
-            .member_remove(request.into_inner().id)
-            .await
-            .map_err(status::from_server)?;
+        let id = request.into_inner().id;
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.member_remove(pb::MemberRemoveRequest { id }).await;
+        }
+        let after = self.server.member_remove(id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.header(),
             members: members(&after),
@@ -102,24 +139,10 @@ impl Cluster for ClusterService {
             })),
             // Only the leader knows whether the learner caught up: ask it (etcd forwards
             // promotions to the leader too).
-            Err(crate::server::Error::NotLeader { leader }) if leader != 0 => {
-                let url = self
-                    .server
-                    .members()
-                    .into_iter()
-                    .find(|m| m.id == leader)
-                    .and_then(|m| m.client_urls.into_iter().next())
-                    .ok_or_else(|| status::from_server(crate::server::Error::NoLeader))?;
-                let channel = tonic::transport::Endpoint::from_shared(url)
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .connect_timeout(std::time::Duration::from_secs(1))
-                    .timeout(std::time::Duration::from_secs(10))
-                    .connect()
-                    .await
-                    .map_err(|_| status::from_server(crate::server::Error::NoLeader))?;
-                let mut leader_client = pb::cluster_client::ClusterClient::new(channel);
-                leader_client.member_promote(pb::MemberPromoteRequest { id }).await
-            }
+            Err(crate::server::Error::NotLeader { .. }) => match self.leader_client().await? {
+                Some(mut leader) => leader.member_promote(pb::MemberPromoteRequest { id }).await,
+                None => Err(status::from_server(crate::server::Error::NoLeader)),
+            },
             Err(e) => Err(status::from_server(e)),
         }
     }

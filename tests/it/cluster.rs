@@ -598,3 +598,32 @@ async fn lease_keep_alive_and_time_to_live_on_a_follower_reach_the_leader() {
     assert!(ttl.ttl() >= 4 && ttl.ttl() <= 5, "TimeToLive after renewal: {}", ttl.ttl());
     assert_eq!(ttl.granted_ttl(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_would_lose_quorum_is_refused_by_the_strict_reconfiguration_check() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.leader().await;
+    let down = (leader + 1) % 3;
+    let up = (leader + 2) % 3;
+    let up_id = {
+        let mut c = cluster.members[up].client().await;
+        c.status().await.unwrap().header().unwrap().member_id()
+    };
+    cluster.members[down].kill9();
+    // The leader notices the dead member within an election timeout or two.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Asked through the surviving follower, so the change is handed to the leader.
+    let mut fc = cluster.members[up].client().await;
+    let err = fc.member_add(["http://127.0.0.1:1"], None).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("etcdserver: re-configuration failed due to not enough started members"),
+        "{err}"
+    );
+    let err = fc.member_remove(up_id).await.unwrap_err();
+    assert!(err.to_string().contains("not enough started members"), "{err}");
+    // A learner does not vote, so adding one is fine.
+    fc.member_add(["http://127.0.0.1:1"], Some(MemberAddOptions::new().with_is_learner()))
+        .await
+        .unwrap();
+}
