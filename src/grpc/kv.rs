@@ -105,6 +105,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range_stream(&r)?;
         let mut req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
@@ -134,6 +135,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range(&r)?;
         let req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
@@ -152,6 +154,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_put(&r)?;
         match self.propose(Op::Put(r)).await? {
@@ -164,6 +167,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_delete(&r)?;
         match self.propose(Op::DeleteRange(r)).await? {
@@ -178,6 +182,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         let max_ops = usize::try_from(self.server.config().raw.max_txn_ops).unwrap_or(usize::MAX);
         validate::check_txn(&r, max_ops)?;
@@ -194,6 +199,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         match self.propose(Op::Compaction(r)).await? {
             Applied::Compact => Ok(Response::new(pb::CompactionResponse {

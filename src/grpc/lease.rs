@@ -46,6 +46,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         self.refuse_learner()?;
         let r = request.into_inner();
         let (id, ttl) = self.server.lease_grant(r.id, r.ttl).await.map_err(status::from_server)?;
@@ -61,6 +62,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         self.refuse_learner()?;
         self.server.lease_revoke(request.into_inner().id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseRevokeResponse { header: self.header() }))
@@ -75,6 +77,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let svc = self.clone();
@@ -111,6 +114,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         let status = self.server.raft_status();
         if !status.is_leader() && status.leader != 0 {

@@ -8,6 +8,7 @@
 mod cluster;
 pub mod convert;
 mod kv;
+mod leader;
 mod lease;
 mod maintenance;
 pub mod peer;

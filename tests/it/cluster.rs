@@ -299,6 +299,14 @@ async fn with_two_of_three_down_writes_fail_with_etcd_errors_and_recover_when_ba
         "{msg}"
     );
     assert!(start.elapsed() < Duration::from_secs(10));
+    // A client that requires a leader (hasleader=true) is told at once, even for a read.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let mut rc =
+        Client::connect([cluster.members[0].client_url.as_str()], Some(opts)).await.unwrap();
+    let t = Instant::now();
+    let err = rc.get("before", Some(GetOptions::new().with_serializable())).await.unwrap_err();
+    assert!(err.to_string().contains("etcdserver: no leader"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1));
     cluster.members[1].spawn_only();
     cluster.members[2].spawn_only();
     let writable = time_until_writable(&cluster.endpoints()).await;
