@@ -498,3 +498,106 @@ impl Applier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use protobuf::Message as _;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::storage::MemEngine;
+
+    /// An applier over a fresh in-memory state machine, recording the conf changes it hands
+    /// back to raft.
+    fn applier(members: Vec<Member>) -> (Applier, Arc<Mutex<Vec<ConfChange>>>, Arc<dyn Engine>) {
+        let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+        let kv = KvStore::open(engine.clone()).unwrap();
+        let leases = Lessor::open(engine.as_ref(), 1).unwrap();
+        let handed = Arc::new(Mutex::new(Vec::new()));
+        let seen = handed.clone();
+        let hooks = ClusterHooks {
+            members: watch::channel(members).0,
+            on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
+            on_snapshot: Box::new(|_, _| {}),
+        };
+        let a = Applier::new(
+            kv,
+            leases,
+            engine.clone(),
+            Arc::new(Wait::new()),
+            watch::channel(0).0,
+            1000,
+            Box::new(|_| {}),
+            hooks,
+        );
+        (a, handed, engine)
+    }
+
+    fn conf_change(index: u64, kind: ConfChangeType, id: u64) -> Entry {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id;
+        let ctx = cairn_proto::internal::ConfChangeContext {
+            id: 0,
+            member: Some(cairn_proto::etcdserverpb::Member {
+                id,
+                peer_ur_ls: vec![format!("http://m{id}:2380")],
+                ..Default::default()
+            }),
+        };
+        cc.set_context(ctx.encode_to_vec().into());
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.index = index;
+        e.term = 1;
+        e.data = cc.write_to_bytes().unwrap().into();
+        e
+    }
+
+    #[test]
+    fn conf_changes_update_member_records_and_reach_raft_in_order() {
+        let founder =
+            Member { id: 1, peer_urls: vec!["http://m1:2380".into()], ..Default::default() };
+        let (mut a, handed, engine) = applier(vec![founder.clone()]);
+        a.apply_entries(vec![
+            conf_change(2, ConfChangeType::AddLearnerNode, 7),
+            conf_change(3, ConfChangeType::AddNode, 7),
+            conf_change(4, ConfChangeType::AddLearnerNode, 7),
+            conf_change(5, ConfChangeType::RemoveNode, 1),
+        ]);
+        let kinds: Vec<_> = handed.lock().unwrap().iter().map(|cc| cc.get_change_type()).collect();
+        // The second learner add of an existing member is refused and never reaches raft.
+        assert_eq!(
+            kinds,
+            vec![
+                ConfChangeType::AddLearnerNode,
+                ConfChangeType::AddNode,
+                ConfChangeType::RemoveNode
+            ]
+        );
+        let stored = members::load(engine.as_ref()).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].id, 7);
+        assert!(!stored[0].is_learner, "the learner was promoted");
+        assert_eq!(applied_index(engine.as_ref()).unwrap(), 5);
+        assert_eq!(*a.cluster.members.borrow(), stored);
+    }
+
+    #[test]
+    fn a_snapshot_image_replaces_the_state_machine_and_its_members() {
+        let (mut source, _, _) = applier(vec![]);
+        source.apply_entries(vec![conf_change(2, ConfChangeType::AddNode, 9)]);
+        let image = source.engine.export().unwrap();
+
+        let (mut target, _, engine) = applier(vec![]);
+        let mut snap = crate::raft::Snapshot::default();
+        snap.set_data(image.into());
+        snap.mut_metadata().index = 2;
+        target.install_snapshot(&snap);
+        assert_eq!(*target.applied.borrow(), 2);
+        assert_eq!(members::load(engine.as_ref()).unwrap().len(), 1);
+        assert_eq!(target.cluster.members.borrow().first().map(|m| m.id), Some(9));
+    }
+}
