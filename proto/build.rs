@@ -19,6 +19,7 @@ const FILES: &[&str] = &[
     "v3lockpb/v3lock.proto",
     "v3electionpb/v3election.proto",
     "internal/request.proto",
+    "internal/peer.proto",
 ];
 
 /// The proto packages that get protojson impls: etcd's public API, never Cairn's internals.

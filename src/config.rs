@@ -124,6 +124,15 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m")]
     pub experimental_lease_checkpoint_interval: String,
 
+    /// Sets the maximum number of learners that can be available in the cluster membership.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_MAX_LEARNERS",
+        alias = "experimental-max-learners",
+        default_value_t = 1
+    )]
+    pub max_learners: usize,
+
     /// Configures log level. Only supports debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -71,7 +71,29 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
         let metrics_listeners = cairn::grpc::bind(&cfg.listen_metrics_urls).await?;
-        let server = cairn::server::Server::start(cfg.clone())?;
+        let peer_listeners = cairn::grpc::bind(&cfg.listen_peer_urls).await?;
+        let mine: Vec<String> = cfg.advertise_peer_urls.iter().map(|u| u.raw.clone()).collect();
+        let all: Vec<String> = cfg.initial_cluster.values().flatten().cloned().collect();
+        let join = if cairn::server::Server::needs_join(&cfg) {
+            Some(cairn::grpc::peer::fetch_cluster(&mine, &all).await.map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
+        if !cfg.new_cluster {
+            // A data dir from another cluster must not join this one (etcd checks the same
+            // when a member starts with --initial-cluster-state existing).
+            let local = cairn::server::Server::recorded_cluster_id(&cfg);
+            let remote = cairn::grpc::peer::remote_cluster_id(&mine, &all).await;
+            if let (Some(local), Some(remote)) = (local, remote) {
+                anyhow::ensure!(
+                    local == remote,
+                    "etcdserver: cluster ID mismatch (local {local:x}, remote {remote:x})"
+                );
+            }
+        }
+        let transport = Arc::new(cairn::grpc::peer::PeerTransport::new());
+        let mut told_removed = transport.removed();
+        let server = cairn::server::Server::start(cfg.clone(), transport, join)?;
         for l in &listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "serving client traffic");
@@ -95,7 +117,18 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
                 std::future::pending(),
             ))
         });
-        shutdown_signal().await;
+        let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let peers = tokio::spawn(cairn::grpc::serve_peers(server.clone(), peer_listeners, async {
+            let _ = peer_stop_rx.await;
+        }));
+        let mut removed = server.removed();
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = removed.wait_for(|r| *r) => {}
+            _ = told_removed.wait_for(|r| *r) => {}
+        }
+        let _ = peer_stop_tx.send(());
+        peers.abort();
         tracing::info!("received signal; shutting down");
         let _ = stop_tx.send(());
         if let Some(task) = metrics_serving {

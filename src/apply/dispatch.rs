@@ -48,6 +48,9 @@ pub(super) fn apply(
             txn.compact(r.revision)?;
             Ok(Response::Compact)
         }
-        None => Err(Error::Convert(convert::ConvertError::EmptyOp)),
+        // Membership records are the applier's own (see `Applier::apply_entries`).
+        Some(Op::MemberUpdate(_) | Op::MemberPublish(_)) | None => {
+            Err(Error::Convert(convert::ConvertError::EmptyOp))
+        }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod convert;
 mod dispatch;
+pub mod members;
 mod wait;
 
 use std::sync::Arc;
@@ -28,10 +29,11 @@ use cairn_proto::internal::internal_request::Op;
 
 use crate::lease::{self, Lessor};
 use crate::mvcc::{self, KvStore, WriteTxn};
-use crate::raft::{Entry, EntryType, ToApply};
+use crate::raft::{ConfChange, ConfChangeType, Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
 
 pub use self::convert::ConvertError;
+pub use self::members::Member;
 pub use self::wait::Wait;
 
 /// The `Keyspace::Meta` key holding the raft index of the last applied entry.
@@ -49,6 +51,14 @@ pub enum Error {
     /// The request could not be converted to a domain request.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// A membership change refused when applied (the member vanished or already exists).
+    #[error("member {id:x}: {reason}")]
+    Membership {
+        /// The member id.
+        id: u64,
+        /// Why the change was refused.
+        reason: &'static str,
+    },
     /// The entry's payload is not a valid replicated request.
     #[error("undecodable entry at index {index}: {reason}")]
     Decode {
@@ -81,6 +91,8 @@ pub enum Response {
     LeaseRevoke,
     /// Remaining TTLs were checkpointed.
     LeaseCheckpoint,
+    /// A membership change was applied; the members after it.
+    Members(Vec<Member>),
 }
 
 /// What the proposer of an entry receives.
@@ -99,6 +111,36 @@ pub fn applied_index(engine: &dyn Engine) -> Result<u64, mvcc::Error> {
                 .try_into()
                 .map_err(|_| mvcc::Error::Corrupt("applied index record is not 8 bytes".into()))?;
             Ok(u64::from_be_bytes(bytes))
+        }
+    }
+}
+
+/// Rebuilds lease attachments from the live keys (they are not stored twice), paging
+/// through the keyspace so memory stays bounded.
+///
+/// # Errors
+/// mvcc's read errors.
+pub fn attach_leased_keys(kv: &KvStore, leases: &Lessor) -> Result<(), mvcc::Error> {
+    let mut req = mvcc::RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        limit: 10_000,
+        keys_only: true,
+        ..Default::default()
+    };
+    req.revision = kv.current_revision();
+    loop {
+        let page = kv.range(&req)?;
+        for item in &page.kvs {
+            leases.attach(item.lease, &item.key);
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => {
+                let mut next = last.key.clone();
+                next.push(0);
+                req.key = next;
+            }
+            _ => return Ok(()),
         }
     }
 }
@@ -125,6 +167,21 @@ pub struct Applier {
     checkpointed: u64,
     /// Told the durable index after each checkpoint (the raft log may be compacted to it).
     on_durable: Box<dyn Fn(u64) + Send>,
+    /// The hooks back to raft and the member records.
+    cluster: ClusterHooks,
+    /// The members as of the applied index.
+    members: Vec<Member>,
+}
+
+/// What apply tells the rest of the member about membership and snapshots.
+pub struct ClusterHooks {
+    /// Publishes the member records after each change.
+    pub members: watch::Sender<Vec<Member>>,
+    /// Hands an applied conf change back to raft (raft's conf state follows apply, as in
+    /// etcd). Must not be lost: raft's configuration depends on it.
+    pub on_conf_change: Box<dyn Fn(ConfChange) + Send>,
+    /// Hands a state image at an applied index to raft, to serve as a raft snapshot.
+    pub on_snapshot: Box<dyn Fn(u64, Vec<u8>) + Send>,
 }
 
 impl Applier {
@@ -138,16 +195,37 @@ impl Applier {
         applied: watch::Sender<u64>,
         snapshot_count: u64,
         on_durable: Box<dyn Fn(u64) + Send>,
+        cluster: ClusterHooks,
     ) -> Self {
         let checkpointed = *applied.borrow();
-        Self { kv, leases, engine, wait, applied, snapshot_count, checkpointed, on_durable }
+        let members = cluster.members.borrow().clone();
+        Self {
+            kv,
+            leases,
+            engine,
+            wait,
+            applied,
+            snapshot_count,
+            checkpointed,
+            on_durable,
+            cluster,
+            members,
+        }
     }
 
     /// Applies everything raft hands over until the channel closes, then checkpoints.
     ///
     /// Runs on its own thread: it blocks on storage.
     pub fn run(mut self, mut rx: mpsc::Receiver<ToApply>) {
-        while let Some(task) = rx.blocking_recv() {
+        let mut next = None;
+        loop {
+            let task = match next.take() {
+                Some(task) => task,
+                None => match rx.blocking_recv() {
+                    Some(task) => task,
+                    None => break,
+                },
+            };
             match task {
                 ToApply::Entries(entries) => {
                     // Merge what is already queued into one storage batch.
@@ -155,23 +233,17 @@ impl Applier {
                     while entries.len() < 4096 {
                         match rx.try_recv() {
                             Ok(ToApply::Entries(more)) => entries.extend(more),
-                            Ok(ToApply::Snapshot(_)) => {
-                                tracing::error!(
-                                    "leader snapshots need a multi-member cluster; stopping apply"
-                                );
-                                return;
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
                             }
                             Err(_) => break,
                         }
                     }
                     self.apply_entries(entries);
                 }
-                ToApply::Snapshot(_) => {
-                    // A single-member cluster never receives one: its log is never behind a
-                    // leader. Installing leader snapshots arrives with multi-member clusters.
-                    tracing::error!("leader snapshots need a multi-member cluster; stopping apply");
-                    return;
-                }
+                ToApply::Snapshot(snapshot) => self.install_snapshot(&snapshot),
+                ToApply::MakeSnapshot => self.make_snapshot(),
             }
             let applied = *self.applied.borrow();
             if applied.saturating_sub(self.checkpointed) >= self.snapshot_count {
@@ -184,10 +256,65 @@ impl Applier {
         }
     }
 
+    /// Exports the state machine at the applied index for raft to send to a member that
+    /// fell behind the compacted log. Runs between write groups, so the image is consistent
+    /// with the applied index recorded inside it.
+    fn make_snapshot(&mut self) {
+        let index = *self.applied.borrow();
+        match self.engine.export() {
+            Ok(image) => (self.cluster.on_snapshot)(index, image),
+            Err(e) => tracing::warn!(error = %e, "cannot export the state for a raft snapshot"),
+        }
+    }
+
+    /// Replaces the state machine with a leader's snapshot, then reloads every in-memory
+    /// view of it (key index, leases, members) and makes it durable at once: the raft log
+    /// now starts after the snapshot, so nothing could rebuild the state after a crash.
+    fn install_snapshot(&mut self, snapshot: &crate::raft::Snapshot) {
+        let index = snapshot.get_metadata().index;
+        if index <= *self.applied.borrow() {
+            return;
+        }
+        let installed = self
+            .engine
+            .import(snapshot.get_data())
+            .map_err(mvcc::Error::from)
+            .and_then(|()| self.kv.reload())
+            .and_then(|()| {
+                self.leases
+                    .reload(self.engine.as_ref())
+                    .map_err(|e| mvcc::Error::Corrupt(e.to_string()))
+            })
+            .and_then(|()| attach_leased_keys(&self.kv, &self.leases))
+            .and_then(|()| members::load(self.engine.as_ref()));
+        match installed {
+            Ok(members) => {
+                self.members = members.clone();
+                self.cluster.members.send_replace(members);
+                self.applied.send_replace(index);
+                self.checkpoint(index);
+                tracing::info!(
+                    index,
+                    revision = self.kv.current_revision(),
+                    "installed leader snapshot"
+                );
+            }
+            Err(e) => {
+                // A half-installed state machine cannot serve; restart recovers from the
+                // leader again.
+                tracing::error!(error = %e, index, "cannot install the leader's snapshot");
+                std::process::abort();
+            }
+        }
+    }
+
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         let prev = *self.applied.borrow();
         let mut group = Group::default();
-        let mut txn = self.kv.write();
+        // A clone, so the open write group does not borrow `self` while entries update the
+        // member records.
+        let kv = self.kv.clone();
+        let mut txn = kv.write();
         for entry in entries {
             // raft may resend entries the state machine already holds after a restart.
             if entry.index <= prev {
@@ -199,12 +326,26 @@ impl Applier {
                 }
                 EntryType::EntryNormal => {
                     match cairn_proto::internal::InternalRequest::decode(entry.data.as_ref()) {
+                        Ok(cairn_proto::internal::InternalRequest {
+                            id,
+                            op: Some(Op::MemberPublish(m)),
+                        }) => {
+                            let res = self.publish_member(txn.batch_mut(), m.into());
+                            group.results.push((id, res));
+                        }
+                        Ok(cairn_proto::internal::InternalRequest {
+                            id,
+                            op: Some(Op::MemberUpdate(u)),
+                        }) => {
+                            let res = self.update_member(txn.batch_mut(), u.id, u.peer_ur_ls);
+                            group.results.push((id, res));
+                        }
                         Ok(req) => {
                             if matches!(req.op, Some(Op::LeaseRevoke(_))) && group.last > 0 {
                                 // A revoke deletes the keys attached to its lease, and keys
                                 // attach when their puts commit: commit what came before.
                                 self.commit(txn, std::mem::take(&mut group));
-                                txn = self.kv.write();
+                                txn = kv.write();
                             }
                             let res = dispatch::apply(&mut txn, &self.leases, req.op);
                             group.results.push((req.id, res));
@@ -214,10 +355,23 @@ impl Applier {
                         }
                     }
                 }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                EntryType::EntryConfChange => {
+                    group.last = entry.index;
+                    let applied = self.apply_conf_change(txn.batch_mut(), &entry, &mut group);
+                    // The change must be durable in the state machine before raft's conf
+                    // state follows it, and the next entries see the new members.
+                    self.commit(txn, std::mem::take(&mut group));
+                    txn = kv.write();
+                    if let Some(cc) = applied {
+                        self.cluster.members.send_replace(self.members.clone());
+                        (self.cluster.on_conf_change)(cc);
+                    }
+                    continue;
+                }
+                EntryType::EntryConfChangeV2 => {
                     tracing::warn!(
                         index = entry.index,
-                        "membership changes need a multi-member cluster; entry skipped"
+                        "joint conf changes are not used; entry skipped"
                     );
                 }
             }
@@ -226,6 +380,87 @@ impl Applier {
         if group.last > 0 {
             self.commit(txn, group);
         }
+    }
+
+    /// Applies a conf-change entry to the member records; returns the change raft must
+    /// apply, or `None` when it was refused (raft's configuration then stays as it is).
+    fn apply_conf_change(
+        &mut self,
+        batch: &mut crate::storage::Batch,
+        entry: &Entry,
+        group: &mut Group,
+    ) -> Option<ConfChange> {
+        use protobuf::Message as _;
+        let cc = match ConfChange::parse_from_bytes(&entry.data) {
+            Ok(cc) => cc,
+            Err(e) => {
+                tracing::error!(index = entry.index, error = %e, "skipping undecodable conf change");
+                return None;
+            }
+        };
+        let ctx =
+            cairn_proto::internal::ConfChangeContext::decode(cc.get_context()).unwrap_or_default();
+        let id = cc.node_id;
+        let existing = self.members.iter().position(|m| m.id == id);
+        let refuse = |reason| Err(Error::Membership { id, reason });
+        let res = match (cc.get_change_type(), existing) {
+            (ConfChangeType::AddNode | ConfChangeType::AddLearnerNode, None) => {
+                let mut m: Member = ctx.member.unwrap_or_default().into();
+                m.id = id;
+                m.is_learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                members::put(batch, &m);
+                self.members.push(m);
+                Ok(())
+            }
+            (ConfChangeType::AddNode, Some(i)) => match self.members.get_mut(i) {
+                // Promotion of a learner.
+                Some(m) if m.is_learner => {
+                    m.is_learner = false;
+                    members::put(batch, m);
+                    Ok(())
+                }
+                _ => refuse("member ID already exist"),
+            },
+            (ConfChangeType::AddLearnerNode, Some(_)) => refuse("member ID already exist"),
+            (ConfChangeType::RemoveNode, Some(i)) => {
+                self.members.remove(i);
+                members::delete(batch, id);
+                Ok(())
+            }
+            (ConfChangeType::RemoveNode, None) => refuse("member not found"),
+        };
+        self.members.sort_by_key(|m| m.id);
+        let ok = res.is_ok();
+        group.results.push((ctx.id, res.map(|()| Response::Members(self.members.clone()))));
+        ok.then_some(cc)
+    }
+
+    /// Records a member's name and client URLs (etcd's publish after start).
+    fn publish_member(&mut self, batch: &mut crate::storage::Batch, m: Member) -> ApplyResult {
+        let Some(rec) = self.members.iter_mut().find(|r| r.id == m.id) else {
+            return Err(Error::Membership { id: m.id, reason: "member not found" });
+        };
+        rec.name = m.name;
+        rec.client_urls = m.client_urls;
+        members::put(batch, rec);
+        self.cluster.members.send_replace(self.members.clone());
+        Ok(Response::Members(self.members.clone()))
+    }
+
+    /// Replaces a member's peer URLs (etcd's MemberUpdate; the learner flag is kept).
+    fn update_member(
+        &mut self,
+        batch: &mut crate::storage::Batch,
+        id: u64,
+        peer_urls: Vec<String>,
+    ) -> ApplyResult {
+        let Some(rec) = self.members.iter_mut().find(|r| r.id == id) else {
+            return Err(Error::Membership { id, reason: "member not found" });
+        };
+        rec.peer_urls = peer_urls;
+        members::put(batch, rec);
+        self.cluster.members.send_replace(self.members.clone());
+        Ok(Response::Members(self.members.clone()))
     }
 
     /// Writes one group's effects with its applied index atomically, then publishes them:
@@ -264,5 +499,108 @@ impl Applier {
             }
             Err(e) => tracing::warn!(error = %e, "state machine checkpoint failed; raft log kept"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use protobuf::Message as _;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::storage::MemEngine;
+
+    /// An applier over a fresh in-memory state machine, recording the conf changes it hands
+    /// back to raft.
+    fn applier(members: Vec<Member>) -> (Applier, Arc<Mutex<Vec<ConfChange>>>, Arc<dyn Engine>) {
+        let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+        let kv = KvStore::open(engine.clone()).unwrap();
+        let leases = Lessor::open(engine.as_ref(), 1).unwrap();
+        let handed = Arc::new(Mutex::new(Vec::new()));
+        let seen = handed.clone();
+        let hooks = ClusterHooks {
+            members: watch::channel(members).0,
+            on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
+            on_snapshot: Box::new(|_, _| {}),
+        };
+        let a = Applier::new(
+            kv,
+            leases,
+            engine.clone(),
+            Arc::new(Wait::new()),
+            watch::channel(0).0,
+            1000,
+            Box::new(|_| {}),
+            hooks,
+        );
+        (a, handed, engine)
+    }
+
+    fn conf_change(index: u64, kind: ConfChangeType, id: u64) -> Entry {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id;
+        let ctx = cairn_proto::internal::ConfChangeContext {
+            id: 0,
+            member: Some(cairn_proto::etcdserverpb::Member {
+                id,
+                peer_ur_ls: vec![format!("http://m{id}:2380")],
+                ..Default::default()
+            }),
+        };
+        cc.set_context(ctx.encode_to_vec().into());
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.index = index;
+        e.term = 1;
+        e.data = cc.write_to_bytes().unwrap().into();
+        e
+    }
+
+    #[test]
+    fn conf_changes_update_member_records_and_reach_raft_in_order() {
+        let founder =
+            Member { id: 1, peer_urls: vec!["http://m1:2380".into()], ..Default::default() };
+        let (mut a, handed, engine) = applier(vec![founder.clone()]);
+        a.apply_entries(vec![
+            conf_change(2, ConfChangeType::AddLearnerNode, 7),
+            conf_change(3, ConfChangeType::AddNode, 7),
+            conf_change(4, ConfChangeType::AddLearnerNode, 7),
+            conf_change(5, ConfChangeType::RemoveNode, 1),
+        ]);
+        let kinds: Vec<_> = handed.lock().unwrap().iter().map(|cc| cc.get_change_type()).collect();
+        // The second learner add of an existing member is refused and never reaches raft.
+        assert_eq!(
+            kinds,
+            vec![
+                ConfChangeType::AddLearnerNode,
+                ConfChangeType::AddNode,
+                ConfChangeType::RemoveNode
+            ]
+        );
+        let stored = members::load(engine.as_ref()).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].id, 7);
+        assert!(!stored[0].is_learner, "the learner was promoted");
+        assert_eq!(applied_index(engine.as_ref()).unwrap(), 5);
+        assert_eq!(*a.cluster.members.borrow(), stored);
+    }
+
+    #[test]
+    fn a_snapshot_image_replaces_the_state_machine_and_its_members() {
+        let (mut source, _, _) = applier(vec![]);
+        source.apply_entries(vec![conf_change(2, ConfChangeType::AddNode, 9)]);
+        let image = source.engine.export().unwrap();
+
+        let (mut target, _, engine) = applier(vec![]);
+        let mut snap = crate::raft::Snapshot::default();
+        snap.set_data(image.into());
+        snap.mut_metadata().index = 2;
+        target.install_snapshot(&snap);
+        assert_eq!(*target.applied.borrow(), 2);
+        assert_eq!(members::load(engine.as_ref()).unwrap().len(), 1);
+        assert_eq!(target.cluster.members.borrow().first().map(|m| m.id), Some(9));
     }
 }

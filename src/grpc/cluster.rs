@@ -1,12 +1,19 @@
-//! etcd's `Cluster` service. `MemberList` is served from the member records; membership
-//! changes answer `Unimplemented` until multi-member clusters exist.
+//! etcd's `Cluster` service: member list and membership changes, each a raft conf change
+//! (or, for `MemberUpdate`, a replicated request) applied to the member records. A follower
+//! hands adds, removes and promotions to the leader, which alone sees which members are
+//! active and how far a learner is.
 
 use std::sync::Arc;
 
-use cairn_proto::etcdserverpb::{self as pb, cluster_server::Cluster};
+use std::time::Duration;
+
+use cairn_proto::etcdserverpb::{
+    self as pb, cluster_client::ClusterClient, cluster_server::Cluster,
+};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{convert, status};
 use crate::server::{Member, Server};
 
 /// The Cluster service over one server.
@@ -20,45 +27,91 @@ impl ClusterService {
     pub fn new(server: Arc<Server>) -> Self {
         Self { server }
     }
-}
 
-fn member(m: &Member) -> pb::Member {
-    pb::Member {
-        id: m.id,
-        name: m.name.clone(),
-        peer_ur_ls: m.peer_urls.clone(),
-        client_ur_ls: m.client_urls.clone(),
-        is_learner: m.is_learner,
+    /// A client of the leader's Cluster service when this member is a follower that knows
+    /// the leader; `None` on the leader. Membership changes run on the leader: only it knows
+    /// which members are active (the strict reconfiguration check) and how far a learner is.
+    async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
+        let status = self.server.raft_status();
+        if status.is_leader() || status.leader == 0 {
+            return Ok(None);
+        }
+        let no_leader = || status::from_server(crate::server::Error::NoLeader);
+        let url = self
+            .server
+            .members()
+            .into_iter()
+            .find(|m| m.id == status.leader)
+            .and_then(|m| m.client_urls.into_iter().next())
+            .ok_or_else(no_leader)?;
+        let channel = Endpoint::from_shared(url)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(15))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|_| no_leader())?;
+        Ok(Some(ClusterClient::new(channel)))
+    }
+
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        convert::header(self.server.header(), self.server.kv().current_revision())
     }
 }
 
-fn unimplemented(method: &str) -> Status {
-    Status::unimplemented(format!(
-        "etcdserverpb.Cluster/{method} needs multi-member support, not in Cairn yet"
-    ))
+fn members(list: &[Member]) -> Vec<pb::Member> {
+    list.iter().map(pb::Member::from).collect()
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _: Request<pb::MemberAddRequest>,
+        request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(unimplemented("MemberAdd"))
+        let r = request.into_inner();
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.member_add(r).await;
+        }
+        let (member, after) = self
+            .server
+            .member_add(r.peer_ur_ls, r.is_learner)
+            .await
+            .map_err(status::from_server)?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: self.header(),
+            member: Some(pb::Member::from(&member)),
+            members: members(&after),
+        }))
     }
 
     async fn member_remove(
         &self,
-        _: Request<pb::MemberRemoveRequest>,
+        request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(unimplemented("MemberRemove"))
+        let id = request.into_inner().id;
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.member_remove(pb::MemberRemoveRequest { id }).await;
+        }
+        let after = self.server.member_remove(id).await.map_err(status::from_server)?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: self.header(),
+            members: members(&after),
+        }))
     }
 
     async fn member_update(
         &self,
-        _: Request<pb::MemberUpdateRequest>,
+        request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(unimplemented("MemberUpdate"))
+        let r = request.into_inner();
+        let after =
+            self.server.member_update(r.id, r.peer_ur_ls).await.map_err(status::from_server)?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: self.header(),
+            members: members(&after),
+        }))
     }
 
     async fn member_list(
@@ -66,18 +119,31 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         if request.get_ref().linearizable {
-            self.server.linearizable_barrier().await.map_err(super::status::from_server)?;
+            self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         Ok(Response::new(pb::MemberListResponse {
-            header: convert::header(self.server.header(), self.server.kv().current_revision()),
-            members: self.server.members().iter().map(member).collect(),
+            header: self.header(),
+            members: members(&self.server.members()),
         }))
     }
 
     async fn member_promote(
         &self,
-        _: Request<pb::MemberPromoteRequest>,
+        request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(unimplemented("MemberPromote"))
+        let id = request.into_inner().id;
+        match self.server.member_promote(id).await {
+            Ok(after) => Ok(Response::new(pb::MemberPromoteResponse {
+                header: self.header(),
+                members: members(&after),
+            })),
+            // Only the leader knows whether the learner caught up: ask it (etcd forwards
+            // promotions to the leader too).
+            Err(crate::server::Error::NotLeader { .. }) => match self.leader_client().await? {
+                Some(mut leader) => leader.member_promote(pb::MemberPromoteRequest { id }).await,
+                None => Err(status::from_server(crate::server::Error::NoLeader)),
+            },
+            Err(e) => Err(status::from_server(e)),
+        }
     }
 }

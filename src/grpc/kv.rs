@@ -26,6 +26,9 @@ impl KvService {
     }
 
     async fn propose(&self, op: Op) -> Result<Applied, Status> {
+        if self.server.is_learner() {
+            return Err(status::from_server(crate::server::Error::Learner));
+        }
         self.server.propose(op).await.map_err(status::from_server)
     }
 }
@@ -102,10 +105,15 @@ impl Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range_stream(&r)?;
         let mut req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
         if !r.serializable {
+            // A learner serves serializable reads only, as etcd's.
+            if self.server.is_learner() {
+                return Err(status::from_server(crate::server::Error::Learner));
+            }
             self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         // Pin every page to one revision so the chunks form one consistent view.
@@ -127,10 +135,15 @@ impl Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range(&r)?;
         let req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
         if !r.serializable {
+            // A learner serves serializable reads only, as etcd's.
+            if self.server.is_learner() {
+                return Err(status::from_server(crate::server::Error::Learner));
+            }
             self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         let res = self.server.range(&req).map_err(status::from_server)?;
@@ -141,6 +154,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_put(&r)?;
         match self.propose(Op::Put(r)).await? {
@@ -153,6 +167,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_delete(&r)?;
         match self.propose(Op::DeleteRange(r)).await? {
@@ -167,6 +182,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         let max_ops = usize::try_from(self.server.config().raw.max_txn_ops).unwrap_or(usize::MAX);
         validate::check_txn(&r, max_ops)?;
@@ -183,6 +199,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         match self.propose(Op::Compaction(r)).await? {
             Applied::Compact => Ok(Response::new(pb::CompactionResponse {

@@ -15,12 +15,21 @@ use crate::server::Server;
 #[derive(Debug, Clone)]
 pub struct LeaseService {
     server: Arc<Server>,
+    forward: super::peer::LeaderForward,
 }
 
 impl LeaseService {
     /// Creates the service.
     pub fn new(server: Arc<Server>) -> Self {
-        Self { server }
+        Self { forward: super::peer::LeaderForward::new(server.clone()), server }
+    }
+
+    /// Learners serve no lease RPCs (etcd: "rpc not supported for learner").
+    fn refuse_learner(&self) -> Result<(), Status> {
+        if self.server.is_learner() {
+            return Err(status::from_server(crate::server::Error::Learner));
+        }
+        Ok(())
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -37,6 +46,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
+        self.refuse_learner()?;
         let r = request.into_inner();
         let (id, ttl) = self.server.lease_grant(r.id, r.ttl).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseGrantResponse {
@@ -51,6 +62,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
+        self.refuse_learner()?;
         self.server.lease_revoke(request.into_inner().id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseRevokeResponse { header: self.header() }))
     }
@@ -64,18 +77,25 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let svc = self.clone();
         tokio::spawn(async move {
             while let Some(req) = inbound.next().await {
                 let Ok(req) = req else { break };
-                let resp = match svc.server.lease_renew(req.id).await {
-                    Ok(ttl) => {
-                        Ok(pb::LeaseKeepAliveResponse { header: svc.header(), id: req.id, ttl })
-                    }
-                    Err(e) => Err(status::from_server(e)),
+                let renewed = match svc.server.lease_renew(req.id).await {
+                    // Only the leader keeps lease clocks: a follower forwards the renewal.
+                    Err(
+                        crate::server::Error::NoLeader | crate::server::Error::NotLeader { .. },
+                    ) if svc.server.raft_status().leader != 0 => svc.forward.renew(req.id).await,
+                    other => other.map_err(status::from_server),
                 };
+                let resp = renewed.map(|ttl| pb::LeaseKeepAliveResponse {
+                    header: svc.header(),
+                    id: req.id,
+                    ttl,
+                });
                 let failed = resp.is_err();
                 if tx.send(resp).await.is_err() || failed {
                     break;
@@ -94,24 +114,16 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
-        let resp = match self.server.lease_time_to_live(r.id) {
-            Some(t) => pb::LeaseTimeToLiveResponse {
-                header: self.header(),
-                id: r.id,
-                ttl: t.remaining,
-                granted_ttl: t.granted,
-                keys: if r.keys { t.keys } else { Vec::new() },
-            },
-            // etcd answers an unknown lease with TTL -1, not an error.
-            None => pb::LeaseTimeToLiveResponse {
-                header: self.header(),
-                id: r.id,
-                ttl: -1,
-                ..Default::default()
-            },
-        };
-        Ok(Response::new(resp))
+        let status = self.server.raft_status();
+        if !status.is_leader() && status.leader != 0 {
+            // The leader's clock is the one that counts down.
+            let mut resp = self.forward.time_to_live(r).await?;
+            resp.header = self.header();
+            return Ok(Response::new(resp));
+        }
+        Ok(Response::new(time_to_live(&self.server, self.header(), &r)))
     }
 
     async fn lease_leases(
@@ -120,5 +132,24 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let leases = self.server.lease_ids().into_iter().map(|id| pb::LeaseStatus { id }).collect();
         Ok(Response::new(pb::LeaseLeasesResponse { header: self.header(), leases }))
+    }
+}
+
+/// Answers a TimeToLive from this member's lessor.
+pub(super) fn time_to_live(
+    server: &Server,
+    header: Option<pb::ResponseHeader>,
+    r: &pb::LeaseTimeToLiveRequest,
+) -> pb::LeaseTimeToLiveResponse {
+    match server.lease_time_to_live(r.id) {
+        Some(t) => pb::LeaseTimeToLiveResponse {
+            header,
+            id: r.id,
+            ttl: t.remaining,
+            granted_ttl: t.granted,
+            keys: if r.keys { t.keys } else { Vec::new() },
+        },
+        // etcd answers an unknown lease with TTL -1, not an error.
+        None => pb::LeaseTimeToLiveResponse { header, id: r.id, ttl: -1, ..Default::default() },
     }
 }

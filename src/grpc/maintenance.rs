@@ -1,5 +1,5 @@
-//! etcd's `Maintenance` service. `Status` is served; the rest answer `Unimplemented` until
-//! the features behind them exist (hashes with clusters, snapshots with backup/restore).
+//! etcd's `Maintenance` service: `Status`, `Alarm` (list), `HashKV` and `MoveLeader` are
+//! served; the rest answer `Unimplemented` until the features behind them exist.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -64,7 +64,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: s.applied,
             errors: Vec::new(),
             db_size_in_use: db_size,
-            is_learner: false,
+            is_learner: self.server.is_learner(),
             storage_version: STORAGE_VERSION.to_owned(),
             db_size_quota: i64::try_from(s.quota).unwrap_or(i64::MAX),
             downgrade_info: None,
@@ -87,9 +87,19 @@ impl Maintenance for MaintenanceService {
 
     async fn hash_kv(
         &self,
-        _: Request<pb::HashKvRequest>,
+        request: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(unimplemented("HashKV"))
+        let (hash, compact_revision, hash_revision) = self
+            .server
+            .kv()
+            .hash_kv(request.get_ref().revision)
+            .map_err(super::status::from_mvcc)?;
+        Ok(Response::new(pb::HashKvResponse {
+            header: convert::header(self.server.header(), self.server.kv().current_revision()),
+            hash,
+            compact_revision,
+            hash_revision,
+        }))
     }
 
     type SnapshotStream =
@@ -104,9 +114,15 @@ impl Maintenance for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _: Request<pb::MoveLeaderRequest>,
+        request: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(unimplemented("MoveLeader"))
+        self.server
+            .move_leader(request.get_ref().target_id)
+            .await
+            .map_err(super::status::from_server)?;
+        Ok(Response::new(pb::MoveLeaderResponse {
+            header: convert::header(self.server.header(), self.server.kv().current_revision()),
+        }))
     }
 
     async fn downgrade(

@@ -8,9 +8,11 @@
 mod cluster;
 pub mod convert;
 mod kv;
+mod leader;
 mod lease;
 mod maintenance;
 mod metered;
+pub mod peer;
 pub mod status;
 pub mod validate;
 
@@ -136,6 +138,28 @@ pub async fn serve(
         .add_service(metered(
             ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),
         ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves the peer service on `listeners` until `shutdown` resolves.
+///
+/// # Errors
+/// [`Error::Serve`] when the transport fails.
+pub async fn serve_peers(
+    server: Arc<Server>,
+    listeners: Vec<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let incoming = futures::stream::select_all(
+        listeners.into_iter().map(|l| TcpIncoming::from(l).with_nodelay(Some(true)).boxed()),
+    );
+    tonic::transport::Server::builder()
+        // Peers ping every second; a dead connection is dropped within a few.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
+        .add_service(peer::PeerService::new(server).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

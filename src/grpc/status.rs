@@ -3,6 +3,7 @@
 
 use tonic::{Code, Status};
 
+use crate::server::membership::MemberError;
 use crate::{apply, lease, mvcc, server};
 
 /// etcd's error strings, as clients compare them.
@@ -41,6 +42,17 @@ pub mod msg {
     pub const STOPPED: &str = "etcdserver: server stopped";
     /// Timed out.
     pub const TIMEOUT: &str = "etcdserver: request timed out";
+    /// Not the leader.
+    pub const NOT_LEADER: &str = "etcdserver: not leader";
+    /// A learner refuses the RPC.
+    pub const LEARNER: &str = "etcdserver: rpc not supported for learner";
+    /// Peer traffic from another cluster.
+    pub const CLUSTER_ID_MISMATCH: &str = "etcdserver: cluster ID mismatch";
+    /// Peer traffic from a member removed from the cluster.
+    pub const MEMBER_REMOVED: &str =
+        "etcdserver: the member has been permanently removed from the cluster";
+    /// MoveLeader to a member that cannot lead.
+    pub const BAD_LEADER_TRANSFEREE: &str = "etcdserver: bad leader transferee";
 }
 
 /// Maps a server error to etcd's status.
@@ -56,10 +68,35 @@ pub fn from_server(e: server::Error) -> Status {
         server::Error::Apply(apply::Error::Mvcc(e)) | server::Error::Mvcc(e) => from_mvcc(e),
         server::Error::Apply(apply::Error::Convert(e)) => from_convert(&e),
         server::Error::Apply(apply::Error::Lease(e)) => from_lease(&e),
+        server::Error::NotLeader { .. } => Status::new(Code::FailedPrecondition, msg::NOT_LEADER),
+        server::Error::Learner => Status::new(Code::FailedPrecondition, msg::LEARNER),
+        server::Error::BadLeaderTransferee => {
+            Status::new(Code::FailedPrecondition, msg::BAD_LEADER_TRANSFEREE)
+        }
+        server::Error::Member(e) => from_member(e),
+        server::Error::Apply(apply::Error::Membership { reason, .. }) => {
+            Status::new(Code::FailedPrecondition, format!("etcdserver: {reason}"))
+        }
         e @ (server::Error::Apply(apply::Error::Decode { .. }) | server::Error::Startup(_)) => {
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
     }
+}
+
+/// Maps a membership error to etcd's status (code as v3rpc's toGRPCErrorMap).
+pub fn from_member(e: MemberError) -> Status {
+    let code = match e {
+        MemberError::NotFound => Code::NotFound,
+        MemberError::BadUrls => Code::InvalidArgument,
+        MemberError::IdExists
+        | MemberError::PeerUrlExists
+        | MemberError::TooManyLearners
+        | MemberError::NotLearner
+        | MemberError::LearnerNotReady
+        | MemberError::NotEnoughStarted
+        | MemberError::ClusterIdMismatch => Code::FailedPrecondition,
+    };
+    Status::new(code, format!("etcdserver: {e}"))
 }
 
 /// Maps an mvcc error to etcd's status.

@@ -147,6 +147,28 @@ impl Lessor {
         })
     }
 
+    /// Replaces every lease with those persisted in `engine` (after a snapshot from the
+    /// leader replaced the state machine). Old leases count as gone and the loaded ones as
+    /// fresh, so the leader clock forgets and relearns them. Attached keys are added
+    /// afterwards with [`Lessor::attach`].
+    ///
+    /// # Errors
+    /// As [`Lessor::open`]; the lessor is unchanged on error.
+    pub fn reload(&self, engine: &dyn Engine) -> Result<(), Error> {
+        let loaded = Lessor::open(engine, self.min_ttl)?;
+        let new_state = std::mem::replace(
+            &mut *loaded.lock(),
+            State { leases: HashMap::new(), fresh: Vec::new(), gone: Vec::new() },
+        );
+        let mut st = self.lock();
+        let mut gone: Vec<LeaseId> = st.leases.keys().copied().collect();
+        gone.append(&mut st.gone);
+        st.leases = new_state.leases;
+        st.fresh = new_state.fresh;
+        st.gone = gone;
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means a panic mid-update elsewhere; the data is still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

@@ -164,29 +164,7 @@ impl KvStore {
     /// [`Error::Storage`] when the engine fails; [`Error::Corrupt`] when a stored record or
     /// meta value does not decode.
     pub fn open(engine: Arc<dyn Engine>) -> Result<KvStore> {
-        let compact_rev = read_meta(engine.as_ref(), META_COMPACT_REVISION)?.unwrap_or(0);
-        let mut current_rev = read_meta(engine.as_ref(), META_CURRENT_REVISION)?.unwrap_or(1);
-        let mut index = Index::default();
-        let mut failure = None;
-        engine.scan(
-            Keyspace::Kv,
-            b"",
-            None,
-            &mut |key, value| match replay(&mut index, key, value) {
-                Ok(rev) => {
-                    current_rev = current_rev.max(rev.main);
-                    Scan::Continue
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    Scan::Stop
-                }
-            },
-        )?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let state = State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev };
+        let state = load_state(engine.as_ref())?;
         Ok(KvStore {
             inner: Arc::new(Inner {
                 engine,
@@ -195,6 +173,24 @@ impl KvStore {
                 writer_free: Condvar::new(),
             }),
         })
+    }
+
+    /// Rebuilds the key index and revisions from the engine, after its whole content was
+    /// replaced (a snapshot from the leader). Waits for, and blocks, writers meanwhile.
+    ///
+    /// # Errors
+    /// As [`KvStore::open`]; the store is unchanged on error.
+    pub fn reload(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut busy = inner.writer_busy.lock().unwrap_or_else(PoisonError::into_inner);
+        while *busy {
+            busy = inner.writer_free.wait(busy).unwrap_or_else(PoisonError::into_inner);
+        }
+        let loaded = load_state(inner.engine.as_ref());
+        let state = loaded?;
+        *inner.write_state() = state;
+        drop(busy);
+        Ok(())
     }
 
     /// Reads committed state as of `req.revision` (`<= 0` for the newest); never sees a
@@ -227,12 +223,68 @@ impl KvStore {
         self.inner.read_state().compact_rev
     }
 
+    /// Hashes every stored revision up to `revision` (`<= 0` for the newest), as etcd's
+    /// `HashKV` does, so members can be compared. Returns `(hash, compact revision, hashed
+    /// revision)`.
+    ///
+    /// The hash is a CRC32 (IEEE) over each record's storage key and value in revision order; two
+    /// members that applied the same log hash equally.
+    ///
+    /// # Errors
+    /// [`Error::FutureRevision`] above the current revision, [`Error::Compacted`] below the
+    /// compaction revision, and storage errors.
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
+        let st = self.inner.read_state();
+        let rev = if revision <= 0 { st.current_rev } else { revision };
+        if rev > st.current_rev {
+            return Err(Error::FutureRevision);
+        }
+        if rev < st.compact_rev {
+            return Err(Error::Compacted);
+        }
+        let end = Revision::new(rev.saturating_add(1), 0).to_key(false);
+        let mut hasher = crc32fast::Hasher::new();
+        self.inner.engine.scan(Keyspace::Kv, b"", Some(&end), &mut |k, v| {
+            hasher.update(k);
+            hasher.update(v);
+            Scan::Continue
+        })?;
+        Ok((hasher.finalize(), st.compact_rev, rev))
+    }
+
     /// Starts a write group, waiting while another [`WriteTxn`] is open.
     ///
     /// Calling this again on the same thread while holding a `WriteTxn` deadlocks.
     pub fn write(&self) -> WriteTxn<'_> {
         WriteTxn::begin(&self.inner)
     }
+}
+
+/// Loads the key index and revisions kept in `engine`.
+fn load_state(engine: &dyn Engine) -> Result<State> {
+    let compact_rev = read_meta(engine, META_COMPACT_REVISION)?.unwrap_or(0);
+    let mut current_rev = read_meta(engine, META_CURRENT_REVISION)?.unwrap_or(1);
+    let mut index = Index::default();
+    let mut failure = None;
+    engine.scan(
+        Keyspace::Kv,
+        b"",
+        None,
+        &mut |key, value| match replay(&mut index, key, value) {
+            Ok(rev) => {
+                current_rev = current_rev.max(rev.main);
+                Scan::Continue
+            }
+            Err(e) => {
+                failure = Some(e);
+                Scan::Stop
+            }
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev })
 }
 
 /// Reads an 8-byte big-endian meta record.

@@ -578,6 +578,12 @@ mod tests {
         fn size_on_disk(&self) -> crate::storage::Result<u64> {
             Ok(0)
         }
+        fn export(&self) -> crate::storage::Result<Vec<u8>> {
+            self.mem.export()
+        }
+        fn import(&self, image: &[u8]) -> crate::storage::Result<()> {
+            self.mem.import(image)
+        }
     }
 
     #[test]

@@ -271,6 +271,9 @@ struct Shared {
     /// mutations are serialised while readers only wait for the brief memory update, never
     /// for an `fdatasync`.
     wal: Mutex<Wal>,
+    /// Set when raft asked for a snapshot newer than the recorded one; the raft task then
+    /// asks apply to export the state machine.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
 }
 
 /// Cairn's durable raft log: raft-rs [`raft::Storage`] over our own segment WAL.
@@ -307,7 +310,11 @@ impl LogStore {
         let mut state = State::default();
         let wal = Wal::open(dir, segment_size, |record| state.replay(record))?;
         Ok(LogStore {
-            shared: Arc::new(Shared { state: RwLock::new(state), wal: Mutex::new(wal) }),
+            shared: Arc::new(Shared {
+                state: RwLock::new(state),
+                wal: Mutex::new(wal),
+                snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
+            }),
         })
     }
 
@@ -523,6 +530,16 @@ impl LogStore {
         self.write().snapshot = Some(snapshot);
     }
 
+    /// Returns true, once, after raft asked for a snapshot that was not available.
+    pub fn take_snapshot_request(&self) -> bool {
+        self.shared.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The term of the entry at `index`, if the log still knows it.
+    pub fn term_of(&self, index: u64) -> Option<u64> {
+        self.read().term(index).ok()
+    }
+
     /// The current hard state (term, vote, commit).
     pub fn hard_state(&self) -> HardState {
         self.read().hard_state.clone()
@@ -640,11 +657,16 @@ impl raft::Storage for LogStore {
     /// `SnapshotTemporarilyUnavailable` otherwise, so raft asks again after the state machine
     /// records a newer one.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        match &self.read().snapshot {
-            Some(snapshot) if snapshot.get_metadata().index >= request_index => {
-                Ok(snapshot.clone())
+        let state = self.read();
+        // A snapshot older than the compaction point would leave the receiver missing the
+        // entries between it and the log, so it must be at least that recent.
+        let wanted = request_index.max(state.compact_index);
+        match &state.snapshot {
+            Some(snapshot) if snapshot.get_metadata().index >= wanted => Ok(snapshot.clone()),
+            _ => {
+                self.shared.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
             }
-            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
         }
     }
 }
@@ -1120,6 +1142,30 @@ mod tests {
             storage_error(store.snapshot(8, 2)),
             StorageError::SnapshotTemporarilyUnavailable
         );
+    }
+
+    #[test]
+    fn a_missing_or_stale_snapshot_is_requested_from_the_state_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.initialize(ConfState::from((vec![1], vec![]))).unwrap();
+        store.append(&entries(2..=10, 1), Some(&hard_state(1, 1, 10))).unwrap();
+        assert!(!store.take_snapshot_request());
+        let _ = store.snapshot(0, 2);
+        assert!(store.take_snapshot_request(), "a missing snapshot is requested");
+        assert!(!store.take_snapshot_request(), "the request is taken once");
+
+        store.set_snapshot(snapshot(4, 1, vec![1], b"old"));
+        store.compact(6).unwrap();
+        assert_eq!(
+            storage_error(store.snapshot(0, 2)),
+            StorageError::SnapshotTemporarilyUnavailable,
+            "a snapshot older than the compaction point would leave a gap"
+        );
+        assert!(store.take_snapshot_request());
+        store.set_snapshot(snapshot(8, 1, vec![1], b"new"));
+        assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 8);
+        assert_eq!(store.term_of(8), Some(1));
     }
 
     /// Processes every pending `Ready` of a single-voter node the way the node task will:

@@ -24,7 +24,9 @@ pub use self::log_store::LogStore;
 pub use self::logger::tracing_logger;
 pub use self::node::start;
 pub use self::transport::{NoPeers, Transport};
-pub use raft::prelude::{ConfState, Entry, EntryType, Message, Snapshot};
+pub use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
 
 /// Errors of the consensus layer.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,9 @@ pub enum ToApply {
     Entries(Vec<Entry>),
     /// A snapshot from the leader that replaces the state machine.
     Snapshot(Snapshot),
+    /// raft needs a snapshot to send to a member behind the compacted log: export the state
+    /// machine at the applied index and hand it back ([`RaftHandle::snapshot_ready`]).
+    MakeSnapshot,
 }
 
 /// Static settings of the raft node.
@@ -93,6 +98,13 @@ pub struct RaftStatus {
     pub commit: u64,
     /// The last index in the log.
     pub last_index: u64,
+    /// Per-member match index as the leader tracks it (empty on followers).
+    pub progress: Vec<(u64, u64)>,
+    /// The voters of the current configuration.
+    pub voters: Vec<u64>,
+    /// Members the leader heard from within the last election timeout, itself included
+    /// (empty on followers).
+    pub active: Vec<u64>,
 }
 
 impl RaftStatus {
@@ -114,6 +126,18 @@ pub(crate) enum Command {
     Step(Box<Message>),
     /// The state machine has durably applied up to this index; the log may be compacted.
     Compact(u64),
+    /// Propose a conf change (membership); like `Propose`, the reply only says accepted.
+    ProposeConfChange { cc: ConfChange, reply: oneshot::Sender<Result<(), Error>> },
+    /// Apply has applied this conf change to the member records; raft's conf state follows.
+    ApplyConfChange(ConfChange),
+    /// Apply exported the state machine at `index` for raft snapshots.
+    SnapshotReady { index: u64, data: Vec<u8> },
+    /// The transport could not deliver to this member.
+    Unreachable(u64),
+    /// The transport finished (or failed) sending a snapshot to this member.
+    SnapshotStatus { to: u64, ok: bool },
+    /// Hand leadership to this member.
+    TransferLeader(u64),
     /// Stop the raft task (graceful shutdown).
     Shutdown,
 }
@@ -156,6 +180,48 @@ impl RaftHandle {
     /// [`Error::Stopped`] when the raft task is gone.
     pub async fn step(&self, msg: Message) -> Result<(), Error> {
         self.tx.send(Command::Step(Box::new(msg))).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Proposes a membership change; `cc.context` carries the proposer's wait id.
+    ///
+    /// # Errors
+    /// As [`RaftHandle::propose`].
+    pub async fn propose_conf_change(&self, cc: ConfChange) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::ProposeConfChange { cc, reply }).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Tells raft that apply applied `cc`; blocks the (non-async) apply thread until queued,
+    /// because a lost conf change would leave raft's configuration behind the members.
+    pub fn applied_conf_change(&self, cc: ConfChange) {
+        if self.tx.blocking_send(Command::ApplyConfChange(cc)).is_err() {
+            tracing::warn!("raft stopped before an applied conf change reached it");
+        }
+    }
+
+    /// Hands raft a state image at `index` to serve as its snapshot; never blocks.
+    pub fn snapshot_ready(&self, index: u64, data: Vec<u8>) {
+        // A full inbox drops it; raft asks again when it still needs one.
+        let _ = self.tx.try_send(Command::SnapshotReady { index, data });
+    }
+
+    /// Reports that `to` could not be reached; never blocks.
+    pub fn report_unreachable(&self, to: u64) {
+        let _ = self.tx.try_send(Command::Unreachable(to));
+    }
+
+    /// Reports the outcome of sending a snapshot to `to`; never blocks.
+    pub fn report_snapshot(&self, to: u64, ok: bool) {
+        let _ = self.tx.try_send(Command::SnapshotStatus { to, ok });
+    }
+
+    /// Asks the leader to hand leadership to `to` (raft's leader transfer).
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] when the raft task is gone.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.tx.send(Command::TransferLeader(to)).await.map_err(|_| Error::Stopped)
     }
 
     /// Tells raft the state machine is durable up to `index`; never blocks.

@@ -37,7 +37,9 @@ pub fn start(
     transport: Arc<dyn Transport>,
     apply_tx: mpsc::Sender<ToApply>,
 ) -> Result<(RaftHandle, thread::JoinHandle<()>), Error> {
-    if log.is_empty() {
+    // A member joining an existing cluster starts with an empty log and no configuration:
+    // the leader sends it a snapshot that carries both.
+    if log.is_empty() && !cfg.initial_voters.is_empty() {
         let mut cs = ConfState::default();
         cs.set_voters(cfg.initial_voters.clone());
         log.initialize(cs)?;
@@ -83,6 +85,9 @@ pub fn start(
         term: raw.raft.term,
         commit: raw.raft.raft_log.committed,
         last_index: log.last_index(),
+        progress: Vec::new(),
+        voters: log.conf_state().voters.clone(),
+        active: Vec::new(),
     };
     let (status_tx, status_rx) = watch::channel(initial);
     let node = Node {
@@ -181,6 +186,42 @@ impl Node {
                 self.raw.read_index(ctx.clone());
                 self.pending_reads.insert(ctx, reply);
             }
+            Command::ProposeConfChange { cc, reply } => {
+                let res = self.raw.propose_conf_change(vec![], cc).map_err(|e| match e {
+                    raft::Error::ProposalDropped => Error::NoLeader,
+                    e => Error::Raft(e),
+                });
+                let _ = reply.send(res);
+            }
+            Command::ApplyConfChange(cc) => match self.raw.apply_conf_change(&cc) {
+                Ok(cs) => {
+                    if let Err(e) = self.log.set_conf_state(cs) {
+                        // The conf state is part of the raft log's durable state; losing it
+                        // could let a removed member vote. Stop like any persistence failure.
+                        tracing::error!(error = %e, "cannot persist the conf state");
+                        return true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "raft refused an applied conf change"),
+            },
+            Command::SnapshotReady { index, data } => {
+                if let Some(term) = self.log.term_of(index) {
+                    let mut snap = Snapshot::default();
+                    snap.set_data(data.into());
+                    let meta = snap.mut_metadata();
+                    meta.index = index;
+                    meta.term = term;
+                    meta.set_conf_state(self.log.conf_state());
+                    self.log.set_snapshot(snap);
+                    tracing::info!(index, term, "raft snapshot ready to send");
+                }
+            }
+            Command::Unreachable(to) => self.raw.report_unreachable(to),
+            Command::SnapshotStatus { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.raw.report_snapshot(to, status);
+            }
+            Command::TransferLeader(to) => self.raw.transfer_leader(to),
             Command::Step(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "dropping raft message");
@@ -202,6 +243,9 @@ impl Node {
     }
 
     async fn on_ready(&mut self) -> Result<(), Error> {
+        if self.log.take_snapshot_request() {
+            self.to_apply(ToApply::MakeSnapshot).await?;
+        }
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -280,6 +324,23 @@ impl Node {
             term: self.raw.raft.term,
             commit: self.raw.raft.raft_log.committed,
             last_index: self.log.last_index(),
+            progress: if self.raw.raft.state == StateRole::Leader {
+                self.raw.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect()
+            } else {
+                Vec::new()
+            },
+            voters: self.raw.raft.prs().conf().voters().ids().iter().collect(),
+            active: if self.raw.raft.state == StateRole::Leader {
+                self.raw
+                    .raft
+                    .prs()
+                    .iter()
+                    .filter(|(id, pr)| pr.recent_active || **id == self.cfg.id)
+                    .map(|(id, _)| *id)
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {

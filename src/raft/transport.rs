@@ -3,6 +3,8 @@
 
 use raft::prelude::Message;
 
+use super::RaftHandle;
+
 /// Sends raft messages to peers.
 ///
 /// Implementations must never block the raft task: they queue per peer with a bound and drop
@@ -10,6 +12,13 @@ use raft::prelude::Message;
 pub trait Transport: Send + Sync + 'static {
     /// Queues `msgs` for their destinations (`Message::to`).
     fn send(&self, msgs: Vec<Message>);
+
+    /// Tells the transport which raft node it serves (for delivery reports) and the ids that
+    /// stamp outgoing traffic. Called once, before any [`Transport::send`].
+    fn attach(&self, _raft: RaftHandle, _cluster_id: u64, _local_id: u64) {}
+
+    /// Replaces the address book: each member id with its peer URLs.
+    fn update_peers(&self, _peers: Vec<(u64, Vec<String>)>) {}
 }
 
 /// A transport for a cluster of one: there is nobody to send to.

@@ -4,19 +4,49 @@
 
 use sha1::{Digest, Sha1};
 
-/// A cluster member as clients see it.
+pub use crate::apply::Member;
+
+/// What a member joining an existing cluster learned from a running member.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    /// The member id.
-    pub id: u64,
-    /// The member's name.
-    pub name: String,
-    /// Peer URLs.
-    pub peer_urls: Vec<String>,
-    /// Client URLs.
-    pub client_urls: Vec<String>,
-    /// True for a learner (non-voting) member.
-    pub is_learner: bool,
+pub struct Join {
+    /// The cluster's id.
+    pub cluster_id: u64,
+    /// This member's id, as `MemberAdd` recorded it.
+    pub member_id: u64,
+    /// The members as the running member knows them.
+    pub members: Vec<Member>,
+}
+
+/// etcd's membership errors (server/etcdserver/api/membership/errors.go, v3rpc rpctypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MemberError {
+    /// A member with this id exists.
+    #[error("member ID already exist")]
+    IdExists,
+    /// Another member has one of these peer URLs.
+    #[error("Peer URLs already exists")]
+    PeerUrlExists,
+    /// No member has this id.
+    #[error("member not found")]
+    NotFound,
+    /// The peer URLs are not `http(s)://host:port`.
+    #[error("given member URLs are invalid")]
+    BadUrls,
+    /// `--max-learners` reached.
+    #[error("too many learner members in cluster")]
+    TooManyLearners,
+    /// Promote of a voter.
+    #[error("can only promote a learner member")]
+    NotLearner,
+    /// Promote of a learner that lags the leader.
+    #[error("can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// The change would leave too few started voters for a quorum.
+    #[error("re-configuration failed due to not enough started members")]
+    NotEnoughStarted,
+    /// A peer belongs to another cluster.
+    #[error("cluster ID mismatch")]
+    ClusterIdMismatch,
 }
 
 fn first_8_bytes_be(digest: &[u8]) -> u64 {

@@ -8,6 +8,7 @@
 mod compactor;
 mod datadir;
 mod lease;
+mod members;
 pub mod membership;
 mod propose;
 mod read;
@@ -23,11 +24,11 @@ use crate::config::Validated;
 use crate::lease::Lessor;
 use crate::lease::queue::LeaderClock;
 use crate::mvcc::{self, KvStore};
-use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus};
+use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport};
 use crate::storage::{Engine, SledEngine};
 
 pub use self::lease::TimeToLive;
-pub use self::membership::Member;
+pub use self::membership::{Join, Member};
 pub use self::propose::IdGen;
 
 /// The etcd version Cairn reports in `Status` and `/version`: the etcd API level whose
@@ -64,6 +65,21 @@ pub enum Error {
     /// Startup failed.
     #[error("startup: {0}")]
     Startup(String),
+    /// This member is not the leader; the request must go to `leader` (0 when unknown).
+    #[error("not leader")]
+    NotLeader {
+        /// The leader's id, 0 when unknown.
+        leader: u64,
+    },
+    /// A membership request was refused (etcd's member errors).
+    #[error("{0}")]
+    Member(#[from] membership::MemberError),
+    /// The leader-transfer target is not a voting member.
+    #[error("bad leader transferee")]
+    BadLeaderTransferee,
+    /// The member is a learner and does not serve this RPC.
+    #[error("rpc not supported for learner")]
+    Learner,
 }
 
 /// Static facts about this member used in response headers and status.
@@ -94,7 +110,11 @@ pub struct StatusInfo {
 pub struct Server {
     cfg: Arc<Validated>,
     header: HeaderInfo,
-    members: Vec<Member>,
+    members: watch::Receiver<Vec<Member>>,
+    /// Turns true once this member is removed from the cluster.
+    removed: watch::Sender<bool>,
+    /// Members seen removed while this process ran.
+    removed_ids: Mutex<std::collections::HashSet<u64>>,
     raft: RaftHandle,
     kv: KvStore,
     leases: Lessor,
@@ -122,25 +142,51 @@ impl Server {
     /// # Errors
     /// [`Error::Startup`] when the data dir is foreign, storage cannot be opened or the
     /// configuration asks for what this build cannot do.
-    pub fn start(cfg: Validated) -> Result<Arc<Server>, Error> {
+    pub fn start(
+        cfg: Validated,
+        transport: Arc<dyn Transport>,
+        join: Option<Join>,
+    ) -> Result<Arc<Server>, Error> {
         let startup = |e: &dyn std::fmt::Display| Error::Startup(e.to_string());
-        if cfg.initial_cluster.len() != 1 || !cfg.new_cluster {
-            return Err(Error::Startup(
-                "multi-member clusters (--initial-cluster with several members, or --initial-cluster-state existing) \
-                 are not supported by this build yet"
-                    .into(),
-            ));
-        }
         let token = &cfg.raw.initial_cluster_token;
         let peer_urls: Vec<String> =
             cfg.advertise_peer_urls.iter().map(|u| u.raw.clone()).collect();
-        let computed_id = membership::member_id(&peer_urls, token);
-        let computed = datadir::Identity {
-            member_id: computed_id,
-            cluster_id: membership::cluster_id(&[computed_id]),
+        // The founding members, each with the id etcd derives from its peer URLs and the
+        // token; the cluster id derives from all of them.
+        let founders: Vec<Member> = cfg
+            .initial_cluster
+            .iter()
+            .map(|(name, urls)| Member {
+                id: membership::member_id(urls, token),
+                name: name.clone(),
+                peer_urls: urls.clone(),
+                client_urls: Vec::new(),
+                is_learner: false,
+            })
+            .collect();
+        let recorded = datadir::DataDir::inspect(&cfg.data_dir).map_err(|e| startup(&e))?;
+        let (identity, seed_members) = match (recorded, &join) {
+            // A restart: the data dir alone says who this member is.
+            (Some(identity), _) => (identity, Vec::new()),
+            (None, Some(join)) => (
+                datadir::Identity { member_id: join.member_id, cluster_id: join.cluster_id },
+                join.members.clone(),
+            ),
+            (None, None) if cfg.new_cluster => {
+                let ids: Vec<u64> = founders.iter().map(|m| m.id).collect();
+                let identity = datadir::Identity {
+                    member_id: membership::member_id(&peer_urls, token),
+                    cluster_id: membership::cluster_id(&ids),
+                };
+                (identity, founders.clone())
+            }
+            (None, None) => {
+                return Err(Error::Startup(
+                    "--initial-cluster-state existing needs a reachable member to join".into(),
+                ));
+            }
         };
-        let identity =
-            datadir::DataDir::inspect(&cfg.data_dir).map_err(|e| startup(&e))?.unwrap_or(computed);
+        let fresh = recorded.is_none();
         let dir =
             datadir::DataDir::create_or_open(&cfg.data_dir, identity).map_err(|e| startup(&e))?;
 
@@ -152,9 +198,33 @@ impl Server {
             * u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(100);
         let min_ttl = i64::try_from(min_ttl_ms.div_ceil(1000)).unwrap_or(2);
         let leases = Lessor::open(engine.as_ref(), min_ttl).map_err(|e| startup(&e))?;
-        attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
-        let applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
+        apply::attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
+        let mut applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
         let log = LogStore::open(&dir.raft_dir()).map_err(|e| startup(&e))?;
+        let mut member_records = apply::members::load(engine.as_ref()).map_err(|e| startup(&e))?;
+        if member_records.is_empty() && fresh && applied_index == 0 {
+            // The founders' records (or, for a joining member, the cluster as a peer reported
+            // it, until the leader's snapshot replaces it) are written before raft starts,
+            // identically on every founder, so apply starts from the same state everywhere.
+            let mut batch = crate::storage::Batch::new();
+            for m in &seed_members {
+                apply::members::put(&mut batch, m);
+            }
+            engine.write(batch).map_err(|e| startup(&e))?;
+            member_records = seed_members.clone();
+            if join.is_some() {
+                // A joiner's state comes whole from the leader's snapshot.
+                applied_index = 0;
+            }
+        }
+        member_records.sort_by_key(|m| m.id);
+        let initial_voters: Vec<u64> = if cfg.new_cluster && join.is_none() {
+            let mut v: Vec<u64> = founders.iter().map(|m| m.id).collect();
+            v.sort_unstable();
+            v
+        } else {
+            Vec::new()
+        };
         tracing::info!(
             member_id = %format!("{:x}", identity.member_id),
             cluster_id = %format!("{:x}", identity.cluster_id),
@@ -167,14 +237,17 @@ impl Server {
         let (apply_tx, apply_rx) = mpsc::channel(1024);
         let raft_cfg = RaftConfig {
             id: identity.member_id,
-            initial_voters: vec![identity.member_id],
+            initial_voters,
             heartbeat: cfg.heartbeat,
             election_ticks: cfg.election_ticks,
             applied: applied_index,
             catch_up_entries: 5000,
         };
-        let (raft, raft_thread) = raft::start(raft_cfg, log, Arc::new(raft::NoPeers), apply_tx)
-            .map_err(|e| startup(&e))?;
+        transport.update_peers(peer_book(&member_records));
+        let (raft, raft_thread) =
+            raft::start(raft_cfg, log, transport.clone(), apply_tx).map_err(|e| startup(&e))?;
+        transport.attach(raft.clone(), identity.cluster_id, identity.member_id);
+        let (members_tx, members_rx) = watch::channel(member_records);
 
         let wait = Arc::new(Wait::new());
         let (applied_tx, applied_rx) = watch::channel(applied_index);
@@ -187,6 +260,17 @@ impl Server {
             applied_tx,
             cfg.raw.snapshot_count,
             Box::new(move |index| compact_raft.compact(index)),
+            apply::ClusterHooks {
+                members: members_tx,
+                on_conf_change: {
+                    let raft = raft.clone();
+                    Box::new(move |cc| raft.applied_conf_change(cc))
+                },
+                on_snapshot: {
+                    let raft = raft.clone();
+                    Box::new(move |index, data| raft.snapshot_ready(index, data))
+                },
+            },
         );
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
@@ -198,20 +282,15 @@ impl Server {
         let request_timeout = Duration::from_secs(5) + 2 * election;
         let (reads, read_task) = read::start(raft.clone(), applied_rx.clone(), request_timeout);
 
-        let members = vec![Member {
-            id: identity.member_id,
-            name: cfg.raw.name.clone(),
-            peer_urls,
-            client_urls: cfg.advertise_client_urls.iter().map(|u| u.raw.clone()).collect(),
-            is_learner: false,
-        }];
         let server = Arc::new(Server {
             header: HeaderInfo {
                 cluster_id: identity.cluster_id,
                 member_id: identity.member_id,
                 raft_term: 0,
             },
-            members,
+            members: members_rx,
+            removed: watch::channel(false).0,
+            removed_ids: Mutex::default(),
             ids: IdGen::new(identity.member_id),
             cfg: Arc::new(cfg),
             raft,
@@ -233,7 +312,22 @@ impl Server {
             t.push(lease_loop);
             t.extend(compactor);
         }
+        let member_tasks = members::start(server.clone(), transport);
+        if let Ok(mut t) = server.tasks.lock() {
+            t.extend(member_tasks);
+        }
         Ok(server)
+    }
+
+    /// True when `cfg` asks to join an existing cluster and the data dir holds no member
+    /// yet, so the cluster must first be fetched from a running member.
+    pub fn needs_join(cfg: &Validated) -> bool {
+        !cfg.new_cluster && matches!(datadir::DataDir::inspect(&cfg.data_dir), Ok(None))
+    }
+
+    /// The cluster id recorded in the data dir, if it holds a member.
+    pub fn recorded_cluster_id(cfg: &Validated) -> Option<u64> {
+        datadir::DataDir::inspect(&cfg.data_dir).ok().flatten().map(|i| i.cluster_id)
     }
 
     /// The validated configuration.
@@ -251,9 +345,29 @@ impl Server {
         &self.kv
     }
 
-    /// The cluster's members.
-    pub fn members(&self) -> &[Member] {
-        &self.members
+    /// The cluster's members as of this member's applied index, ordered by id.
+    pub fn members(&self) -> Vec<Member> {
+        let mut members = self.members.borrow().clone();
+        // Until its publish entry applies, this member's own record lacks its name and client
+        // URLs; it knows them, so it answers with them (the records themselves stay as raft
+        // made them on every member).
+        if let Some(me) = members.iter_mut().find(|m| m.id == self.header.member_id)
+            && me.client_urls.is_empty()
+        {
+            me.name.clone_from(&self.cfg.raw.name);
+            me.client_urls = self.cfg.advertise_client_urls.iter().map(|u| u.raw.clone()).collect();
+        }
+        members
+    }
+
+    /// The raft handle, for the peer service to deliver messages.
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// True when this member is a learner.
+    pub fn is_learner(&self) -> bool {
+        self.members.borrow().iter().any(|m| m.id == self.header.member_id && m.is_learner)
     }
 
     /// The raft view of this member.
@@ -314,29 +428,7 @@ impl Server {
     }
 }
 
-/// Rebuilds lease attachments from the live keys (they are not stored twice), paging
-/// through the keyspace so start-up memory stays bounded.
-fn attach_leased_keys(kv: &KvStore, leases: &Lessor) -> Result<(), mvcc::Error> {
-    let mut req = mvcc::RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        limit: 10_000,
-        keys_only: true,
-        ..Default::default()
-    };
-    req.revision = kv.current_revision();
-    loop {
-        let page = kv.range(&req)?;
-        for item in &page.kvs {
-            leases.attach(item.lease, &item.key);
-        }
-        match page.kvs.last() {
-            Some(last) if page.more => {
-                let mut next = last.key.clone();
-                next.push(0);
-                req.key = next;
-            }
-            _ => return Ok(()),
-        }
-    }
+/// Each member id with its peer URLs, for the transport.
+fn peer_book(members: &[Member]) -> Vec<(u64, Vec<String>)> {
+    members.iter().map(|m| (m.id, m.peer_urls.clone())).collect()
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
 
-use super::{Batch, Engine, Error, Keyspace, Result, Scan};
+use super::{Batch, Engine, Error, Keyspace, Result, Scan, image_pairs, image_push, image_seal};
 
 /// An [`Engine`] that keeps everything in a `BTreeMap`; `sync` is a no-op.
 #[derive(Debug, Default)]
@@ -68,5 +68,21 @@ impl Engine for MemEngine {
 
     fn size_on_disk(&self) -> Result<u64> {
         Ok(0)
+    }
+
+    fn export(&self) -> Result<Vec<u8>> {
+        let map = self.map.read().map_err(poisoned)?;
+        let mut out = Vec::new();
+        for (k, v) in map.iter() {
+            image_push(&mut out, k, v);
+        }
+        Ok(image_seal(out))
+    }
+
+    fn import(&self, image: &[u8]) -> Result<()> {
+        let pairs = image_pairs(image)?;
+        let mut map = self.map.write().map_err(poisoned)?;
+        *map = pairs.into_iter().collect();
+        Ok(())
     }
 }

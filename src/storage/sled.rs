@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{Batch, Engine, Error, Keyspace, Result, Scan};
+use super::{Batch, Engine, Error, Keyspace, Result, Scan, image_pairs, image_push, image_seal};
 
 /// sled's page cache bound. sled defaults to 1 GiB; the state machine's hot set is far smaller
 /// and the OS page cache holds the rest.
@@ -125,5 +125,28 @@ impl Engine for SledEngine {
 
     fn size_on_disk(&self) -> Result<u64> {
         self.db.size_on_disk().map_err(engine_err)
+    }
+
+    fn export(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for item in self.db.iter() {
+            let (k, v) = item.map_err(engine_err)?;
+            image_push(&mut out, &k, &v);
+        }
+        Ok(image_seal(out))
+    }
+
+    fn import(&self, image: &[u8]) -> Result<()> {
+        let pairs = image_pairs(image)?;
+        // One sled batch removes the old content and inserts the new, so a crash leaves one
+        // or the other.
+        let mut b = sled::Batch::default();
+        for item in self.db.iter().keys() {
+            b.remove(item.map_err(engine_err)?);
+        }
+        for (k, v) in pairs {
+            b.insert(k, v);
+        }
+        self.db.apply_batch(b).map_err(engine_err)
     }
 }

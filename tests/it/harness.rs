@@ -13,9 +13,17 @@ pub fn free_port() -> u16 {
 /// A `cairn` member running as a child process; killed on drop.
 pub struct Cairn {
     child: Option<Child>,
+    pub name: String,
     pub client_url: String,
     pub peer_url: String,
     pub data_dir: PathBuf,
+    /// `--initial-cluster`; a single-member cluster of this member when empty.
+    pub initial_cluster: String,
+    /// `--initial-cluster-state`.
+    pub cluster_state: String,
+    /// Where the member listens for peers when that differs from its advertised peer URL
+    /// (a fault-injecting proxy sits between them).
+    pub listen_peer_url: Option<String>,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -30,22 +38,37 @@ impl Cairn {
     pub async fn start_with(extra: &[&str]) -> Cairn {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
-        let mut c = Cairn {
-            child: None,
-            client_url: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            data_dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _tmp: Some(tmp),
-        };
+        let mut c = Cairn::new("it", tmp, extra);
+        c.data_dir = data_dir;
         c.spawn().await;
         c
     }
 
+    /// A member on fresh ports and a fresh data dir, not started yet.
+    pub fn new(name: &str, tmp: tempfile::TempDir, extra: &[&str]) -> Cairn {
+        Cairn {
+            child: None,
+            name: name.to_owned(),
+            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            data_dir: tmp.path().join("data"),
+            initial_cluster: String::new(),
+            cluster_state: "new".to_owned(),
+            listen_peer_url: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        }
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        let initial_cluster = if self.initial_cluster.is_empty() {
+            format!("{}={}", self.name, self.peer_url)
+        } else {
+            self.initial_cluster.clone()
+        };
         cmd.arg("--name")
-            .arg("it")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
@@ -53,11 +76,13 @@ impl Cairn {
             .arg("--advertise-client-urls")
             .arg(&self.client_url)
             .arg("--listen-peer-urls")
-            .arg(&self.peer_url)
+            .arg(self.listen_peer_url.as_ref().unwrap_or(&self.peer_url))
             .arg("--initial-advertise-peer-urls")
             .arg(&self.peer_url)
             .arg("--initial-cluster")
-            .arg(format!("it={}", self.peer_url))
+            .arg(initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg(&self.cluster_state)
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -68,9 +93,30 @@ impl Cairn {
 
     /// Spawns the process and waits until it answers `Status`.
     pub async fn spawn(&mut self) {
+        self.spawn_only();
+        wait_ready(&self.client_url).await;
+    }
+
+    /// Spawns the process without waiting (a cluster member cannot serve before a quorum).
+    pub fn spawn_only(&mut self) {
         let child = self.command().spawn().expect("spawn cairn");
         self.child = Some(child);
-        wait_ready(&self.client_url).await;
+    }
+
+    /// Runs the member in the foreground until it exits; returns (success, stderr).
+    pub fn run_to_exit(&self) -> (bool, String) {
+        let out = self.command().stderr(Stdio::piped()).output().expect("run cairn");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Deletes the data dir (the member must be stopped).
+    pub fn wipe(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `kill -9`s the process.
@@ -196,4 +242,76 @@ pub fn etcdctl_binary() -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths).map(|d| d.join("etcdctl")).find(|p| Path::new(p).exists())
     })
+}
+
+/// A TCP proxy in front of a member's peer port that can cut every connection through it
+/// (a partition of the member's inbound peer traffic) and heal.
+pub struct Proxy {
+    /// The proxy's URL, advertised as the member's peer URL.
+    pub url: String,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a fresh port and forwards to `target` (host:port).
+    pub async fn start(target: String) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, c) = (blocked.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if b.load(Ordering::SeqCst) {
+                    continue; // dropped: the peer sees a reset
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = out.set_nodelay(true);
+                        let _ = inbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Proxy { url, blocked, conns, task }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn block(&self) {
+        self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.blocked.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.block();
+    }
+}
+
+/// The etcdctl for commands that dial every member's advertised client URL (`--cluster`,
+/// `move-leader`): etcdctl 3.4 sends an `http://` URL verbatim as the HTTP/2 :authority,
+/// which the h2 server rejects, so these use the etcdctl 3.5 shipped next to the reference
+/// etcd (`$ETCD_BIN`) when there is one.
+pub fn etcdctl_for_cluster() -> Option<PathBuf> {
+    let beside_etcd = std::env::var("ETCD_BIN")
+        .ok()
+        .and_then(|etcd| Path::new(&etcd).parent().map(|d| d.join("etcdctl")))
+        .filter(|p| p.exists());
+    beside_etcd.or_else(etcdctl_binary)
 }
