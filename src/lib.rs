@@ -12,6 +12,7 @@
 //! - [`apply`]: applies committed entries in order, atomically with the applied index.
 //! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
 //! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
+//! - [`watch`]: etcd's watchers: fed by apply, caught up from history, bounded per stream.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
 pub mod apply;
@@ -22,3 +23,4 @@ pub mod mvcc;
 pub mod raft;
 pub mod server;
 pub mod storage;
+pub mod watch;
