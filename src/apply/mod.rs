@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::mvcc::{self, KvStore};
 use crate::raft::{Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
+use crate::watch::WatchHub;
 
 pub use self::convert::ConvertError;
 pub use self::wait::Wait;
@@ -98,6 +99,8 @@ pub struct Applier {
     checkpointed: u64,
     /// Told the durable index after each checkpoint (the raft log may be compacted to it).
     on_durable: Box<dyn Fn(u64) + Send>,
+    /// Hears each committed batch's events (notify only: it never blocks apply).
+    watch: Option<WatchHub>,
 }
 
 impl Applier {
@@ -111,7 +114,13 @@ impl Applier {
         on_durable: Box<dyn Fn(u64) + Send>,
     ) -> Self {
         let checkpointed = *applied.borrow();
-        Self { kv, engine, wait, applied, snapshot_count, checkpointed, on_durable }
+        Self { kv, engine, wait, applied, snapshot_count, checkpointed, on_durable, watch: None }
+    }
+
+    /// Hands every committed batch's events to `hub` from now on.
+    pub fn with_watch(mut self, hub: WatchHub) -> Self {
+        self.watch = Some(hub);
+        self
     }
 
     /// Applies everything raft hands over until the channel closes, then checkpoints.
@@ -196,11 +205,19 @@ impl Applier {
             APPLIED_INDEX_KEY.to_vec(),
             last.to_be_bytes().to_vec(),
         );
-        if let Err(e) = txn.commit() {
-            // The state machine diverged from the log it claims to have applied; the only
-            // safe course is to stop and recover from the raft log on restart.
-            tracing::error!(error = %e, index = last, "state machine write failed");
-            std::process::abort();
+        let events = match txn.commit() {
+            Ok(events) => events,
+            Err(e) => {
+                // The state machine diverged from the log it claims to have applied; the
+                // only safe course is to stop and recover from the raft log on restart.
+                tracing::error!(error = %e, index = last, "state machine write failed");
+                std::process::abort();
+            }
+        };
+        // Watchers hear of the batch once storage holds it (a catch-up may read it back)
+        // and before the proposers do, as etcd notifies at the end of each apply txn.
+        if let Some(hub) = &self.watch {
+            hub.notify(events);
         }
         self.applied.send_replace(last);
         for (id, res) in results {

@@ -2,7 +2,7 @@
 //!
 //! Each service validates its requests (`validate`), calls the server, and maps every error
 //! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
-//! yet (Watch, Lease, Auth, Lock, Election) are not registered, so clients get gRPC's
+//! yet (Lease, Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 
 mod cluster;
@@ -11,12 +11,14 @@ mod kv;
 mod maintenance;
 pub mod status;
 pub mod validate;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer,
 };
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
@@ -25,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 pub use self::cluster::ClusterService;
 pub use self::kv::KvService;
 pub use self::maintenance::MaintenanceService;
+pub use self::watch::WatchService;
 use crate::config::{GRPC_OVERHEAD_BYTES, Url};
 use crate::server::Server;
 
@@ -106,6 +109,11 @@ pub async fn serve(
         )
         .add_service(
             MaintenanceServer::new(MaintenanceService::new(server.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(WatchService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )

@@ -22,6 +22,7 @@ use crate::config::Validated;
 use crate::mvcc::{self, KvStore};
 use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus};
 use crate::storage::{Engine, SledEngine};
+use crate::watch::{WatchConfig, WatchHub};
 
 pub use self::membership::Member;
 pub use self::propose::IdGen;
@@ -93,6 +94,7 @@ pub struct Server {
     members: Vec<Member>,
     raft: RaftHandle,
     kv: KvStore,
+    watch: WatchHub,
     engine: Arc<dyn Engine>,
     wait: Arc<Wait>,
     applied: watch::Receiver<u64>,
@@ -167,6 +169,13 @@ impl Server {
         let wait = Arc::new(Wait::new());
         let (applied_tx, applied_rx) = watch::channel(applied_index);
         let compact_raft = raft.clone();
+        let watch_hub = WatchHub::new(
+            kv.clone(),
+            WatchConfig {
+                progress_notify_interval: cfg.raw.watch_progress_notify_interval,
+                ..WatchConfig::default()
+            },
+        );
         let applier = Applier::new(
             kv.clone(),
             engine.clone(),
@@ -174,7 +183,8 @@ impl Server {
             applied_tx,
             cfg.raw.snapshot_count,
             Box::new(move |index| compact_raft.compact(index)),
-        );
+        )
+        .with_watch(watch_hub.clone());
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
             .spawn(move || applier.run(apply_rx))
@@ -203,6 +213,7 @@ impl Server {
             cfg: Arc::new(cfg),
             raft,
             kv,
+            watch: watch_hub,
             engine,
             wait,
             applied: applied_rx,
@@ -232,6 +243,11 @@ impl Server {
     /// The mvcc store (for reads).
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// The watcher registry (the gRPC Watch service opens its streams here).
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.watch
     }
 
     /// The cluster's members.

@@ -8,3 +8,4 @@ mod etcdctl;
 mod harness;
 mod kv;
 mod server;
+mod watch;
