@@ -334,7 +334,72 @@ fn fragments(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cairn_proto::etcdserverpb::watch_server::WatchServer;
+    use etcd_client::{Client, ConnectOptions};
+    use tokio_stream::wrappers::TcpListenerStream;
+
     use super::*;
+    use crate::mvcc::tests::store;
+    use crate::watch::WatchConfig;
+
+    /// Serves a Watch service over a memory store on a loopback port, with a leader flag
+    /// the test controls; returns the endpoint.
+    async fn serve(leader: Arc<AtomicBool>) -> String {
+        let hub = WatchHub::new(store(), WatchConfig::default());
+        let header: HeaderFn =
+            Arc::new(|| HeaderInfo { cluster_id: 1, member_id: 2, raft_term: 3 });
+        let has_leader: LeaderFn = Arc::new(move || leader.load(Ordering::SeqCst));
+        let svc =
+            WatchService::from_parts(hub, header, has_leader, 1 << 20, Duration::from_millis(50));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WatchServer::new(svc))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    async fn client(endpoint: &str, require_leader: bool) -> Client {
+        let opts = ConnectOptions::new().with_require_leader(require_leader);
+        Client::connect([endpoint], Some(opts)).await.unwrap()
+    }
+
+    fn grpc_status(e: etcd_client::Error) -> (tonic::Code, String) {
+        match e {
+            etcd_client::Error::GRpcStatus(s) => (s.code(), s.message().to_owned()),
+            other => panic!("expected a gRPC status, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn hasleader_streams_are_refused_without_a_leader_and_canceled_when_it_is_lost() {
+        let leader = Arc::new(AtomicBool::new(false));
+        let endpoint = serve(leader.clone()).await;
+        let mut c = client(&endpoint, true).await;
+        let refused = c.watch("k", None).await.map(|_| ()).unwrap_err();
+        assert_eq!(
+            grpc_status(refused),
+            (tonic::Code::Unavailable, "etcdserver: no leader".into())
+        );
+        // Without the metadata a stream is served regardless.
+        let mut plain = client(&endpoint, false).await.watch("k", None).await.unwrap();
+        assert!(plain.message().await.unwrap().unwrap().created());
+
+        leader.store(true, Ordering::SeqCst);
+        let mut s = c.watch("k", None).await.unwrap();
+        assert!(s.message().await.unwrap().unwrap().created());
+        // Losing the leader for three checks cancels the stream with etcd's error.
+        leader.store(false, Ordering::SeqCst);
+        let err =
+            tokio::time::timeout(Duration::from_secs(5), s.message()).await.unwrap().unwrap_err();
+        assert_eq!(grpc_status(err), (tonic::Code::Unavailable, "etcdserver: no leader".into()));
+        let alive = tokio::time::timeout(Duration::from_millis(300), plain.message()).await;
+        assert!(alive.is_err(), "the stream without hasleader stays open: {alive:?}");
+    }
 
     fn put_event(key: &str, value_len: usize) -> mvccpb::Event {
         mvccpb::Event {

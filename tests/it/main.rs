@@ -9,3 +9,4 @@ mod harness;
 mod kv;
 mod server;
 mod watch;
+mod watch_cli;
