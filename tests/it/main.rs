@@ -10,3 +10,4 @@ mod kv;
 mod server;
 mod watch;
 mod watch_cli;
+mod watch_load;
