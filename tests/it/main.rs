@@ -10,4 +10,5 @@ mod kv;
 mod server;
 mod watch;
 mod watch_cli;
+mod watch_diff;
 mod watch_load;
