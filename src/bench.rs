@@ -2,6 +2,8 @@
 //! `benchmark` tool (tools/benchmark): the same workloads, flags and summary shape, so the
 //! same command measures Cairn and real etcd on the same machine.
 
+mod watch;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,6 +65,11 @@ pub enum Workload {
         #[arg(long)]
         count_only: bool,
     },
+    /// Watch latency: watchers on a prefix, a writer at a fixed rate; put-acknowledged to
+    /// event-received latency and lost events.
+    WatchLatency(watch::LatencyArgs),
+    /// Watch memory: the server's resident memory per watcher.
+    WatchMemory(watch::MemoryArgs),
 }
 
 /// Latency statistics of a run.
@@ -76,6 +83,8 @@ pub struct Summary {
     pub errors: u64,
     /// Sorted latencies of successful requests.
     pub latencies: Vec<Duration>,
+    /// Workload-specific lines printed after the summary.
+    pub notes: Vec<String>,
 }
 
 impl Summary {
@@ -118,6 +127,12 @@ impl Summary {
         println!("\nLatency distribution:");
         for p in [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9] {
             println!("  {p}% in {:.4} secs.", secs(self.percentile(p)));
+        }
+        if !self.notes.is_empty() {
+            println!();
+            for n in &self.notes {
+                println!("  {n}");
+            }
         }
     }
 }
@@ -162,6 +177,11 @@ fn make_key(i: u64, key_size: usize, key_space: u64, sequential: bool) -> Vec<u8
 /// # Errors
 /// Fails when the endpoints cannot be reached.
 pub async fn run(args: &Args) -> anyhow::Result<Summary> {
+    match &args.workload {
+        Workload::WatchLatency(w) => return watch::latency(args, w).await,
+        Workload::WatchMemory(m) => return watch::memory(args, m).await,
+        Workload::Put { .. } | Workload::Range { .. } => {}
+    }
     let channels = connect(&args.endpoints, args.conns).await?;
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -205,6 +225,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         })
                         .await
                         .map(|_| ()),
+                    // Run above, never per request.
+                    Workload::WatchLatency(_) | Workload::WatchMemory(_) => return lat,
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),
@@ -227,6 +249,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         ok: latencies.len() as u64,
         errors: errors.load(Ordering::Relaxed),
         latencies,
+        notes: Vec::new(),
     })
 }
 
@@ -248,6 +271,7 @@ mod tests {
             ok: 100,
             errors: 0,
             latencies: (1..=100).map(Duration::from_millis).collect(),
+            notes: Vec::new(),
         };
         assert_eq!(s.percentile(50.0), Duration::from_millis(51));
         assert_eq!(s.percentile(99.0), Duration::from_millis(99));
