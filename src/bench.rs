@@ -8,7 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+pub mod expiry;
+
+use cairn_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, kv_client::KvClient,
+    lease_client::LeaseClient,
+};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 /// Flags shared by every workload.
@@ -70,6 +76,18 @@ pub enum Workload {
     WatchLatency(watch::LatencyArgs),
     /// Watch memory: the server's resident memory per watcher.
     WatchMemory(watch::MemoryArgs),
+    /// Lease renewals: each client grants one lease and renews it over a keep-alive stream.
+    LeaseKeepalive,
+    /// Many leases (one key each) expiring together while the clients keep putting; reports
+    /// put latency before and during the burst (`--total` is ignored).
+    LeaseExpiry {
+        /// Number of leases.
+        #[arg(long, default_value_t = 10_000)]
+        leases: usize,
+        /// Their TTL in seconds.
+        #[arg(long, default_value_t = 10)]
+        ttl: i64,
+    },
 }
 
 /// Latency statistics of a run.
@@ -83,8 +101,6 @@ pub struct Summary {
     pub errors: u64,
     /// Sorted latencies of successful requests.
     pub latencies: Vec<Duration>,
-    /// Workload-specific lines printed after the summary.
-    pub notes: Vec<String>,
 }
 
 impl Summary {
@@ -127,12 +143,6 @@ impl Summary {
         println!("\nLatency distribution:");
         for p in [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9] {
             println!("  {p}% in {:.4} secs.", secs(self.percentile(p)));
-        }
-        if !self.notes.is_empty() {
-            println!();
-            for n in &self.notes {
-                println!("  {n}");
-            }
         }
     }
 }
@@ -180,20 +190,29 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
     match &args.workload {
         Workload::WatchLatency(w) => return watch::latency(args, w).await,
         Workload::WatchMemory(m) => return watch::memory(args, m).await,
-        Workload::Put { .. } | Workload::Range { .. } => {}
+        _ => {}
     }
     let channels = connect(&args.endpoints, args.conns).await?;
+    if let Workload::LeaseExpiry { leases, ttl } = args.workload {
+        let report = expiry::run(&channels, args.clients, leases, ttl).await?;
+        expiry::print(&report);
+        return Ok(report.burst);
+    }
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(args.clients);
     for c in 0..args.clients.max(1) {
         let Some(ch) = channels.get(c % channels.len()).cloned() else { continue };
-        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
         let next = next.clone();
         let errors = errors.clone();
         let workload = args.workload.clone();
         let total = args.total;
+        if let Workload::LeaseKeepalive = workload {
+            tasks.push(tokio::spawn(keepalive_client(ch, next, errors, total)));
+            continue;
+        }
+        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -227,6 +246,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         .map(|_| ()),
                     // Run above, never per request.
                     Workload::WatchLatency(_) | Workload::WatchMemory(_) => return lat,
+                    Workload::LeaseKeepalive | Workload::LeaseExpiry { .. } => Ok(()),
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),
@@ -249,8 +269,49 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         ok: latencies.len() as u64,
         errors: errors.load(Ordering::Relaxed),
         latencies,
-        notes: Vec::new(),
     })
+}
+
+/// One keep-alive client: grants a lease, then renews it over one stream, one request in
+/// flight at a time, until the shared request budget is spent.
+async fn keepalive_client(
+    ch: Channel,
+    next: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    total: u64,
+) -> Vec<Duration> {
+    let mut lat = Vec::new();
+    let mut client = LeaseClient::new(ch);
+    let id = match client.lease_grant(LeaseGrantRequest { ttl: 600, id: 0 }).await {
+        Ok(r) => r.into_inner().id,
+        Err(_) => {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return lat;
+        }
+    };
+    let (tx, rx) = mpsc::channel(1);
+    let requests =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let Ok(resp) = client.lease_keep_alive(requests).await else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    let mut responses = resp.into_inner();
+    while next.fetch_add(1, Ordering::Relaxed) < total {
+        let t0 = Instant::now();
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        match responses.message().await {
+            Ok(Some(r)) if r.ttl > 0 => lat.push(t0.elapsed()),
+            _ => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    lat
 }
 
 #[cfg(test)]
@@ -271,7 +332,6 @@ mod tests {
             ok: 100,
             errors: 0,
             latencies: (1..=100).map(Duration::from_millis).collect(),
-            notes: Vec::new(),
         };
         assert_eq!(s.percentile(50.0), Duration::from_millis(51));
         assert_eq!(s.percentile(99.0), Duration::from_millis(99));

@@ -124,6 +124,15 @@ pub struct Config {
     )]
     pub watch_progress_notify_interval: Duration,
 
+    /// Enable leader to send regular checkpoints to other members to prevent reset of
+    /// remaining TTL on leader change (Cairn: on by default).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub experimental_enable_lease_checkpoint: bool,
+
+    /// Duration of periodic lease checkpoints (a Go duration such as "5m").
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m")]
+    pub experimental_lease_checkpoint_interval: String,
+
     /// Configures log level. Only supports debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -136,6 +145,15 @@ pub struct Config {
     /// systemd, or list of comma separated output targets.
     #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
     pub log_outputs: String,
+
+    /// Set level of detail for exported metrics, specify 'extensive' to include server side
+    /// grpc histogram metrics.
+    #[arg(long, env = "ETCD_METRICS", default_value = "basic")]
+    pub metrics: String,
+
+    /// List of URLs to listen on for the metrics and health endpoints.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
+    pub listen_metrics_urls: String,
 }
 
 /// An `http(s)://host:port` URL as etcd accepts in its URL flags.
@@ -256,6 +274,12 @@ pub struct Validated {
     pub quota_backend_bytes: u64,
     /// Log filter directive for `tracing`.
     pub log_filter: String,
+    /// How often remaining lease TTLs are checkpointed through raft; `None` = never.
+    pub lease_checkpoint_interval: Option<Duration>,
+    /// `--metrics extensive`: export the gRPC handling-time histogram.
+    pub metrics_extensive: bool,
+    /// Extra listeners for `/metrics` and the health endpoints (empty: client URLs only).
+    pub listen_metrics_urls: Vec<Url>,
 }
 
 /// etcd's default backend quota, 2 GiB.
@@ -341,6 +365,18 @@ impl Config {
                 ));
             }
         };
+        let metrics_extensive = match self.metrics.as_str() {
+            "basic" => false,
+            "extensive" => true,
+            other => {
+                return Err(bad("metrics", &other, "must be 'basic' or 'extensive'"));
+            }
+        };
+        let listen_metrics_urls = if self.listen_metrics_urls.trim().is_empty() {
+            Vec::new()
+        } else {
+            Url::parse_list("listen-metrics-urls", &self.listen_metrics_urls)?
+        };
         if self.logger != "zap" {
             return Err(bad("logger", &self.logger, "only 'zap' is supported"));
         }
@@ -367,6 +403,18 @@ impl Config {
             )));
         }
 
+        let interval = parse_go_duration(&self.experimental_lease_checkpoint_interval)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                bad(
+                    "experimental-lease-checkpoint-interval",
+                    &self.experimental_lease_checkpoint_interval,
+                    "must be a positive duration such as 5m",
+                )
+            })?;
+        let lease_checkpoint_interval =
+            self.experimental_enable_lease_checkpoint.then_some(interval);
+
         let data_dir =
             self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
         Ok(Validated {
@@ -384,6 +432,9 @@ impl Config {
             auto_compaction,
             quota_backend_bytes,
             log_filter: log_filter.to_owned(),
+            lease_checkpoint_interval,
+            metrics_extensive,
+            listen_metrics_urls,
         })
     }
 }
@@ -546,6 +597,20 @@ mod tests {
         );
         assert!(parse_auto_compaction("revision", "1h").is_err());
         assert!(parse_auto_compaction("sometimes", "1").is_err());
+    }
+
+    #[test]
+    fn metrics_flags_parse_like_etcd() {
+        let v = parse(&[]).unwrap();
+        assert!(!v.metrics_extensive);
+        assert!(v.listen_metrics_urls.is_empty());
+        let v =
+            parse(&["--metrics", "extensive", "--listen-metrics-urls", "http://127.0.0.1:2381"])
+                .unwrap();
+        assert!(v.metrics_extensive);
+        assert_eq!(v.listen_metrics_urls[0].port, 2381);
+        assert!(parse(&["--metrics", "verbose"]).is_err());
+        assert!(parse(&["--listen-metrics-urls", "127.0.0.1:2381"]).is_err());
     }
 
     #[test]

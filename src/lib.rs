@@ -8,17 +8,23 @@
 //! - [`storage`]: the state machine's ordered byte store behind the `Engine` trait (sled in
 //!   one file, an in-memory engine for tests).
 //! - [`mvcc`]: the revisioned keyspace: range, put, delete, txn, compaction.
+//! - [`lease`]: leases: replicated lessor state and the leader's expiry clock.
 //! - [`raft`]: the raft-rs owner task and its durable, fdatasynced log.
 //! - [`apply`]: applies committed entries in order, atomically with the applied index.
 //! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
 //! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
 //! - [`watch`]: etcd's watchers: fed by apply, caught up from history, bounded per stream.
+//! - [`gateway`]: HTTP on the client port: etcd's JSON gateway, health, version, metrics.
+//! - [`metrics`]: the Prometheus registry with etcd's metric names.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
 pub mod apply;
 pub mod bench;
 pub mod config;
+pub mod gateway;
 pub mod grpc;
+pub mod lease;
+pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod server;

@@ -64,8 +64,13 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
     // Everything is validated before anything is written.
     let cfg = config.validate()?;
     init_logging(&cfg.log_filter, &cfg.raw.log_outputs)?;
+    // Installed before the member starts, so that recovery's fsyncs and applies are counted.
+    let level =
+        if cfg.metrics_extensive { cairn::metrics::Level::Extensive } else { Default::default() };
+    cairn::metrics::install(level).context("metrics registry")?;
     runtime()?.block_on(async move {
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
+        let metrics_listeners = cairn::grpc::bind(&cfg.listen_metrics_urls).await?;
         let server = cairn::server::Server::start(cfg.clone())?;
         for l in &listeners {
             if let Ok(addr) = l.local_addr() {
@@ -73,12 +78,30 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             }
         }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, async {
+        let http = cairn::gateway::router(&server);
+        let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
             let _ = stop_rx.await;
         }));
+        for l in &metrics_listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving /metrics and health endpoints");
+            }
+        }
+        let metrics_serving = (!metrics_listeners.is_empty()).then(|| {
+            let router = cairn::gateway::metrics_router(&server);
+            tokio::spawn(cairn::gateway::serve_http(
+                router,
+                metrics_listeners,
+                std::future::pending(),
+            ))
+        });
         shutdown_signal().await;
         tracing::info!("received signal; shutting down");
         let _ = stop_tx.send(());
+        if let Some(task) = metrics_serving {
+            // Scrapes hold no state worth draining.
+            task.abort();
+        }
         // Clients that keep connections open must not hold the process hostage.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serving).await;
         server.shutdown().await;

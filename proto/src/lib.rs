@@ -5,6 +5,9 @@
 //! upstream option annotations (gogoproto, google.api HTTP mappings, versionpb) are left out
 //! of our .proto files; they carry no wire meaning.
 //!
+//! With the `json` feature, every etcd message also implements serde's `Serialize` and
+//! `Deserialize` with the protojson rules etcd's HTTP gateway uses (see `build.rs`).
+//!
 //! The `internal` package holds what only Cairn members exchange: the replicated request
 //! (one raft log entry) and the peer service.
 
@@ -13,26 +16,36 @@
 /// etcd's MVCC data types: `KeyValue` and `Event`.
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// etcd's auth data types: `User`, `Role`, `Permission`.
 pub mod authpb {
     tonic::include_proto!("authpb");
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// etcd's v3 RPC services (KV, Watch, Lease, Cluster, Maintenance, Auth) and messages.
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// etcd's distributed lock service.
 pub mod v3lockpb {
     tonic::include_proto!("v3lockpb");
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 /// etcd's leader election service.
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }
 
 /// Cairn's own proto packages (`cairn.*`), nested as prost's generated paths expect.

@@ -24,7 +24,10 @@ use std::sync::Arc;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
-use crate::mvcc::{self, KvStore};
+use cairn_proto::internal::internal_request::Op;
+
+use crate::lease::{self, Lessor};
+use crate::mvcc::{self, KvStore, WriteTxn};
 use crate::raft::{Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
@@ -41,6 +44,9 @@ pub enum Error {
     /// The mvcc layer refused the request (compacted, future revision, key not found, ...).
     #[error(transparent)]
     Mvcc(#[from] mvcc::Error),
+    /// The lessor refused the request (unknown lease, duplicate id, TTL too large).
+    #[error(transparent)]
+    Lease(#[from] lease::Error),
     /// The request could not be converted to a domain request.
     #[error(transparent)]
     Convert(#[from] ConvertError),
@@ -65,6 +71,17 @@ pub enum Response {
     Txn(mvcc::TxnResult),
     /// A compaction finished (physically: the compacted revisions are gone from storage).
     Compact,
+    /// A lease was granted with this id and TTL (seconds, after the minimum was applied).
+    LeaseGrant {
+        /// The lease id.
+        id: i64,
+        /// The granted TTL in seconds.
+        ttl: i64,
+    },
+    /// A lease was revoked and its keys deleted.
+    LeaseRevoke,
+    /// Remaining TTLs were checkpointed.
+    LeaseCheckpoint,
 }
 
 /// What the proposer of an entry receives.
@@ -87,9 +104,19 @@ pub fn applied_index(engine: &dyn Engine) -> Result<u64, mvcc::Error> {
     }
 }
 
+/// Entries applied in one write transaction, awaiting its commit.
+#[derive(Default)]
+struct Group {
+    /// Raft index of the last entry in the group (0 = empty group).
+    last: u64,
+    /// Results for the proposers, triggered once the group is committed.
+    results: Vec<(u64, ApplyResult)>,
+}
+
 /// The apply task's state.
 pub struct Applier {
     kv: KvStore,
+    leases: Lessor,
     engine: Arc<dyn Engine>,
     wait: Arc<Wait>,
     applied: watch::Sender<u64>,
@@ -99,14 +126,16 @@ pub struct Applier {
     checkpointed: u64,
     /// Told the durable index after each checkpoint (the raft log may be compacted to it).
     on_durable: Box<dyn Fn(u64) + Send>,
-    /// Hears each committed batch's events (notify only: it never blocks apply).
+    /// Hears each committed group's events (notify only: it never blocks apply).
     watch: Option<WatchHub>,
 }
 
 impl Applier {
     /// Creates the applier. `applied` must hold the recovered applied index.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kv: KvStore,
+        leases: Lessor,
         engine: Arc<dyn Engine>,
         wait: Arc<Wait>,
         applied: watch::Sender<u64>,
@@ -114,10 +143,20 @@ impl Applier {
         on_durable: Box<dyn Fn(u64) + Send>,
     ) -> Self {
         let checkpointed = *applied.borrow();
-        Self { kv, engine, wait, applied, snapshot_count, checkpointed, on_durable, watch: None }
+        Self {
+            kv,
+            leases,
+            engine,
+            wait,
+            applied,
+            snapshot_count,
+            checkpointed,
+            on_durable,
+            watch: None,
+        }
     }
 
-    /// Hands every committed batch's events to `hub` from now on.
+    /// Hands every committed group's events to `hub` from now on.
     pub fn with_watch(mut self, hub: WatchHub) -> Self {
         self.watch = Some(hub);
         self
@@ -165,9 +204,8 @@ impl Applier {
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
-        let Some(last) = entries.last().map(|e| e.index) else { return };
         let prev = *self.applied.borrow();
-        let mut results = Vec::with_capacity(entries.len());
+        let mut group = Group::default();
         let mut txn = self.kv.write();
         for entry in entries {
             // raft may resend entries the state machine already holds after a restart.
@@ -181,8 +219,14 @@ impl Applier {
                 EntryType::EntryNormal => {
                     match cairn_proto::internal::InternalRequest::decode(entry.data.as_ref()) {
                         Ok(req) => {
-                            let res = dispatch::apply(&mut txn, req.op);
-                            results.push((req.id, res));
+                            if matches!(req.op, Some(Op::LeaseRevoke(_))) && group.last > 0 {
+                                // A revoke deletes the keys attached to its lease, and keys
+                                // attach when their puts commit: commit what came before.
+                                self.commit(txn, std::mem::take(&mut group));
+                                txn = self.kv.write();
+                            }
+                            let res = dispatch::apply(&mut txn, &self.leases, req.op);
+                            group.results.push((req.id, res));
                         }
                         Err(e) => {
                             tracing::error!(index = entry.index, error = %e, "skipping undecodable entry");
@@ -196,31 +240,41 @@ impl Applier {
                     );
                 }
             }
+            group.last = entry.index;
         }
-        if last <= prev {
-            return;
+        if group.last > 0 {
+            self.commit(txn, group);
         }
+    }
+
+    /// Writes one group's effects with its applied index atomically, then publishes them:
+    /// lease attachments, the applied index, and the proposers' results.
+    fn commit(&self, mut txn: WriteTxn<'_>, group: Group) {
         txn.batch_mut().put(
             Keyspace::Meta,
             APPLIED_INDEX_KEY.to_vec(),
-            last.to_be_bytes().to_vec(),
+            group.last.to_be_bytes().to_vec(),
         );
         let events = match txn.commit() {
             Ok(events) => events,
             Err(e) => {
                 // The state machine diverged from the log it claims to have applied; the
                 // only safe course is to stop and recover from the raft log on restart.
-                tracing::error!(error = %e, index = last, "state machine write failed");
+                tracing::error!(error = %e, index = group.last, "state machine write failed");
                 std::process::abort();
             }
         };
-        // Watchers hear of the batch once storage holds it (a catch-up may read it back)
+        self.leases.observe(&events);
+        // Watchers hear of the group once storage holds it (a catch-up may read it back)
         // and before the proposers do, as etcd notifies at the end of each apply txn.
         if let Some(hub) = &self.watch {
             hub.notify(events);
         }
-        self.applied.send_replace(last);
-        for (id, res) in results {
+        self.applied.send_replace(group.last);
+        if let Some(m) = crate::metrics::get() {
+            m.server.proposals_applied_total.set(i64::try_from(group.last).unwrap_or(i64::MAX));
+        }
+        for (id, res) in group.results {
             self.wait.trigger(id, res);
         }
     }

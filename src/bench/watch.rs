@@ -261,15 +261,14 @@ pub async fn latency(args: &Args, w: &LatencyArgs) -> anyhow::Result<Summary> {
     latencies.sort_unstable();
     from_send.sort_unstable();
     let put_failures = failures.lock().map(|f| *f).unwrap_or(0);
-    let mut summary = Summary {
+    let summary = Summary {
         total,
         ok: latencies.len() as u64,
         errors: lost + duplicates + put_failures,
         latencies,
-        notes: Vec::new(),
     };
     let send_p99 = Summary { latencies: from_send, ..summary.clone() }.percentile(99.0);
-    summary.notes = vec![
+    print_notes(&[
         format!("Watchers:\t{} on {} streams, {} connections", w.watchers, streams_n, args.conns),
         format!("Puts:\t{} acknowledged at {}/s ({} failed)", acks.len(), w.rate, put_failures),
         "Latency:\tput acknowledged -> event received".to_owned(),
@@ -277,8 +276,16 @@ pub async fn latency(args: &Args, w: &LatencyArgs) -> anyhow::Result<Summary> {
         format!("Events expected:\t{expected}"),
         format!("Events lost:\t{lost}"),
         format!("Events duplicated:\t{duplicates}"),
-    ];
+    ]);
     Ok(summary)
+}
+
+/// Prints a workload's own figures; the common summary follows them.
+fn print_notes(notes: &[String]) {
+    println!("Workload:");
+    for n in notes {
+        println!("  {n}");
+    }
 }
 
 /// Reads the resident memory of `pid` in bytes.
@@ -355,7 +362,8 @@ pub async fn memory(args: &Args, m: &MemoryArgs) -> anyhow::Result<Summary> {
         }
         _ => notes.push("Server RSS:\tnot measured (give --pid)".to_owned()),
     }
-    Ok(Summary { total, ok: latencies.len() as u64, errors: 0, latencies, notes })
+    print_notes(&notes);
+    Ok(Summary { total, ok: latencies.len() as u64, errors: 0, latencies })
 }
 
 #[cfg(test)]

@@ -2,13 +2,15 @@
 //!
 //! Each service validates its requests (`validate`), calls the server, and maps every error
 //! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
-//! yet (Lease, Auth, Lock, Election) are not registered, so clients get gRPC's
+//! yet (Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 
 mod cluster;
 pub mod convert;
 mod kv;
+mod lease;
 mod maintenance;
+mod metered;
 pub mod status;
 pub mod validate;
 pub mod watch;
@@ -17,16 +19,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use self::cluster::ClusterService;
 pub use self::kv::KvService;
+pub use self::lease::LeaseService;
 pub use self::maintenance::MaintenanceService;
+pub use self::metered::MetricsLayer;
 pub use self::watch::WatchService;
 use crate::config::{GRPC_OVERHEAD_BYTES, Url};
 use crate::server::Server;
@@ -83,13 +88,24 @@ pub async fn bind(urls: &[Url]) -> Result<Vec<TcpListener>, Error> {
     Ok(listeners)
 }
 
-/// Serves the client services on `listeners` until `shutdown` resolves.
+/// Initialises `svc`'s `grpc_server_*` series at zero (go-grpc-prometheus does so for every
+/// registered service) and returns it.
+fn metered<S: NamedService>(svc: S) -> S {
+    if let Some(m) = crate::metrics::get() {
+        m.init_grpc_service(S::NAME);
+    }
+    svc
+}
+
+/// Serves the client services on `listeners` until `shutdown` resolves, with `http` (the
+/// JSON gateway and operations endpoints) on the same listeners over HTTP/1.1 and HTTP/2.
 ///
 /// # Errors
 /// [`Error::Serve`] when the transport fails.
 pub async fn serve(
     server: Arc<Server>,
     listeners: Vec<TcpListener>,
+    http: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let max_recv = usize::try_from(server.config().raw.max_request_bytes).unwrap_or(usize::MAX)
@@ -102,24 +118,31 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(
+        // The gateway and /metrics answer plain HTTP/1.1 clients (curl) too.
+        .accept_http1(true)
+        .layer(MetricsLayer)
+        .add_routes(tonic::service::Routes::from(http))
+        .add_service(metered(
             KvServer::new(KvService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
+        ))
+        .add_service(metered(
+            LeaseServer::new(LeaseService::new(server.clone())).max_decoding_message_size(max_recv),
+        ))
+        .add_service(metered(
             MaintenanceServer::new(MaintenanceService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
+        ))
+        .add_service(metered(
             WatchServer::new(WatchService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
+        ))
+        .add_service(metered(
             ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),
-        )
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

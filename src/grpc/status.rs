@@ -3,7 +3,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{apply, mvcc, server};
+use crate::{apply, lease, mvcc, server};
 
 /// etcd's error strings, as clients compare them.
 pub mod msg {
@@ -31,6 +31,10 @@ pub mod msg {
     pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
     /// Unknown lease.
     pub const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
+    /// Duplicate lease id.
+    pub const LEASE_EXISTS: &str = "etcdserver: lease already exists";
+    /// Lease TTL over the maximum.
+    pub const LEASE_TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
     /// No leader.
     pub const NO_LEADER: &str = "etcdserver: no leader";
     /// Stopped.
@@ -51,6 +55,7 @@ pub fn from_server(e: server::Error) -> Status {
         }
         server::Error::Apply(apply::Error::Mvcc(e)) | server::Error::Mvcc(e) => from_mvcc(e),
         server::Error::Apply(apply::Error::Convert(e)) => from_convert(&e),
+        server::Error::Apply(apply::Error::Lease(e)) => from_lease(&e),
         e @ (server::Error::Apply(apply::Error::Decode { .. }) | server::Error::Startup(_)) => {
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
@@ -68,6 +73,16 @@ pub fn from_mvcc(e: mvcc::Error) -> Status {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
+    }
+}
+
+/// Maps a lessor error to etcd's status.
+pub fn from_lease(e: &lease::Error) -> Status {
+    match e {
+        lease::Error::NotFound => Status::new(Code::NotFound, msg::LEASE_NOT_FOUND),
+        lease::Error::Exists => Status::new(Code::FailedPrecondition, msg::LEASE_EXISTS),
+        lease::Error::TtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
+        e => Status::new(Code::Internal, format!("etcdserver: {e}")),
     }
 }
 

@@ -407,9 +407,10 @@ impl LogStore {
 
     /// Persists `commit` into the hard state (raft-rs `LightReady::commit_index`).
     ///
-    /// This syncs: the state machine may durably apply up to `commit` before the next append,
-    /// and raft-rs refuses to restart with an applied index above the stored commit. A
-    /// commit at or below the stored one is a no-op, since commit never moves back.
+    /// The record is written but not fdatasynced on its own (it rides on the next append's
+    /// fdatasync): losing it in a crash is harmless, because raft re-learns the commit index
+    /// and `raft::node::start` raises a stored commit that lags the state machine's applied
+    /// index. A commit at or below the stored one is a no-op, since commit never moves back.
     ///
     /// # Errors
     ///
@@ -425,7 +426,14 @@ impl LogStore {
             hard_state.commit = commit;
             let mut record = Vec::new();
             wal::encode_append(&mut record, Some(&hard_state), [])?;
-            persist(&mut wal, &record, || state.encode_with(&hard_state, &state.conf_state))?;
+            // The commit index needs no fdatasync of its own: raft re-learns it from the
+            // leader, and a state machine found ahead of it at start raises it (see
+            // `raft::node::start`). The next append's fdatasync makes it durable.
+            if wal.fits(record.len()) {
+                wal.write(&record, false)?;
+            } else {
+                persist(&mut wal, &record, || state.encode_with(&hard_state, &state.conf_state))?;
+            }
             hard_state
         };
         self.write().hard_state = hard_state;

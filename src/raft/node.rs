@@ -231,6 +231,7 @@ impl Node {
         }
         // 5. Persist new entries and hard state: one write, one fdatasync.
         if !rd.entries().is_empty() || rd.hs().is_some() {
+            tracing::trace!(entries = rd.entries().len(), hard_state = ?rd.hs(), "persisting ready");
             self.log.append(rd.entries(), rd.hs())?;
         }
         let role_changed = rd.ss().is_some();
@@ -280,6 +281,7 @@ impl Node {
             commit: self.raw.raft.raft_log.committed,
             last_index: self.log.last_index(),
         };
+        record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {
             if *cur == next {
                 false
@@ -289,4 +291,16 @@ impl Node {
             }
         });
     }
+}
+
+/// Updates the `etcd_server_*` raft gauges and counts a leader change the way etcd's
+/// raftNode does: when the leader differs from the previous one and is known.
+fn record_status(prev: &RaftStatus, next: &RaftStatus) {
+    let Some(m) = crate::metrics::get() else { return };
+    if next.leader != raft::INVALID_ID && next.leader != prev.leader {
+        m.server.leader_changes_seen_total.inc();
+    }
+    m.server.has_leader.set(i64::from(next.leader != raft::INVALID_ID));
+    m.server.is_leader.set(i64::from(next.is_leader()));
+    m.server.proposals_committed_total.set(i64::try_from(next.commit).unwrap_or(i64::MAX));
 }

@@ -7,6 +7,7 @@
 
 mod compactor;
 mod datadir;
+mod lease;
 pub mod membership;
 mod propose;
 mod read;
@@ -19,11 +20,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, Applier, Wait};
 use crate::config::Validated;
+use crate::lease::Lessor;
+use crate::lease::queue::LeaderClock;
 use crate::mvcc::{self, KvStore};
 use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus};
 use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
+pub use self::lease::TimeToLive;
 pub use self::membership::Member;
 pub use self::propose::IdGen;
 
@@ -94,7 +98,9 @@ pub struct Server {
     members: Vec<Member>,
     raft: RaftHandle,
     kv: KvStore,
+    leases: Lessor,
     watch: WatchHub,
+    lease_clock: Mutex<LeaderClock>,
     engine: Arc<dyn Engine>,
     wait: Arc<Wait>,
     applied: watch::Receiver<u64>,
@@ -143,6 +149,12 @@ impl Server {
         let engine: Arc<dyn Engine> =
             Arc::new(SledEngine::open(&dir.state_dir()).map_err(|e| startup(&e))?);
         let kv = KvStore::open(engine.clone()).map_err(|e| startup(&e))?;
+        // etcd's minimum TTL: 1.5 election timeouts (in whole ticks), rounded up to seconds.
+        let min_ttl_ms = u64::try_from(cfg.election_ticks * 3 / 2).unwrap_or(15)
+            * u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(100);
+        let min_ttl = i64::try_from(min_ttl_ms.div_ceil(1000)).unwrap_or(2);
+        let leases = Lessor::open(engine.as_ref(), min_ttl).map_err(|e| startup(&e))?;
+        attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
         let applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
         let log = LogStore::open(&dir.raft_dir()).map_err(|e| startup(&e))?;
         tracing::info!(
@@ -178,6 +190,7 @@ impl Server {
         );
         let applier = Applier::new(
             kv.clone(),
+            leases.clone(),
             engine.clone(),
             wait.clone(),
             applied_tx,
@@ -213,7 +226,9 @@ impl Server {
             cfg: Arc::new(cfg),
             raft,
             kv,
+            leases,
             watch: watch_hub,
+            lease_clock: Mutex::new(LeaderClock::new()),
             engine,
             wait,
             applied: applied_rx,
@@ -222,10 +237,12 @@ impl Server {
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
         });
-        if let Some(task) = compactor::start(server.clone()) {
-            if let Ok(mut t) = server.tasks.lock() {
-                t.push(task);
-            }
+        let lease_loop =
+            tokio::spawn(lease::run(server.clone(), server.cfg.lease_checkpoint_interval));
+        let compactor = compactor::start(server.clone());
+        if let Ok(mut t) = server.tasks.lock() {
+            t.push(lease_loop);
+            t.extend(compactor);
         }
         Ok(server)
     }
@@ -288,6 +305,11 @@ impl Server {
         self.reads.barrier().await
     }
 
+    /// The lessor (replicated lease state).
+    pub fn leases(&self) -> &Lessor {
+        &self.leases
+    }
+
     /// Stops raft and apply (apply finishes what was committed and checkpoints) and waits
     /// for their threads.
     pub async fn shutdown(&self) {
@@ -305,5 +327,32 @@ impl Server {
             }
         })
         .await;
+    }
+}
+
+/// Rebuilds lease attachments from the live keys (they are not stored twice), paging
+/// through the keyspace so start-up memory stays bounded.
+fn attach_leased_keys(kv: &KvStore, leases: &Lessor) -> Result<(), mvcc::Error> {
+    let mut req = mvcc::RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        limit: 10_000,
+        keys_only: true,
+        ..Default::default()
+    };
+    req.revision = kv.current_revision();
+    loop {
+        let page = kv.range(&req)?;
+        for item in &page.kvs {
+            leases.attach(item.lease, &item.key);
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => {
+                let mut next = last.key.clone();
+                next.push(0);
+                req.key = next;
+            }
+            _ => return Ok(()),
+        }
     }
 }

@@ -52,8 +52,12 @@ impl Server {
             return Err(Error::TooLarge);
         }
         let rx = self.wait.register(id);
+        // Pending from registration until this call returns, whatever the outcome.
+        let _pending = crate::metrics::get()
+            .map(|m| crate::metrics::GaugeGuard::new(&m.server.proposals_pending));
         if let Err(e) = self.raft.propose(data).await {
             self.wait.cancel(id);
+            count_failed_proposal();
             return Err(match e {
                 crate::raft::Error::NoLeader => Error::NoLeader,
                 _ => Error::Stopped,
@@ -64,8 +68,17 @@ impl Server {
             Ok(Err(_)) => Err(Error::Stopped),
             Err(_) => {
                 self.wait.cancel(id);
+                count_failed_proposal();
                 Err(Error::Timeout)
             }
         }
+    }
+}
+
+/// Counts a proposal that never produced an apply result (`etcd_server_proposals_failed_total`,
+/// as etcd counts dropped and timed-out proposals; apply errors are results, not failures).
+fn count_failed_proposal() {
+    if let Some(m) = crate::metrics::get() {
+        m.server.proposals_failed_total.inc();
     }
 }

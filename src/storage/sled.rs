@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::{Batch, Engine, Error, Keyspace, Result, Scan};
 
@@ -104,12 +105,22 @@ impl Engine for SledEngine {
                 None => b.remove(key),
             }
         }
-        self.db.apply_batch(b).map_err(engine_err)
+        let start = Instant::now();
+        let result = self.db.apply_batch(b).map_err(engine_err);
+        if let Some(m) = crate::metrics::get() {
+            m.disk.backend_commit_duration_seconds.observe(start.elapsed().as_secs_f64());
+        }
+        result
     }
 
     fn sync(&self) -> Result<()> {
+        let start = Instant::now();
         self.db.flush().map_err(engine_err)?;
-        Self::fsync_tree(&self.dir)
+        let result = Self::fsync_tree(&self.dir);
+        if let Some(m) = crate::metrics::get() {
+            m.cairn.backend_sync_duration_seconds.observe(start.elapsed().as_secs_f64());
+        }
+        result
     }
 
     fn size_on_disk(&self) -> Result<u64> {

@@ -16,7 +16,7 @@ async fn writer(url: String, id: usize, round: usize, acked: Acked, stop: Arc<At
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         // Unique keys, plus one hot key every writer overwrites.
-        let (key, value) = if i % 5 == 0 {
+        let (key, value) = if i.is_multiple_of(5) {
             ("hot".to_owned(), format!("w{id}-r{round}-{i}"))
         } else {
             (format!("w{id}/r{round}/{i}"), format!("value-{i}"))

@@ -30,6 +30,20 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String,
     )
 }
 
+/// True when etcdctl is available; without it the test is skipped, unless the test script
+/// (which installs etcdctl) set `CAIRN_REQUIRE_ETCD`, in which case its absence fails.
+pub fn have_etcdctl() -> bool {
+    if etcdctl_binary().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CAIRN_REQUIRE_ETCD").is_none(),
+        "CAIRN_REQUIRE_ETCD is set but etcdctl is missing"
+    );
+    eprintln!("no etcdctl; skipping");
+    false
+}
+
 fn ok(endpoint: &str, args: &[&str]) -> String {
     let (success, out, err) = etcdctl(endpoint, args, None);
     assert!(success, "etcdctl {args:?} failed: {err}");
@@ -50,8 +64,7 @@ fn json_number(json: &str, field: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn etcdctl_put_get_del_and_their_options_work() {
-    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
-        eprintln!("no etcdctl; skipping");
+    if !have_etcdctl() {
         return;
     }
     let srv = Cairn::start().await;
@@ -93,8 +106,7 @@ async fn etcdctl_put_get_del_and_their_options_work() {
 
 #[tokio::test]
 async fn etcdctl_txn_compaction_and_endpoint_status_work() {
-    if etcdctl_binary().is_none() && std::env::var_os("CAIRN_REQUIRE_ETCD").is_none() {
-        eprintln!("no etcdctl; skipping");
+    if !have_etcdctl() {
         return;
     }
     let srv = Cairn::start().await;
@@ -135,6 +147,35 @@ async fn etcdctl_txn_compaction_and_endpoint_status_work() {
         assert!(success && (out + &err).contains("is healthy"), "health failed");
         let members = ok(&ep, &["member", "list"]);
         assert!(members.contains(", started, it, "), "{members}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn etcdctl_lease_commands_work() {
+    if !have_etcdctl() {
+        return;
+    }
+    let srv = Cairn::start().await;
+    let ep = srv.endpoint();
+    tokio::task::spawn_blocking(move || {
+        let out = ok(&ep, &["lease", "grant", "60"]);
+        // "lease 694d7a0a3f0d1a0b granted with TTL(60s)"
+        let id = out.split_whitespace().nth(1).unwrap().to_owned();
+        assert!(out.ends_with("granted with TTL(60s)\n"), "{out}");
+        assert_eq!(ok(&ep, &["put", "--lease", &id, "svc/a", "up"]), "OK\n");
+        let out = ok(&ep, &["lease", "keep-alive", "--once", &id]);
+        assert_eq!(out, format!("lease {id} keepalived with TTL(60)\n"));
+        let out = ok(&ep, &["lease", "timetolive", "--keys", &id]);
+        assert!(out.starts_with(&format!("lease {id} granted with TTL(60s), remaining(")), "{out}");
+        assert!(out.ends_with("attached keys([svc/a])\n"), "{out}");
+        let out = ok(&ep, &["lease", "list"]);
+        assert_eq!(out, format!("found 1 leases\n{id}\n"));
+        assert_eq!(ok(&ep, &["lease", "revoke", &id]), format!("lease {id} revoked\n"));
+        assert_eq!(ok(&ep, &["get", "svc/a"]), "", "the revoke deleted the key");
+        let out = ok(&ep, &["lease", "timetolive", &id]);
+        assert_eq!(out, format!("lease {id} already expired\n"));
     })
     .await
     .unwrap();

@@ -109,11 +109,9 @@ pub async fn wait_ready(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut c) = etcd_client::Client::connect([url], None).await {
-            if c.status().await.is_ok() {
-                // A fresh member elects itself within a tick; wait until writes work.
-                if c.get("cairn-probe", None).await.is_ok() {
-                    return;
-                }
+            // A fresh member elects itself within a tick; wait until reads through raft work.
+            if c.status().await.is_ok() && c.get("cairn-probe", None).await.is_ok() {
+                return;
             }
         }
         assert!(Instant::now() < deadline, "{url} did not become ready");

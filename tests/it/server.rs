@@ -87,7 +87,7 @@ async fn etcd_environment_variables_configure_the_server() {
     let mut c = etcd_client::Client::connect([client.as_str()], None).await.unwrap();
     let members = c.member_list().await.unwrap();
     assert_eq!(members.members()[0].name(), "envnode");
-    assert_eq!(members.members()[0].peer_urls(), [peer.clone()]);
+    assert_eq!(members.members()[0].peer_urls(), std::slice::from_ref(&peer));
     use etcd_client::{Txn, TxnOp};
     let ops =
         vec![TxnOp::put("a", "1", None), TxnOp::put("b", "1", None), TxnOp::put("c", "1", None)];
@@ -128,6 +128,6 @@ async fn the_default_member_has_etcds_default_ids() {
     let mut c = srv.client().await;
     let list = c.member_list().await.unwrap();
     let m = &list.members()[0];
-    assert_eq!(m.client_urls(), [srv.client_url.clone()]);
+    assert_eq!(m.client_urls(), std::slice::from_ref(&srv.client_url));
     assert!(!m.is_learner());
 }

@@ -2,9 +2,6 @@
 //! ranges, start revisions, prev_kv, filters, ids, fragments, cancel, progress, compaction.
 //! The load, slow-consumer and restart tests live in `watch_load.rs`.
 
-// Helpers outside #[test] functions are test code too.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::time::Duration;
 
 use etcd_client::{

@@ -1,8 +1,6 @@
 //! `etcdctl watch` (key, `--prefix`, `--rev`, `--prev-kv`, `-w json`) against Cairn, as a
 //! child process whose output is read until the expected events have been printed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;

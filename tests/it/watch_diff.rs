@@ -6,8 +6,6 @@
 //! responses differently (both keep a revision whole); everything else is compared
 //! response by response.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::time::Duration;
 
 use etcd_client::{

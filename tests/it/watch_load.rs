@@ -4,8 +4,6 @@
 //! watcher's events against an oracle built from the write responses: every event meant
 //! for it, exactly once, in order.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,7 +72,7 @@ impl Oracle {
         self.events
             .iter()
             .filter(|(c, _)| c.rev >= w.start && w.contains(&c.key))
-            .filter(|(c, _)| !(w.no_put && c.put) && !(w.no_delete && !c.put))
+            .filter(|(c, _)| if c.put { !w.no_put } else { !w.no_delete })
             .map(|(c, prev)| {
                 let value = if c.put { c.value.clone() } else { String::new() };
                 let prev = if w.prev_kv { prev.clone() } else { None };
