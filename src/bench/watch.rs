@@ -267,12 +267,13 @@ pub async fn latency(args: &Args, w: &LatencyArgs) -> anyhow::Result<Summary> {
         errors: lost + duplicates + put_failures,
         latencies,
     };
+    let p99 = summary.percentile(99.0);
     let send_p99 = Summary { latencies: from_send, ..summary.clone() }.percentile(99.0);
     print_notes(&[
         format!("Watchers:\t{} on {} streams, {} connections", w.watchers, streams_n, args.conns),
         format!("Puts:\t{} acknowledged at {}/s ({} failed)", acks.len(), w.rate, put_failures),
-        "Latency:\tput acknowledged -> event received".to_owned(),
-        format!("Put sent -> event received p99:\t{:.4} secs.", send_p99.as_secs_f64()),
+        format!("Event latency p99 (put acknowledged -> event received):\t{} us", p99.as_micros()),
+        format!("Event latency p99 (put sent -> event received):\t{} us", send_p99.as_micros()),
         format!("Events expected:\t{expected}"),
         format!("Events lost:\t{lost}"),
         format!("Events duplicated:\t{duplicates}"),
