@@ -183,6 +183,23 @@ async fn a_txn_or_multi_key_delete_arrives_in_one_response() {
 }
 
 #[tokio::test]
+async fn a_lease_revoke_deletes_its_keys_in_one_response_with_prev_kv() {
+    let srv = Cairn::start().await;
+    let mut c = srv.client().await;
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    for k in ["l/a", "l/b", "l/c"] {
+        c.put(k, "up", Some(etcd_client::PutOptions::new().with_lease(lease))).await.unwrap();
+    }
+    let mut s = watch(&mut c, "l/", WatchOptions::new().with_prefix().with_prev_key()).await;
+    let rev = c.lease_revoke(lease).await.unwrap().header().unwrap().revision();
+    let r = next(&mut s).await;
+    assert_eq!(
+        seen(&r),
+        [del("l/a", rev, Some("up")), del("l/b", rev, Some("up")), del("l/c", rev, Some("up"))]
+    );
+}
+
+#[tokio::test]
 async fn noput_and_nodelete_filters_drop_their_event_kinds() {
     let srv = Cairn::start().await;
     let mut c = srv.client().await;
