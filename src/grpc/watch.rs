@@ -273,6 +273,9 @@ fn to_messages(
         }
         ResponseKind::Progress => base,
         ResponseKind::Events { events, prev_kv, fragment } => {
+            if let Some(m) = crate::metrics::get() {
+                m.mvcc.events_total.inc_by(u64::try_from(events.len()).unwrap_or(u64::MAX));
+            }
             let events = events.iter().map(|e| event(e, prev_kv)).collect();
             if fragment {
                 return fragments(base, events, fragment_bytes);

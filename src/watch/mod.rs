@@ -33,6 +33,12 @@
 //! goes out); events are shared between the watchers that receive them.
 //!
 //! This module speaks mvcc's domain types; the gRPC edge converts them.
+//!
+//! # Layout
+//!
+//! `mod.rs` (the hub: create, cancel, progress, fan-out from apply), `group.rs` (watchers,
+//! the slab that holds them and the index of synced ones), `stream.rs` (a stream's bounded
+//! queue and its two halves), `sync.rs` (catching up from history), `tests.rs`.
 
 mod group;
 mod stream;
@@ -378,6 +384,30 @@ impl WatchHub {
     pub fn unsynced_count(&self) -> usize {
         self.shared.lock().streams.values().map(|s| s.unsynced.len()).sum()
     }
+
+    /// Counts of watchers, streams and queued events, for metrics.
+    pub fn stats(&self) -> WatchStats {
+        let st = self.shared.lock();
+        WatchStats {
+            watchers: st.watchers.len(),
+            streams: st.streams.len(),
+            unsynced: st.streams.values().map(|s| s.unsynced.len()).sum(),
+            pending_events: st.streams.values().map(|s| s.outbox.pending_events()).sum(),
+        }
+    }
+}
+
+/// A snapshot of the hub's size (etcd's `etcd_debugging_mvcc_*` watch gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// Live watchers.
+    pub watchers: usize,
+    /// Open streams.
+    pub streams: usize,
+    /// Watchers catching up from history.
+    pub unsynced: usize,
+    /// Events queued in the streams' queues, not yet taken by their senders.
+    pub pending_events: usize,
 }
 
 impl HubState {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{CreateRequest, Response, Shared, WatchConfig};
+use super::{CreateRequest, Response, ResponseKind, Shared, WatchConfig};
 
 /// Control responses a stream queues before its requests wait (etcd's `ctrlStreamBufLen`).
 pub const CONTROL_CAP: usize = 16;
@@ -25,8 +25,8 @@ pub const CONTROL_CAP: usize = 16;
 enum Cost {
     /// An answer to a request.
     Control,
-    /// Events, with their size estimate.
-    Events(usize),
+    /// Events: their size estimate and their number.
+    Events(usize, usize),
     /// A progress tick or a catch-up cancel: bounded by the number of watchers.
     Free,
 }
@@ -49,6 +49,8 @@ struct Queue {
     event_items: usize,
     /// Event bytes queued.
     event_bytes: usize,
+    /// Events queued (a response holds one or more).
+    events: usize,
     /// Control responses queued.
     control_items: usize,
     /// The stream's unsynced watchers (mirrors the hub's set, readable without its lock).
@@ -90,7 +92,8 @@ impl Outbox {
     /// while the budget is at most half used, and bounds what one step produces.
     pub(super) fn push_events(&self, responses: Vec<(Response, usize)>) {
         for (r, bytes) in responses {
-            self.push_with(r, Cost::Events(bytes));
+            let n = event_count(&r);
+            self.push_with(r, Cost::Events(bytes, n));
         }
     }
 
@@ -101,9 +104,10 @@ impl Outbox {
         }
         match cost {
             Cost::Control => q.control_items += 1,
-            Cost::Events(bytes) => {
+            Cost::Events(bytes, n) => {
                 q.event_items += 1;
                 q.event_bytes += bytes;
+                q.events += n;
             }
             Cost::Free => {}
         }
@@ -127,13 +131,20 @@ impl Outbox {
             return false;
         }
         for (r, bytes) in responses {
+            let n = event_count(&r);
             q.event_items += 1;
             q.event_bytes += bytes;
-            q.items.push_back((r, Cost::Events(bytes)));
+            q.events += n;
+            q.items.push_back((r, Cost::Events(bytes, n)));
         }
         drop(q);
         self.wake.notify_one();
         true
+    }
+
+    /// The number of events queued.
+    pub(super) fn pending_events(&self) -> usize {
+        self.lock().events
     }
 
     /// Records how many of the stream's watchers wait to catch up.
@@ -212,13 +223,22 @@ impl Outbox {
                 q.control_items -= 1;
                 self.room.notify_one();
             }
-            Cost::Events(bytes) => {
+            Cost::Events(bytes, n) => {
                 q.event_items -= 1;
                 q.event_bytes -= bytes;
+                q.events -= n;
             }
             Cost::Free => {}
         }
         Next::Send(r)
+    }
+}
+
+/// The number of events a response carries.
+fn event_count(r: &Response) -> usize {
+    match &r.kind {
+        ResponseKind::Events { events, .. } => events.len(),
+        _ => 0,
     }
 }
 
@@ -331,8 +351,8 @@ impl ResponseSource {
     }
 
     /// The progress interval plus up to 10 % jitter, as etcd adds, so that streams opened
-    /// together do not tick together; derived from the stream id (apply-free code may use
-    /// the clock, but Cairn carries no random number generator).
+    /// together do not tick together. The jitter comes from hashing the stream id: Cairn
+    /// carries no random number generator, and ids spread streams just as well.
     fn tick_interval(&self) -> Duration {
         let base = self.shared.cfg.progress_notify_interval;
         let permille = self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54; // 0..1023

@@ -414,6 +414,12 @@ async fn a_reader_that_stops_is_set_aside_then_caught_up_without_gap_or_repeat()
         assert_eq!(got.last(), want.last());
     }
     assert_eq!(f.hub.unsynced_count(), 1, "the slow reader was set aside");
+    let stats = f.hub.stats();
+    assert_eq!(
+        stats,
+        WatchStats { watchers: 2, streams: 2, unsynced: 1, pending_events: 4 },
+        "the slow stream holds a full queue (4 responses of one event), the fast one nothing"
+    );
     let got = collect(&mut slow, want.len()).await;
     assert_eq!(got, want);
     assert_eq!(f.hub.unsynced_count(), 0);

@@ -387,3 +387,43 @@ async fn progress_notify_watchers_hear_the_revision_when_idle() {
     let r = next(&mut s).await;
     assert_eq!(r.header().unwrap().revision(), 2, "the next tick reports the new revision");
 }
+
+/// Reads `/metrics` over plain HTTP/1.1 and returns the value of an unlabelled sample.
+async fn metric(base: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: cairn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in the scrape"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn watch_metrics_count_watchers_streams_and_sent_events() {
+    let srv = Cairn::start().await;
+    let mut c = srv.client().await;
+    let mut a = watch(&mut c, "m", WatchOptions::new().with_watch_id(1)).await;
+    a.watch("m", Some(WatchOptions::new().with_watch_id(2))).await.unwrap();
+    next(&mut a).await;
+    let mut b = watch(&mut c, "m", WatchOptions::new().with_prefix()).await;
+    c.put("m", "1", None).await.unwrap();
+    next(&mut a).await;
+    next(&mut a).await;
+    next(&mut b).await;
+    let url = srv.client_url.as_str();
+    assert_eq!(metric(url, "etcd_debugging_mvcc_watcher_total").await, 3.0);
+    assert_eq!(metric(url, "etcd_debugging_mvcc_watch_stream_total").await, 2.0);
+    assert_eq!(metric(url, "etcd_debugging_mvcc_slow_watcher_total").await, 0.0);
+    assert_eq!(metric(url, "etcd_debugging_mvcc_pending_events_total").await, 0.0);
+    assert_eq!(metric(url, "etcd_debugging_mvcc_events_total").await, 3.0);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(metric(url, "etcd_debugging_mvcc_watch_stream_total").await, 1.0);
+}
