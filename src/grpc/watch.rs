@@ -2,10 +2,11 @@
 //! (etcd's `api/v3rpc/watch.go`).
 //!
 //! Per stream, a request task reads the client's create, cancel and progress requests and
-//! hands them to the stream's [`WatchStream`]; the response stream tonic sends is the
-//! stream's [`ResponseSource`], converted to etcd's messages here. The watch module does
-//! the ordering, bounding and catching up; this file only translates, splits large
-//! responses into fragments for watchers that allow it, and enforces `hasleader`.
+//! hands them to the stream's [`WatchStream`](crate::watch::WatchStream); the response
+//! stream tonic sends is the stream's [`ResponseSource`], converted to etcd's messages
+//! here. The watch module does the ordering, bounding and catching up; this file only
+//! translates, splits large responses into fragments for watchers that allow it, and
+//! enforces `hasleader`.
 //!
 //! As in etcd, a client that half-closes its side keeps receiving events; the stream ends
 //! when the client cancels the call or goes away, and its watchers go with it.
