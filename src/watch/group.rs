@@ -72,7 +72,8 @@ pub(super) struct Slab {
 }
 
 impl Slab {
-    /// Stores `w` and returns its slot, or `None` when 2^32 watchers already exist.
+    /// Stores `w` and returns its slot, or `None` when 2^32 - 1 watchers already exist
+    /// (`Slot::MAX` is never a slot: the hub uses it as a marker).
     pub(super) fn insert(&mut self, w: Watcher) -> Option<Slot> {
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -81,7 +82,7 @@ impl Slab {
                 slot
             }
             None => {
-                let slot = Slot::try_from(self.slots.len()).ok()?;
+                let slot = Slot::try_from(self.slots.len()).ok().filter(|s| *s != Slot::MAX)?;
                 self.slots.push(Some(w));
                 slot
             }

@@ -62,6 +62,11 @@ pub const WINDOW_REVISIONS: i64 = 1000;
 /// exceed a client's 4 MiB default receive limit).
 const RESPONSE_SOFT_BYTES: usize = 1024 * 1024;
 
+/// The id-map value of a watcher the server ended (behind the compaction point, or its
+/// history unreadable): as in etcd, whose watch stream keeps such a watcher, its id stays
+/// taken until the client cancels it, and that cancel is answered.
+const ENDED: Slot = Slot::MAX;
+
 /// Errors that end a watcher; the edge turns each into etcd's `cancel_reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -459,6 +464,15 @@ impl HubState {
         Some(w)
     }
 
+    /// Removes a watcher the server ends, keeping its id taken (see [`ENDED`]).
+    fn end_watcher(&mut self, slot: Slot) -> Option<Watcher> {
+        let w = self.remove_watcher(slot)?;
+        if let Some(entry) = self.streams.get_mut(&w.stream) {
+            entry.ids.insert(w.watch_id, ENDED);
+        }
+        Some(w)
+    }
+
     /// Registers a watcher for stream `stream` and queues the answer to its create.
     fn create(&mut self, stream: u64, req: CreateRequest) {
         let rev = self.rev;
@@ -538,7 +552,13 @@ impl HubState {
         else {
             return;
         };
-        self.remove_watcher(slot);
+        if slot == ENDED {
+            if let Some(entry) = self.streams.get_mut(&stream) {
+                entry.ids.remove(&watch_id);
+            }
+        } else {
+            self.remove_watcher(slot);
+        }
         if let Some(entry) = self.streams.get_mut(&stream) {
             let canceled = Response { watch_id, revision: rev, kind: ResponseKind::Canceled };
             entry.outbox.push_control(canceled);

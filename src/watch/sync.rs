@@ -85,7 +85,7 @@ impl HubState {
             if w.next_rev < compact_rev {
                 // etcd sends this response with an empty header revision.
                 let watch_id = w.watch_id;
-                self.remove_watcher(slot);
+                self.end_watcher(slot);
                 let kind = ResponseKind::Compacted { compact_revision: compact_rev };
                 if let Some(entry) = self.streams.get(&stream) {
                     entry.outbox.push_free(Response { watch_id, revision: 0, kind });
@@ -160,7 +160,7 @@ impl HubState {
                     if self.watchers.get(slot).is_none_or(|w| w.uid != uid) {
                         continue;
                     }
-                    if let Some(w) = self.remove_watcher(slot)
+                    if let Some(w) = self.end_watcher(slot)
                         && let Some(entry) = self.streams.get(&stream)
                     {
                         let kind = ResponseKind::Failed(Error::History(reason.clone()));

@@ -280,19 +280,27 @@ async fn compacted_start_revisions_are_created_then_canceled_with_the_compact_re
     }
     f.compact(4);
     let (ctl, mut src) = f.hub.open_stream();
-    ctl.create(CreateRequest { start_revision: 3, ..watch("k", "") }).await;
+    ctl.create(CreateRequest { watch_id: 5, start_revision: 3, ..watch("k", "") }).await;
     assert_eq!(recv(&mut src).await.kind, ResponseKind::Created);
     let canceled = recv(&mut src).await;
     assert_eq!(
         canceled,
         Response {
-            watch_id: 0,
+            watch_id: 5,
             revision: 0,
             kind: ResponseKind::Compacted { compact_revision: 4 }
         }
     );
+    // As in etcd, the id stays taken until the client cancels it, and that is answered.
+    ctl.create(CreateRequest { watch_id: 5, ..watch("k", "") }).await;
+    assert_eq!(recv(&mut src).await.kind, ResponseKind::Refused(Error::DuplicateWatchId));
+    ctl.cancel(5).await;
+    assert_eq!(
+        recv(&mut src).await,
+        Response { watch_id: 5, revision: 5, kind: ResponseKind::Canceled }
+    );
     // Exactly at the compaction revision is still readable, as in etcd.
-    ctl.create(CreateRequest { start_revision: 4, ..watch("k", "") }).await;
+    ctl.create(CreateRequest { watch_id: 5, start_revision: 4, ..watch("k", "") }).await;
     assert_eq!(recv(&mut src).await.kind, ResponseKind::Created);
     assert_eq!(events(&recv(&mut src).await), [ev('P', "k", 4), ev('P', "k", 5)]);
     assert_eq!(f.hub.watcher_count(), 1);

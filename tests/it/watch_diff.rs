@@ -72,8 +72,13 @@ async fn scenario(c: &mut Client) -> Vec<String> {
         .unwrap(); // 6
     c.compact(3, None).await.unwrap();
 
-    out.push("-- below the compaction point".into());
+    out.push("-- below the compaction point; its id stays taken until canceled".into());
     let mut s = c.watch("a", Some(WatchOptions::new().with_start_revision(2))).await.unwrap();
+    drain(&mut s, &mut out).await;
+    s.watch("b", None).await.unwrap();
+    drain(&mut s, &mut out).await;
+    s.cancel(0).await.unwrap();
+    s.cancel(1).await.unwrap();
     drain(&mut s, &mut out).await;
     out.push("-- from the compaction point, with prev_kv".into());
     s.watch("a", Some(WatchOptions::new().with_start_revision(3).with_prev_key())).await.unwrap();
