@@ -196,9 +196,9 @@ impl Outbox {
     }
 
     /// Takes the next response, or says why there is none. Catching up comes first while
-    /// the event budget is at most half used, so unsynced watchers progress even on a busy
-    /// stream, and never when the client is not reading (the queue stays full then).
-    /// Also returns the number of `progress_notify` watchers.
+    /// the event budget is at most half used and no answer to a request waits, so unsynced
+    /// watchers progress even on a busy stream, and never when the client is not reading
+    /// (the queue stays full then). Also returns the number of `progress_notify` watchers.
     fn next(&self) -> (Next, usize) {
         let mut q = self.lock();
         let progress_watchers = q.progress_watchers;
@@ -209,7 +209,10 @@ impl Outbox {
         if q.closed {
             return Next::Closed;
         }
+        // Answers to requests go out before more history is read: a watcher replaying a
+        // long history must not hold up another one's `created`.
         if q.unsynced > 0
+            && q.control_items == 0
             && q.event_items <= self.cfg.queue_responses / 2
             && q.event_bytes <= self.cfg.queue_bytes / 2
         {

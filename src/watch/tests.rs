@@ -230,6 +230,22 @@ async fn a_past_start_revision_replays_history_then_continues_live() {
 }
 
 #[tokio::test]
+async fn a_create_is_answered_while_another_watcher_replays_a_long_history() {
+    let f = fixture();
+    for i in 0..20 * WINDOW_REVISIONS {
+        f.put("busy", &i.to_string());
+    }
+    let (ctl, mut src) = f.hub.open_stream();
+    // Twenty windows to scan, none with an event for this watcher.
+    ctl.create(CreateRequest { start_revision: 1, ..watch("quiet", "") }).await;
+    assert_eq!(recv(&mut src).await.kind, ResponseKind::Created);
+    ctl.create(CreateRequest { watch_id: 9, ..watch("other", "") }).await;
+    let r = recv(&mut src).await;
+    assert_eq!((r.watch_id, r.kind), (9, ResponseKind::Created));
+    assert!(f.hub.unsynced_count() == 1, "answered before the replay finished");
+}
+
+#[tokio::test]
 async fn a_future_start_revision_waits_for_that_revision() {
     let f = fixture();
     let (ctl, mut src) = f.hub.open_stream();
