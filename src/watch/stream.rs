@@ -195,23 +195,30 @@ impl Outbox {
         }
     }
 
-    /// Takes the next response, or says why there is none. Catching up comes first while
-    /// the event budget is at most half used and no answer to a request waits, so unsynced
-    /// watchers progress even on a busy stream, and never when the client is not reading
-    /// (the queue stays full then). Also returns the number of `progress_notify` watchers.
-    fn next(&self) -> (Next, usize) {
+    /// Takes the next response, or says why there is none. With `may_step`, catching up
+    /// comes first while the event budget is at most half used and no answer to a request
+    /// waits, so unsynced watchers progress even on a busy stream, and never when the
+    /// client is not reading (the queue stays full then). Also returns the number of
+    /// `progress_notify` watchers.
+    fn next(&self, may_step: bool) -> (Next, usize) {
         let mut q = self.lock();
         let progress_watchers = q.progress_watchers;
-        (self.next_locked(&mut q), progress_watchers)
+        (self.next_locked(&mut q, may_step), progress_watchers)
     }
 
-    fn next_locked(&self, q: &mut Queue) -> Next {
+    /// The number of responses queued.
+    fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    fn next_locked(&self, q: &mut Queue, may_step: bool) -> Next {
         if q.closed {
             return Next::Closed;
         }
         // Answers to requests go out before more history is read: a watcher replaying a
         // long history must not hold up another one's `created`.
-        if q.unsynced > 0
+        if may_step
+            && q.unsynced > 0
             && q.control_items == 0
             && q.event_items <= self.cfg.queue_responses / 2
             && q.event_bytes <= self.cfg.queue_bytes / 2
@@ -292,6 +299,10 @@ pub struct ResponseSource {
     /// When the next progress tick is due, while the stream has `progress_notify`
     /// watchers.
     next_tick: Option<Instant>,
+    /// Responses to send before the next catch-up step: what was queued when the last
+    /// step ended. Steps and sends take turns, so live events of the stream's synced
+    /// watchers wait for at most one step, however long another watcher's replay is.
+    sends_before_step: usize,
 }
 
 impl std::fmt::Debug for ResponseSource {
@@ -307,7 +318,7 @@ pub(super) fn open(
     outbox: Arc<Outbox>,
 ) -> (WatchStream, ResponseSource) {
     let req = WatchStream { shared: shared.clone(), id, outbox: outbox.clone() };
-    (req, ResponseSource { shared, id, outbox, next_tick: None })
+    (req, ResponseSource { shared, id, outbox, next_tick: None, sends_before_step: 0 })
 }
 
 impl ResponseSource {
@@ -325,7 +336,7 @@ impl ResponseSource {
                 self.next_tick = None;
                 self.shared.lock().progress_tick(self.id);
             }
-            let (next, progress_watchers) = self.outbox.next();
+            let (next, progress_watchers) = self.outbox.next(self.sends_before_step == 0);
             // Ticks run while the stream has `progress_notify` watchers, busy or not.
             if progress_watchers == 0 {
                 self.next_tick = None;
@@ -333,10 +344,14 @@ impl ResponseSource {
                 self.next_tick = Some(Instant::now() + self.tick_interval());
             }
             match next {
-                Next::Send(r) => return Some(r),
+                Next::Send(r) => {
+                    self.sends_before_step = self.sends_before_step.saturating_sub(1);
+                    return Some(r);
+                }
                 Next::Closed => return None,
                 Next::CatchUp => {
                     super::sync::step(&self.shared, self.id).await;
+                    self.sends_before_step = self.outbox.len();
                     continue;
                 }
                 Next::Idle => {}

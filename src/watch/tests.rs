@@ -246,6 +246,33 @@ async fn a_create_is_answered_while_another_watcher_replays_a_long_history() {
 }
 
 #[tokio::test]
+async fn live_events_are_not_held_back_by_another_watchers_long_replay() {
+    let f = fixture();
+    for i in 0..20 * WINDOW_REVISIONS {
+        f.put(if i % 100 == 0 { "old" } else { "busy" }, &i.to_string());
+    }
+    let (ctl, mut src) = f.hub.open_stream();
+    ctl.create(watch("live", "")).await;
+    ctl.create(CreateRequest { start_revision: 1, ..watch("old", "") }).await;
+    recv(&mut src).await;
+    recv(&mut src).await;
+    let rev = f.put("live", "now");
+    // The live event comes within a step or two of the replay, not after all of it.
+    let mut replayed = 0;
+    loop {
+        let r = recv(&mut src).await;
+        if r.watch_id == 0 {
+            assert_eq!(events(&r), [ev('P', "live", rev)]);
+            break;
+        }
+        replayed += events(&r).len();
+    }
+    assert!(replayed < 100, "{replayed} replayed events went out first");
+    assert_eq!(f.hub.unsynced_count(), 1, "the replay is still going");
+    assert_eq!(collect(&mut src, 200 - replayed).await.len(), 200 - replayed);
+}
+
+#[tokio::test]
 async fn a_future_start_revision_waits_for_that_revision() {
     let f = fixture();
     let (ctl, mut src) = f.hub.open_stream();
