@@ -1,6 +1,8 @@
 //! Catching unsynced watchers up from history (etcd's `syncWatchers`, run per stream).
 //!
-//! One step, run by the stream's response task while its queue has room:
+//! One step, run by the stream's response task while its queue has room and no answer to a
+//! request waits (steps take turns with sending what is queued, so the stream's live
+//! events are never held back by a long replay):
 //!
 //! 1. *Plan*, under the hub lock: cancel the watchers that need history older than the
 //!    compaction point; move those already at the hub's revision into the synced group;
