@@ -4,7 +4,8 @@
 # alternating the two for ROUNDS rounds, and prints each median figure with the ratio
 # Cairn/etcd. Machines here are shared and noisy: compare ratios, not absolute numbers.
 #
-# Usage: scripts/bench-vs-etcd.sh [workload...]   (default: all single-member workloads)
+# Usage: scripts/bench-vs-etcd.sh [workload...]   (default: all single-member workloads;
+#        watch-latency-100watchers and watch-memory-100k print a second table)
 #        scripts/bench-vs-etcd.sh cluster          (the three-member workloads, "3m-*")
 # Three-member workloads start three members of each server on loopback and spread the
 # benchmark's connections over all three client URLs (followers forward writes to the leader).
@@ -71,12 +72,15 @@ declare -A WORKLOADS=(
   [3m-put-256clients]="|--conns 9 --clients 256 --total $((60000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [3m-range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
   [3m-range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
+  # Watch workloads get their own table (see the end): @PID@ becomes the server's pid.
+  [watch-latency-100watchers]="|--conns 2 watch-latency --watchers 100 --streams 10 --rate 200 --puts $((2000 * SCALE))"
+  [watch-memory-100k]="|--conns 10 watch-memory --watchers 100000 --streams 100 --pid @PID@"
 )
-ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients)
+ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients watch-latency-100watchers watch-memory-100k)
 CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
 if [ "${1:-}" = cluster ]; then ORDER=("${CLUSTER_ORDER[@]}"); elif [ $# -gt 0 ]; then ORDER=("$@"); fi
 
-run_one() { # kind workload → "rps p99"
+run_one() { # kind workload → "rps p99" (watch-*: the raw bench output)
   local kind=$1 spec=${WORKLOADS[$2]}
   local setup=${spec%%|*} args=${spec#*|}
   MEMBERS=1
@@ -86,6 +90,8 @@ run_one() { # kind workload → "rps p99"
     ENDPOINTS="$ENDPOINTS${ENDPOINTS:+,}http://127.0.0.1:$((CPORT + i))"
   done
   local pids; pids=$(start_server "$kind")
+  # Watch workloads run against one member; @PID@ becomes its pid.
+  args=${args//@PID@/${pids# }}
   # shellcheck disable=SC2086
   [ -n "$setup" ] && "$CAIRN_BIN" bench --endpoints "$ENDPOINTS" $setup >/dev/null
   # A setup write must reach every member before reads are measured.
@@ -103,6 +109,7 @@ run_one() { # kind workload → "rps p99"
     while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   done
   echo "$out" >"$WORK/last-$kind.out"; [ -n "${BENCH_DEBUG:-}" ] && echo "$out" >&2
+  case $2 in watch-*) echo "$out"; return ;; esac
   local rps p99
   rps=$(awk -F'\t' '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '/ 99% in/ {print $3}' <<<"$out")
@@ -113,6 +120,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-32s %12s %12s %8s %10s %10s\n' workload etcd_rps cairn_rps ratio etcd_p99 cairn_p99
 for w in "${ORDER[@]}"; do
+  case $w in watch-*) continue ;; esac
   : >"$WORK/etcd.rps"; : >"$WORK/cairn.rps"; : >"$WORK/etcd.p99"; : >"$WORK/cairn.p99"
   for r in $(seq 1 "$ROUNDS"); do
     # Alternate who goes first so drift on a shared machine hits both alike.
@@ -127,4 +135,50 @@ for w in "${ORDER[@]}"; do
   ep=$(median <"$WORK/etcd.p99"); cp=$(median <"$WORK/cairn.p99")
   ratio=$(awk -v c="$c" -v e="$e" 'BEGIN { printf "%.2f", c / e }')
   printf '%-32s %12.1f %12.1f %8s %10s %10s\n' "$w" "$e" "$c" "$ratio" "$ep" "$cp"
+done
+
+# Watch workloads: watch-latency compares the p99 of put-acknowledged -> event-received
+# (and, second, put-sent -> event-received, which includes the write itself) in
+# microseconds, and counts lost events (must be 0); watch-memory compares the server's
+# resident bytes per watcher. Lower is better for every figure; ratio = Cairn/etcd.
+watch_figures() { # workload output → "first second lost"
+  case $1 in
+    watch-latency-*)
+      awk -F'\t' '/put acknowledged -> event/ {a=$2} /put sent -> event/ {b=$2} /Events lost/ {l=$2}
+        END {sub(/ us/, "", a); sub(/ us/, "", b); print a, b, l}' <<<"$2" ;;
+    watch-memory-*)
+      awk -F'\t' '/Bytes per watcher/ {a=$2} / 99% in/ {split($0, p, " "); b=p[3]}
+        END {print a, b * 1000000, 0}' <<<"$2" ;;
+  esac
+}
+
+watch_header_done=
+for w in "${ORDER[@]}"; do
+  case $w in watch-*) ;; *) continue ;; esac
+  if [ -z "$watch_header_done" ]; then
+    echo
+    printf '%-28s %-24s %10s %10s %7s %10s %10s %7s %9s\n' workload figure etcd cairn ratio \
+      etcd_2nd cairn_2nd ratio lost_e/c
+    watch_header_done=1
+  fi
+  for k in etcd cairn; do : >"$WORK/$k.w1"; : >"$WORK/$k.w2"; : >"$WORK/$k.lost"; done
+  for r in $(seq 1 "$ROUNDS"); do
+    kinds=(etcd cairn); [ $((r % 2)) -eq 0 ] && kinds=(cairn etcd)
+    for k in "${kinds[@]}"; do
+      read -r f1 f2 lost < <(watch_figures "$w" "$(run_one "$k" "$w")")
+      echo "$f1" >>"$WORK/$k.w1"; echo "$f2" >>"$WORK/$k.w2"; echo "$lost" >>"$WORK/$k.lost"
+      echo "  round $r $w $k: $f1 / $f2, lost $lost" >&2
+    done
+  done
+  e1=$(median <"$WORK/etcd.w1"); c1=$(median <"$WORK/cairn.w1")
+  e2=$(median <"$WORK/etcd.w2"); c2=$(median <"$WORK/cairn.w2")
+  el=$(sort -g "$WORK/etcd.lost" | tail -1); cl=$(sort -g "$WORK/cairn.lost" | tail -1)
+  r1=$(awk -v c="$c1" -v e="$e1" 'BEGIN { printf "%.2f", (e > 0 ? c / e : 0) }')
+  r2=$(awk -v c="$c2" -v e="$e2" 'BEGIN { printf "%.2f", (e > 0 ? c / e : 0) }')
+  case $w in
+    watch-latency-*) figure="p99 ack->event us" ;;
+    *) figure="bytes/watcher" ;;
+  esac
+  printf '%-28s %-24s %10s %10s %7s %10s %10s %7s %9s\n' "$w" "$figure" "$e1" "$c1" "$r1" \
+    "$e2" "$c2" "$r2" "$el/$cl"
 done

@@ -2,6 +2,8 @@
 //! `benchmark` tool (tools/benchmark): the same workloads, flags and summary shape, so the
 //! same command measures Cairn and real etcd on the same machine.
 
+mod watch;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -69,6 +71,11 @@ pub enum Workload {
         #[arg(long)]
         count_only: bool,
     },
+    /// Watch latency: watchers on a prefix, a writer at a fixed rate; put-acknowledged to
+    /// event-received latency and lost events.
+    WatchLatency(watch::LatencyArgs),
+    /// Watch memory: the server's resident memory per watcher.
+    WatchMemory(watch::MemoryArgs),
     /// Lease renewals: each client grants one lease and renews it over a keep-alive stream.
     LeaseKeepalive,
     /// Many leases (one key each) expiring together while the clients keep putting; reports
@@ -180,6 +187,11 @@ fn make_key(i: u64, key_size: usize, key_space: u64, sequential: bool) -> Vec<u8
 /// # Errors
 /// Fails when the endpoints cannot be reached.
 pub async fn run(args: &Args) -> anyhow::Result<Summary> {
+    match &args.workload {
+        Workload::WatchLatency(w) => return watch::latency(args, w).await,
+        Workload::WatchMemory(m) => return watch::memory(args, m).await,
+        _ => {}
+    }
     let channels = connect(&args.endpoints, args.conns).await?;
     if let Workload::LeaseExpiry { leases, ttl } = args.workload {
         let report = expiry::run(&channels, args.clients, leases, ttl).await?;
@@ -232,6 +244,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         })
                         .await
                         .map(|_| ()),
+                    // Run above, never per request.
+                    Workload::WatchLatency(_) | Workload::WatchMemory(_) => return lat,
                     Workload::LeaseKeepalive | Workload::LeaseExpiry { .. } => Ok(()),
                 };
                 match res {

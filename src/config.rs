@@ -115,6 +115,15 @@ pub struct Config {
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
 
+    /// Duration of periodic watch progress notifications.
+    #[arg(
+        long,
+        env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m",
+        value_parser = parse_positive_duration
+    )]
+    pub watch_progress_notify_interval: Duration,
+
     /// Enable leader to send regular checkpoints to other members to prevent reset of
     /// remaining TTL on leader change (Cairn: on by default).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -494,6 +503,15 @@ fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction, 
     }
 }
 
+/// Parses a flag holding a positive Go duration ("10m", "1m30s", "500ms").
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_go_duration(s) {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err("must be positive".into()),
+        None => Err("not a duration (e.g. 10m, 1m30s, 500ms)".into()),
+    }
+}
+
 /// Parses a Go `time.Duration` string made of h, m, s and ms parts.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
@@ -545,6 +563,17 @@ mod tests {
         assert_eq!(v.election_ticks, 10);
         assert_eq!(v.quota_backend_bytes, DEFAULT_QUOTA_BACKEND_BYTES);
         assert_eq!(v.auto_compaction, AutoCompaction::Disabled);
+        assert_eq!(v.raw.watch_progress_notify_interval, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn watch_progress_notify_interval_takes_a_positive_go_duration() {
+        let v = parse(&["--watch-progress-notify-interval", "1m30s"]).unwrap();
+        assert_eq!(v.raw.watch_progress_notify_interval, Duration::from_secs(90));
+        for bad in ["0s", "soon"] {
+            let argv = ["cairn", "--watch-progress-notify-interval", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+        }
     }
 
     #[test]

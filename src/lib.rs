@@ -13,6 +13,7 @@
 //! - [`apply`]: applies committed entries in order, atomically with the applied index.
 //! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
 //! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
+//! - [`watch`]: etcd's watchers: fed by apply, caught up from history, bounded per stream.
 //! - [`gateway`]: HTTP on the client port: etcd's JSON gateway, health, version, metrics.
 //! - [`metrics`]: the Prometheus registry with etcd's metric names.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
@@ -28,3 +29,4 @@ pub mod mvcc;
 pub mod raft;
 pub mod server;
 pub mod storage;
+pub mod watch;

@@ -246,6 +246,17 @@ pub struct MvccMetrics {
     pub db_total_size_in_use_in_bytes: IntGauge,
     /// The current revision (`etcd_debugging_mvcc_current_revision`).
     pub current_revision: IntGauge,
+    /// Live watchers (`etcd_debugging_mvcc_watcher_total`).
+    pub watcher_total: IntGauge,
+    /// Open watch streams (`etcd_debugging_mvcc_watch_stream_total`).
+    pub watch_stream_total: IntGauge,
+    /// Watchers catching up from history (`etcd_debugging_mvcc_slow_watcher_total`).
+    pub slow_watcher_total: IntGauge,
+    /// Events queued for watch streams, not yet sent
+    /// (`etcd_debugging_mvcc_pending_events_total`).
+    pub pending_events_total: IntGauge,
+    /// Events sent to watchers (`etcd_debugging_mvcc_events_total`).
+    pub events_total: IntCounter,
 }
 
 /// Network traffic (`etcd_network_*`).
@@ -467,6 +478,24 @@ impl Metrics {
             )?,
             current_revision: b
                 .gauge("etcd_debugging_mvcc_current_revision", "The current revision of store.")?,
+            watcher_total: b
+                .gauge("etcd_debugging_mvcc_watcher_total", "Total number of watchers.")?,
+            watch_stream_total: b.gauge(
+                "etcd_debugging_mvcc_watch_stream_total",
+                "Total number of watch streams.",
+            )?,
+            slow_watcher_total: b.gauge(
+                "etcd_debugging_mvcc_slow_watcher_total",
+                "Total number of unsynced slow watchers.",
+            )?,
+            pending_events_total: b.gauge(
+                "etcd_debugging_mvcc_pending_events_total",
+                "Total number of pending events to be sent.",
+            )?,
+            events_total: b.counter(
+                "etcd_debugging_mvcc_events_total",
+                "Total number of events sent by this member.",
+            )?,
         };
         let network = NetworkMetrics {
             peer_sent_bytes_total: b.counter_vec(

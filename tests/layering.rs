@@ -90,6 +90,23 @@ fn apply_and_server_hold_no_protocol_code() {
 }
 
 #[test]
+fn watch_speaks_mvcc_domain_types_and_knows_no_edge_or_consensus() {
+    forbid(
+        "watch",
+        &[
+            "tonic",
+            "cairn_proto",
+            "etcdserverpb",
+            "crate::raft",
+            "crate::grpc",
+            "crate::server",
+            "crate::apply",
+            "crate::storage",
+        ],
+    );
+}
+
+#[test]
 fn sled_is_named_in_one_file_only() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let allowed = root.join("storage").join("sled.rs");

@@ -31,6 +31,7 @@ use crate::lease::{self, Lessor};
 use crate::mvcc::{self, KvStore, WriteTxn};
 use crate::raft::{ConfChange, ConfChangeType, Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
+use crate::watch::WatchHub;
 
 pub use self::convert::ConvertError;
 pub use self::members::Member;
@@ -171,6 +172,8 @@ pub struct Applier {
     cluster: ClusterHooks,
     /// The members as of the applied index.
     members: Vec<Member>,
+    /// Hears each committed group's events (notify only: it never blocks apply).
+    watch: Option<WatchHub>,
 }
 
 /// What apply tells the rest of the member about membership and snapshots.
@@ -210,7 +213,14 @@ impl Applier {
             on_durable,
             cluster,
             members,
+            watch: None,
         }
+    }
+
+    /// Hands every committed group's events to `hub` from now on.
+    pub fn with_watch(mut self, hub: WatchHub) -> Self {
+        self.watch = Some(hub);
+        self
     }
 
     /// Applies everything raft hands over until the channel closes, then checkpoints.
@@ -289,6 +299,9 @@ impl Applier {
             .and_then(|()| members::load(self.engine.as_ref()));
         match installed {
             Ok(members) => {
+                if let Some(hub) = &self.watch {
+                    hub.state_replaced();
+                }
                 self.members = members.clone();
                 self.cluster.members.send_replace(members);
                 self.applied.send_replace(index);
@@ -481,6 +494,11 @@ impl Applier {
             }
         };
         self.leases.observe(&events);
+        // Watchers hear of the group once storage holds it (a catch-up may read it back)
+        // and before the proposers do, as etcd notifies at the end of each apply txn.
+        if let Some(hub) = &self.watch {
+            hub.notify(events);
+        }
         self.applied.send_replace(group.last);
         if let Some(m) = crate::metrics::get() {
             m.server.proposals_applied_total.set(i64::try_from(group.last).unwrap_or(i64::MAX));

@@ -26,7 +26,7 @@ pub use self::json::{Limits, http_status};
 pub use self::ops::{Member, MemberProbe};
 pub use self::routes::Gateway;
 use crate::config::GRPC_OVERHEAD_BYTES;
-use crate::grpc::{ClusterService, KvService, LeaseService, MaintenanceService};
+use crate::grpc::{ClusterService, KvService, LeaseService, MaintenanceService, WatchService};
 use crate::metrics;
 use crate::server::Server;
 
@@ -42,6 +42,7 @@ pub fn router(server: &Arc<Server>) -> axum::Router {
     Gateway::new(limits(server))
         .kv(KvService::new(server.clone()))
         .lease(LeaseService::new(server.clone()))
+        .watch(WatchService::new(server.clone()))
         .cluster(ClusterService::new(server.clone()))
         .maintenance(MaintenanceService::new(server.clone()))
         .into_router()

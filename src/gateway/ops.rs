@@ -109,6 +109,12 @@ impl Member for MemberProbe {
         // allocated, as Maintenance.Status reports dbSizeInUse (docs/metrics.md).
         m.mvcc.db_total_size_in_use_in_bytes.set(size);
         m.mvcc.current_revision.set(self.server.kv().current_revision());
+        let watch = self.server.watch_hub().stats();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        m.mvcc.watcher_total.set(count(watch.watchers));
+        m.mvcc.watch_stream_total.set(count(watch.streams));
+        m.mvcc.slow_watcher_total.set(count(watch.unsynced));
+        m.mvcc.pending_events_total.set(count(watch.pending_events));
         m.server.quota_backend_bytes.set(i64::try_from(status.quota).unwrap_or(i64::MAX));
         m.server.is_learner.set(i64::from(self.is_learner()));
         m.server.id.with_label_values(&[&format!("{me:x}")]).set(1);

@@ -2,7 +2,7 @@
 //!
 //! Each service validates its requests (`validate`), calls the server, and maps every error
 //! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
-//! yet (Watch, Auth, Lock, Election) are not registered, so clients get gRPC's
+//! yet (Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 
 mod cluster;
@@ -15,13 +15,14 @@ mod metered;
 pub mod peer;
 pub mod status;
 pub mod validate;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
@@ -33,6 +34,7 @@ pub use self::kv::KvService;
 pub use self::lease::LeaseService;
 pub use self::maintenance::MaintenanceService;
 pub use self::metered::MetricsLayer;
+pub use self::watch::WatchService;
 use crate::config::{GRPC_OVERHEAD_BYTES, Url};
 use crate::server::Server;
 
@@ -132,6 +134,11 @@ pub async fn serve(
         ))
         .add_service(metered(
             MaintenanceServer::new(MaintenanceService::new(server.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        ))
+        .add_service(metered(
+            WatchServer::new(WatchService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         ))

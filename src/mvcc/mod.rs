@@ -38,10 +38,12 @@
 //! `revision.rs` (revisions and storage keys), `codec.rs` (the key-value record),
 //! `key_index.rs` (one key's generations), `index.rs` (all keys), `range.rs` (reads),
 //! `write.rs` ([`WriteTxn`]: put, delete, commit, rollback), `txn.rs` (compares and
-//! branches), `compaction.rs`, `types.rs` (requests and results).
+//! branches), `compaction.rs`, `history.rs` (reading events back for watchers),
+//! `types.rs` (requests and results).
 
 mod codec;
 mod compaction;
+mod history;
 mod index;
 mod key_index;
 mod range;
@@ -52,6 +54,7 @@ mod write;
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub use self::history::{History, HistoryRequest};
 pub use self::types::*;
 pub use self::write::WriteTxn;
 

@@ -26,6 +26,7 @@ use crate::lease::queue::LeaderClock;
 use crate::mvcc::{self, KvStore};
 use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport};
 use crate::storage::{Engine, SledEngine};
+use crate::watch::{WatchConfig, WatchHub};
 
 pub use self::lease::TimeToLive;
 pub use self::membership::{Join, Member};
@@ -118,6 +119,7 @@ pub struct Server {
     raft: RaftHandle,
     kv: KvStore,
     leases: Lessor,
+    watch: WatchHub,
     lease_clock: Mutex<LeaderClock>,
     engine: Arc<dyn Engine>,
     wait: Arc<Wait>,
@@ -252,6 +254,13 @@ impl Server {
         let wait = Arc::new(Wait::new());
         let (applied_tx, applied_rx) = watch::channel(applied_index);
         let compact_raft = raft.clone();
+        let watch_hub = WatchHub::new(
+            kv.clone(),
+            WatchConfig {
+                progress_notify_interval: cfg.raw.watch_progress_notify_interval,
+                ..WatchConfig::default()
+            },
+        );
         let applier = Applier::new(
             kv.clone(),
             leases.clone(),
@@ -271,7 +280,8 @@ impl Server {
                     Box::new(move |index, data| raft.snapshot_ready(index, data))
                 },
             },
-        );
+        )
+        .with_watch(watch_hub.clone());
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
             .spawn(move || applier.run(apply_rx))
@@ -296,6 +306,7 @@ impl Server {
             raft,
             kv,
             leases,
+            watch: watch_hub,
             lease_clock: Mutex::new(LeaderClock::new()),
             engine,
             wait,
@@ -343,6 +354,11 @@ impl Server {
     /// The mvcc store (for reads).
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// The watcher registry (the gRPC Watch service opens its streams here).
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.watch
     }
 
     /// The cluster's members as of this member's applied index, ordered by id.

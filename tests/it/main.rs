@@ -16,3 +16,7 @@ mod kv;
 mod lease;
 mod metrics;
 mod server;
+mod watch;
+mod watch_cli;
+mod watch_diff;
+mod watch_load;
