@@ -40,19 +40,24 @@ export ETCDCTL_BIN="$(command -v etcdctl)"
 export CAIRN_REQUIRE_ETCD=1
 
 # etcd-client (a dev-dependency) compiles etcd's protos with protoc in its build script; use
-# the binary the protoc-bin-vendored crate ships rather than a system protoc.
+# the binary the protoc-bin-vendored crate ships rather than a system protoc. It goes on PATH
+# (not into $PROTOC): raft-proto's build script insists on a 3.x protoc when $PROTOC is set,
+# but given only a newer `protoc` on PATH it falls back to the one it bundles.
 if [ -z "${PROTOC:-}" ]; then
   cargo fetch --locked >/dev/null 2>&1 || cargo fetch
-  PROTOC="$(cargo metadata --format-version 1 --locked 2>/dev/null | python3 -c '
+  vendored="$(cargo metadata --format-version 1 --locked 2>/dev/null | python3 -c '
 import json, os, sys, platform
 arch = {"x86_64": "linux-x86_64", "aarch64": "linux-aarch_64"}.get(platform.machine(), "")
 for p in json.load(sys.stdin)["packages"]:
     if p["name"] == "protoc-bin-vendored-" + arch:
         print(os.path.join(os.path.dirname(p["manifest_path"]), "bin", "protoc"))
 ')"
-  export PROTOC
+  protoc_dir="$(pwd)/target/vendored-protoc"
+  mkdir -p "$protoc_dir"
+  ln -sf "$vendored" "$protoc_dir/protoc"
+  export PATH="$protoc_dir:$PATH"
+  log "using protoc at ${vendored}"
 fi
-log "using protoc at ${PROTOC}"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
