@@ -292,23 +292,36 @@ async fn keepalive_client(
     let (tx, rx) = mpsc::channel(1);
     let requests =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    // The first renewal is queued before the call: a grpc-go server (etcd) sends response
+    // headers only with its first response, so the call would not return until then.
+    if next.fetch_add(1, Ordering::Relaxed) >= total {
+        return lat;
+    }
+    let mut t0 = Instant::now();
+    if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    }
     let Ok(resp) = client.lease_keep_alive(requests).await else {
         errors.fetch_add(1, Ordering::Relaxed);
         return lat;
     };
     let mut responses = resp.into_inner();
-    while next.fetch_add(1, Ordering::Relaxed) < total {
-        let t0 = Instant::now();
-        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-            errors.fetch_add(1, Ordering::Relaxed);
-            break;
-        }
+    loop {
         match responses.message().await {
             Ok(Some(r)) if r.ttl > 0 => lat.push(t0.elapsed()),
             _ => {
                 errors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
+        }
+        if next.fetch_add(1, Ordering::Relaxed) >= total {
+            break;
+        }
+        t0 = Instant::now();
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+            break;
         }
     }
     lat
