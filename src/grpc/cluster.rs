@@ -54,10 +54,6 @@ impl ClusterService {
             .map_err(|_| no_leader())?;
         Ok(Some(ClusterClient::new(channel)))
     }
-
-    fn header(&self) -> Option<pb::ResponseHeader> {
-        convert::header(self.server.header(), self.server.kv().current_revision())
-    }
 }
 
 fn members(list: &[Member]) -> Vec<pb::Member> {
@@ -80,7 +76,7 @@ impl Cluster for ClusterService {
             .await
             .map_err(status::from_server)?;
         Ok(Response::new(pb::MemberAddResponse {
-            header: self.header(),
+            header: convert::current_header(&self.server),
             member: Some(pb::Member::from(&member)),
             members: members(&after),
         }))
@@ -96,7 +92,7 @@ impl Cluster for ClusterService {
         }
         let after = self.server.member_remove(id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::MemberRemoveResponse {
-            header: self.header(),
+            header: convert::current_header(&self.server),
             members: members(&after),
         }))
     }
@@ -109,7 +105,7 @@ impl Cluster for ClusterService {
         let after =
             self.server.member_update(r.id, r.peer_ur_ls).await.map_err(status::from_server)?;
         Ok(Response::new(pb::MemberUpdateResponse {
-            header: self.header(),
+            header: convert::current_header(&self.server),
             members: members(&after),
         }))
     }
@@ -122,7 +118,7 @@ impl Cluster for ClusterService {
             self.server.linearizable_barrier().await.map_err(status::from_server)?;
         }
         Ok(Response::new(pb::MemberListResponse {
-            header: self.header(),
+            header: convert::current_header(&self.server),
             members: members(&self.server.members()),
         }))
     }
@@ -134,7 +130,7 @@ impl Cluster for ClusterService {
         let id = request.into_inner().id;
         match self.server.member_promote(id).await {
             Ok(after) => Ok(Response::new(pb::MemberPromoteResponse {
-                header: self.header(),
+                header: convert::current_header(&self.server),
                 members: members(&after),
             })),
             // Only the leader knows whether the learner caught up: ask it (etcd forwards

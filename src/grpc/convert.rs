@@ -4,7 +4,13 @@ use cairn_proto::etcdserverpb as pb;
 use cairn_proto::mvccpb;
 
 use crate::mvcc;
-use crate::server::HeaderInfo;
+use crate::server::{HeaderInfo, Server};
+
+/// Builds `server`'s response header at the store's current revision, for responses that
+/// read or write no particular revision (lease, cluster, maintenance, compaction).
+pub fn current_header(server: &Server) -> Option<pb::ResponseHeader> {
+    header(server.header(), server.kv().current_revision())
+}
 
 /// Builds a response header at `revision`.
 pub fn header(h: HeaderInfo, revision: i64) -> Option<pb::ResponseHeader> {

@@ -203,7 +203,7 @@ impl Kv for KvService {
         let r = request.into_inner();
         match self.propose(Op::Compaction(r)).await? {
             Applied::Compact => Ok(Response::new(pb::CompactionResponse {
-                header: convert::header(self.server.header(), self.server.kv().current_revision()),
+                header: convert::current_header(&self.server),
             })),
             _ => Err(mismatch()),
         }

@@ -31,10 +31,6 @@ impl LeaseService {
         }
         Ok(())
     }
-
-    fn header(&self) -> Option<pb::ResponseHeader> {
-        convert::header(self.server.header(), self.server.kv().current_revision())
-    }
 }
 
 /// Responses queued per keep-alive stream before the reader waits for the client.
@@ -51,7 +47,7 @@ impl Lease for LeaseService {
         let r = request.into_inner();
         let (id, ttl) = self.server.lease_grant(r.id, r.ttl).await.map_err(status::from_server)?;
         Ok(Response::new(pb::LeaseGrantResponse {
-            header: self.header(),
+            header: convert::current_header(&self.server),
             id,
             ttl,
             error: String::new(),
@@ -65,7 +61,7 @@ impl Lease for LeaseService {
         super::leader::require_leader(&request, &self.server)?;
         self.refuse_learner()?;
         self.server.lease_revoke(request.into_inner().id).await.map_err(status::from_server)?;
-        Ok(Response::new(pb::LeaseRevokeResponse { header: self.header() }))
+        Ok(Response::new(pb::LeaseRevokeResponse { header: convert::current_header(&self.server) }))
     }
 
     type LeaseKeepAliveStream =
@@ -92,7 +88,7 @@ impl Lease for LeaseService {
                     other => other.map_err(status::from_server),
                 };
                 let resp = renewed.map(|ttl| pb::LeaseKeepAliveResponse {
-                    header: svc.header(),
+                    header: convert::current_header(&svc.server),
                     id: req.id,
                     ttl,
                 });
@@ -120,10 +116,10 @@ impl Lease for LeaseService {
         if !status.is_leader() && status.leader != 0 {
             // The leader's clock is the one that counts down.
             let mut resp = self.forward.time_to_live(r).await?;
-            resp.header = self.header();
+            resp.header = convert::current_header(&self.server);
             return Ok(Response::new(resp));
         }
-        Ok(Response::new(time_to_live(&self.server, self.header(), &r)))
+        Ok(Response::new(time_to_live(&self.server, convert::current_header(&self.server), &r)))
     }
 
     async fn lease_leases(
@@ -131,7 +127,10 @@ impl Lease for LeaseService {
         _: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let leases = self.server.lease_ids().into_iter().map(|id| pb::LeaseStatus { id }).collect();
-        Ok(Response::new(pb::LeaseLeasesResponse { header: self.header(), leases }))
+        Ok(Response::new(pb::LeaseLeasesResponse {
+            header: convert::current_header(&self.server),
+            leases,
+        }))
     }
 }
 

@@ -41,7 +41,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<pb::AlarmResponse>, Status> {
         match pb::alarm_request::AlarmAction::try_from(request.get_ref().action) {
             Ok(pb::alarm_request::AlarmAction::Get) => Ok(Response::new(pb::AlarmResponse {
-                header: convert::header(self.server.header(), self.server.kv().current_revision()),
+                header: convert::current_header(&self.server),
                 alarms: Vec::new(),
             })),
             _ => Err(unimplemented("Alarm (activate/deactivate)")),
@@ -55,7 +55,7 @@ impl Maintenance for MaintenanceService {
         let s = self.server.status();
         let db_size = i64::try_from(s.db_size).unwrap_or(i64::MAX);
         Ok(Response::new(pb::StatusResponse {
-            header: convert::header(self.server.header(), self.server.kv().current_revision()),
+            header: convert::current_header(&self.server),
             version: ETCD_VERSION.to_owned(),
             db_size,
             leader: s.raft.leader,
@@ -95,7 +95,7 @@ impl Maintenance for MaintenanceService {
             .hash_kv(request.get_ref().revision)
             .map_err(super::status::from_mvcc)?;
         Ok(Response::new(pb::HashKvResponse {
-            header: convert::header(self.server.header(), self.server.kv().current_revision()),
+            header: convert::current_header(&self.server),
             hash,
             compact_revision,
             hash_revision,
@@ -120,9 +120,7 @@ impl Maintenance for MaintenanceService {
             .move_leader(request.get_ref().target_id)
             .await
             .map_err(super::status::from_server)?;
-        Ok(Response::new(pb::MoveLeaderResponse {
-            header: convert::header(self.server.header(), self.server.kv().current_revision()),
-        }))
+        Ok(Response::new(pb::MoveLeaderResponse { header: convert::current_header(&self.server) }))
     }
 
     async fn downgrade(

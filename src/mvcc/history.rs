@@ -9,7 +9,7 @@
 
 use super::codec;
 use super::index::KeyRange;
-use super::range::{Pending, View};
+use super::range::View;
 use super::revision::Revision;
 use super::{Error, Event, EventKind, KeyValue, KvStore, Result};
 use crate::storage::{Keyspace, Scan};
@@ -94,13 +94,7 @@ impl KvStore {
             return Err(Error::Compacted);
         }
         if req.prev_kv {
-            let view = View {
-                index: &st.index,
-                engine: self.inner.engine.as_ref(),
-                rev: st.current_rev,
-                compact_rev: st.compact_rev,
-                pending: Pending::NONE,
-            };
+            let view = st.committed_view(self.inner.engine.as_ref());
             for event in &mut events {
                 event.prev_kv = previous(&view, &event.kv, event.kind)?;
             }

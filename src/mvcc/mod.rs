@@ -114,6 +114,19 @@ struct State {
     compact_rev: i64,
 }
 
+impl State {
+    /// A reader's view of the committed state, with values loaded from `engine`.
+    fn committed_view<'a>(&'a self, engine: &'a dyn Engine) -> View<'a> {
+        View {
+            index: &self.index,
+            engine,
+            rev: self.current_rev,
+            compact_rev: self.compact_rev,
+            pending: Pending::NONE,
+        }
+    }
+}
+
 /// What every clone of a [`KvStore`] shares.
 struct Inner {
     engine: Arc<dyn Engine>,
@@ -206,14 +219,7 @@ impl KvStore {
         let st = self.inner.read_state();
         // The read lock is held while values load: a commit's compaction deletes records,
         // and must not do so under a reader that still holds the old index.
-        let view = View {
-            index: &st.index,
-            engine: self.inner.engine.as_ref(),
-            rev: st.current_rev,
-            compact_rev: st.compact_rev,
-            pending: Pending::NONE,
-        };
-        view.range(req)
+        st.committed_view(self.inner.engine.as_ref()).range(req)
     }
 
     /// Returns the newest committed revision (1 for a fresh store, as etcd).

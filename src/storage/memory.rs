@@ -37,12 +37,8 @@ impl Engine for MemEngine {
         visit: &mut dyn FnMut(&[u8], &[u8]) -> Scan,
     ) -> Result<()> {
         let map = self.map.read().map_err(poisoned)?;
-        let lo = keyspace.encode(start);
-        let hi = match end {
-            Some(end) => Bound::Excluded(keyspace.encode(end)),
-            None => Bound::Excluded(vec![keyspace.prefix() + 1]),
-        };
-        for (k, v) in map.range((Bound::Included(lo), hi)) {
+        let (lo, hi) = keyspace.scan_bounds(start, end);
+        for (k, v) in map.range((Bound::Included(lo), Bound::Excluded(hi))) {
             if visit(k.get(1..).unwrap_or_default(), v) == Scan::Stop {
                 break;
             }

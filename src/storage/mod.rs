@@ -64,6 +64,16 @@ impl Keyspace {
         }
     }
 
+    /// The encoded `[start, end)` of a scan of this keyspace (`end = None` means to the end
+    /// of the keyspace), for the engines' range iterators.
+    pub fn scan_bounds(self, start: &[u8], end: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+        let hi = match end {
+            Some(end) => self.encode(end),
+            None => vec![self.prefix() + 1],
+        };
+        (self.encode(start), hi)
+    }
+
     /// Prepends this keyspace's prefix to `key`.
     pub fn encode(self, key: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(key.len() + 1);

@@ -82,11 +82,7 @@ impl Engine for SledEngine {
         end: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> Scan,
     ) -> Result<()> {
-        let lo = keyspace.encode(start);
-        let hi = match end {
-            Some(end) => keyspace.encode(end),
-            None => vec![keyspace.prefix() + 1],
-        };
+        let (lo, hi) = keyspace.scan_bounds(start, end);
         for item in self.db.range(lo..hi) {
             let (k, v) = item.map_err(engine_err)?;
             if visit(k.get(1..).unwrap_or_default(), &v) == Scan::Stop {
