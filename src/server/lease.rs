@@ -174,7 +174,12 @@ pub(super) async fn run(server: Arc<Server>, checkpoint_every: Option<Duration>)
                 let server = server.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    for chunk in cps.chunks(CHECKPOINT_RATE) {
+                    for (i, chunk) in cps.chunks(CHECKPOINT_RATE).enumerate() {
+                        // The rate limit spaces chunks; sleeping after the last one would
+                        // hold the permit into the next round and make it skip.
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                         let checkpoints = chunk
                             .iter()
                             .map(|(id, remaining_ttl)| LeaseCheckpoint {
@@ -187,7 +192,6 @@ pub(super) async fn run(server: Arc<Server>, checkpoint_every: Option<Duration>)
                             tracing::warn!(error = %e, "lease checkpoint failed");
                             return;
                         }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 });
             }
