@@ -1,0 +1,3 @@
+//! Prints the CRD YAML that `crds/` holds.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! The `cairn-operator` binary.
+
+fn main() {}
