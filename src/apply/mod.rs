@@ -20,7 +20,9 @@
 //!
 //! Deviation noted in DESIGN terms: the replicated request wraps etcd's request messages (as
 //! etcd's InternalRaftRequest does), so the conversion from those messages to mvcc's domain
-//! requests lives here, in [`convert`], and the gRPC edge reuses it for reads.
+//! requests lives here, in [`convert`], and the server reuses it for reads. The lessor's
+//! view of mvcc runs through here too: apply answers mvcc's `LeaseLookup` and turns each
+//! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
 
 pub mod convert;
 pub mod dispatch;

@@ -5,7 +5,8 @@
 //! services know the member only through `crate::server` (its methods, its one error and
 //! the domain types it re-exports); `tests/layering.rs` holds them to it. The peer port
 //! (`peer/`) is the exception DESIGN names: it implements raft's `Transport` and steps
-//! inbound messages into raft. Services Cairn does not serve
+//! inbound messages into raft. DESIGN's single `peer.rs` is the `peer/` folder: transport
+//! client, peer service, leader forwarding and join calls, one file each. Services Cairn does not serve
 //! yet (Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 

@@ -12,6 +12,12 @@
 //! It holds no protocol code: the gRPC edge validates requests and maps errors; this module
 //! speaks the replicated request (`proto::internal`, which wraps etcd's request messages)
 //! and domain types. `identity.rs` derives member and cluster ids as etcd does.
+//!
+//! Deviations from DESIGN's layout: its `membership.rs` is two files, `reconfigure.rs`
+//! (the operations and the member's own duties) and `identity.rs` (ids, `Join`, etcd's
+//! member errors), so neither is confused with `apply/members.rs` (the records); and the
+//! edge's `grpc → server` arrow is enforced by re-exporting the domain types in [`types`]
+//! rather than letting the edge import `mvcc` and `watch`.
 
 mod compactor;
 mod datadir;

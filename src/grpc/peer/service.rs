@@ -132,9 +132,9 @@ impl Peer for PeerService {
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
-        if !self.server.raft_status().is_leader() {
+        if !self.server.is_leader() {
             return Err(status::from_server(crate::server::Error::NotLeader {
-                leader: self.server.raft_status().leader,
+                leader: self.server.leader(),
             }));
         }
         Ok(Response::new(crate::grpc::lease::time_to_live(&self.server, None, &r)))
