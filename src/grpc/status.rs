@@ -112,3 +112,84 @@ pub fn from_member(e: MemberError) -> Status {
 pub fn invalid(message: &'static str) -> Status {
     Status::new(Code::InvalidArgument, message)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{apply, lease, mvcc};
+
+    /// The status a failure below the server reaches the client with.
+    fn status_of(e: impl Into<server::Error>) -> (Code, String) {
+        let s = from_server(e.into());
+        (s.code(), s.message().to_owned())
+    }
+
+    #[test]
+    fn failures_below_the_server_keep_etcds_codes_and_messages() {
+        let cases: Vec<(server::Error, Code, &str)> = vec![
+            (apply::Error::Mvcc(mvcc::Error::Compacted).into(), Code::OutOfRange, msg::COMPACTED),
+            (mvcc::Error::FutureRevision.into(), Code::OutOfRange, msg::FUTURE_REV),
+            (
+                apply::Error::Mvcc(mvcc::Error::KeyNotFound).into(),
+                Code::InvalidArgument,
+                msg::KEY_NOT_FOUND,
+            ),
+            (
+                apply::Error::Convert(apply::ConvertError::EmptyOp).into(),
+                Code::InvalidArgument,
+                msg::KEY_NOT_FOUND,
+            ),
+            (
+                apply::ConvertError::InvalidSortOption.into(),
+                Code::InvalidArgument,
+                msg::INVALID_SORT_OPTION,
+            ),
+            (
+                apply::ConvertError::InvalidCompare.into(),
+                Code::InvalidArgument,
+                "etcdserver: invalid compare",
+            ),
+            (mvcc::Error::LeaseNotFound.into(), Code::NotFound, msg::LEASE_NOT_FOUND),
+            (
+                apply::Error::Lease(lease::Error::NotFound).into(),
+                Code::NotFound,
+                msg::LEASE_NOT_FOUND,
+            ),
+            (
+                apply::Error::Lease(lease::Error::Exists).into(),
+                Code::FailedPrecondition,
+                msg::LEASE_EXISTS,
+            ),
+            (
+                apply::Error::Lease(lease::Error::TtlTooLarge).into(),
+                Code::OutOfRange,
+                msg::LEASE_TTL_TOO_LARGE,
+            ),
+            (
+                apply::Error::Lease(lease::Error::ZeroId).into(),
+                Code::Internal,
+                "etcdserver: lease id 0 is reserved",
+            ),
+            (
+                apply::Error::Membership { id: 5, reason: "member not found" }.into(),
+                Code::FailedPrecondition,
+                "etcdserver: member not found",
+            ),
+            (
+                apply::Error::Decode { index: 3, reason: "bad".into() }.into(),
+                Code::Internal,
+                "etcdserver: undecodable entry at index 3: bad",
+            ),
+            (
+                mvcc::Error::Corrupt("x".into()).into(),
+                Code::Internal,
+                "etcdserver: mvcc: corrupt data: x",
+            ),
+            (MemberError::NotFound.into(), Code::NotFound, "etcdserver: member not found"),
+        ];
+        for (e, code, message) in cases {
+            let shown = format!("{e:?}");
+            assert_eq!(status_of(e), (code, message.to_owned()), "{shown}");
+        }
+    }
+}

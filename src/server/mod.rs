@@ -362,12 +362,6 @@ impl Server {
         self.members.borrow().iter().any(|m| m.id == self.header.member_id && m.is_learner)
     }
 
-    /// The raft view of this member (a copy: prefer [`Server::leader`] where that is all
-    /// the caller needs).
-    pub fn raft_status(&self) -> RaftStatus {
-        self.raft.status()
-    }
-
     /// The current leader's id, 0 when none is known.
     pub fn leader(&self) -> u64 {
         self.raft.leader()
