@@ -8,11 +8,15 @@
 //! - [`storage`]: the state machine's ordered byte store behind the `Engine` trait (sled in
 //!   one file, an in-memory engine for tests).
 //! - [`mvcc`]: the revisioned keyspace: range, put, delete, txn, compaction.
-//! - [`lease`]: leases: replicated lessor state and the leader's expiry clock.
+//! - [`lease`]: leases: replicated lessor state and the leader's expiry clock (knows only
+//!   storage).
 //! - [`raft`]: the raft-rs owner task and its durable, fdatasynced log.
-//! - [`apply`]: applies committed entries in order, atomically with the applied index.
-//! - [`server`]: the composition root: propose-and-wait, linearizable reads, compaction.
-//! - [`grpc`]: etcd's gRPC services: validation, error mapping, conversions.
+//! - [`apply`]: applies committed entries in order, atomically with the applied index; one
+//!   op router with a chain of wrapper appliers.
+//! - [`server`]: the composition root and the edge's only door: typed methods, one error,
+//!   propose-and-wait, linearizable reads, membership, compaction.
+//! - [`grpc`]: etcd's gRPC services over `server`: validation, error mapping, conversions;
+//!   the peer transport.
 //! - [`watch`]: etcd's watchers: fed by apply, caught up from history, bounded per stream.
 //! - [`gateway`]: HTTP on the client port: etcd's JSON gateway, health, version, metrics.
 //! - [`metrics`]: the Prometheus registry with etcd's metric names.

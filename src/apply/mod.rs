@@ -11,12 +11,21 @@
 //! a checkpoint: storage is synced and only then may the raft log be compacted up to the
 //! checkpointed index.
 //!
+//! Files: this one runs the loop (grouping entries into write transactions, committing,
+//! checkpoints, snapshot export and install); [`dispatch`] is the router, the one place an
+//! op is matched, with its chain of wrapper appliers (quota, auth, alarms add one wrapper
+//! each); [`members`] holds the member records and applies membership changes to them;
+//! `wait` pairs results with proposers; [`convert`] turns etcd request messages into mvcc's
+//! domain requests.
+//!
 //! Deviation noted in DESIGN terms: the replicated request wraps etcd's request messages (as
 //! etcd's InternalRaftRequest does), so the conversion from those messages to mvcc's domain
-//! requests lives here, in [`convert`], and the gRPC edge reuses it for reads.
+//! requests lives here, in [`convert`], and the server reuses it for reads. The lessor's
+//! view of mvcc runs through here too: apply answers mvcc's `LeaseLookup` and turns each
+//! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
 
 pub mod convert;
-mod dispatch;
+pub mod dispatch;
 pub mod members;
 mod wait;
 
@@ -25,16 +34,15 @@ use std::sync::Arc;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
-use cairn_proto::internal::internal_request::Op;
-
-use crate::lease::{self, Lessor};
-use crate::mvcc::{self, KvStore, WriteTxn};
-use crate::raft::{ConfChange, ConfChangeType, Entry, EntryType, ToApply};
+use crate::lease::{self, KeyMove, Lessor};
+use crate::mvcc::{self, EventKind, KvStore, WriteTxn};
+use crate::raft::{ConfChange, Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
 
 pub use self::convert::ConvertError;
-pub use self::members::Member;
+pub use self::dispatch::{Ctx, Next, Wrapper};
+pub use self::members::{Member, Members};
 pub use self::wait::Wait;
 
 /// The `Keyspace::Meta` key holding the raft index of the last applied entry.
@@ -155,31 +163,27 @@ struct Group {
     results: Vec<(u64, ApplyResult)>,
 }
 
-/// The apply task's state.
-pub struct Applier {
-    kv: KvStore,
-    leases: Lessor,
-    engine: Arc<dyn Engine>,
-    wait: Arc<Wait>,
-    applied: watch::Sender<u64>,
-    /// Entries between checkpoints.
-    snapshot_count: u64,
-    /// The index covered by the last checkpoint.
-    checkpointed: u64,
-    /// Told the durable index after each checkpoint (the raft log may be compacted to it).
-    on_durable: Box<dyn Fn(u64) + Send>,
-    /// The hooks back to raft and the member records.
-    cluster: ClusterHooks,
-    /// The members as of the applied index.
-    members: Vec<Member>,
-    /// Hears each committed group's events (notify only: it never blocks apply).
-    watch: Option<WatchHub>,
+/// The replicated state apply writes.
+pub struct StateMachine {
+    /// The mvcc keyspace.
+    pub kv: KvStore,
+    /// The lessor.
+    pub leases: Lessor,
+    /// The storage both live in (snapshots export and import it whole).
+    pub engine: Arc<dyn Engine>,
 }
 
-/// What apply tells the rest of the member about membership and snapshots.
-pub struct ClusterHooks {
-    /// Publishes the member records after each change.
+/// What apply tells the rest of the member: results, progress, membership and snapshots.
+pub struct Hooks {
+    /// Pairs each applied request's result with its proposer.
+    pub wait: Arc<Wait>,
+    /// Holds the applied index; must hold the recovered one when the applier is built.
+    pub applied: watch::Sender<u64>,
+    /// Publishes the member records after each change; holds the recovered records when the
+    /// applier is built.
     pub members: watch::Sender<Vec<Member>>,
+    /// Told the durable index after each checkpoint (the raft log may be compacted to it).
+    pub on_durable: Box<dyn Fn(u64) + Send>,
     /// Hands an applied conf change back to raft (raft's conf state follows apply, as in
     /// etcd). Must not be lost: raft's configuration depends on it.
     pub on_conf_change: Box<dyn Fn(ConfChange) + Send>,
@@ -187,34 +191,51 @@ pub struct ClusterHooks {
     pub on_snapshot: Box<dyn Fn(u64, Vec<u8>) + Send>,
 }
 
+/// The apply task's state.
+pub struct Applier {
+    state: StateMachine,
+    /// The op router and its wrapper chain.
+    router: dispatch::Router,
+    /// The member records as of the applied index.
+    members: Members,
+    wait: Arc<Wait>,
+    applied: watch::Sender<u64>,
+    /// Entries between checkpoints.
+    snapshot_count: u64,
+    /// The index covered by the last checkpoint.
+    checkpointed: u64,
+    on_durable: Box<dyn Fn(u64) + Send>,
+    on_conf_change: Box<dyn Fn(ConfChange) + Send>,
+    on_snapshot: Box<dyn Fn(u64, Vec<u8>) + Send>,
+    /// Hears each committed group's events (notify only: it never blocks apply).
+    watch: Option<WatchHub>,
+}
+
 impl Applier {
-    /// Creates the applier. `applied` must hold the recovered applied index.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        kv: KvStore,
-        leases: Lessor,
-        engine: Arc<dyn Engine>,
-        wait: Arc<Wait>,
-        applied: watch::Sender<u64>,
-        snapshot_count: u64,
-        on_durable: Box<dyn Fn(u64) + Send>,
-        cluster: ClusterHooks,
-    ) -> Self {
+    /// Creates the applier over `state`, checkpointing every `snapshot_count` entries.
+    pub fn new(state: StateMachine, snapshot_count: u64, hooks: Hooks) -> Self {
+        let Hooks { wait, applied, members, on_durable, on_conf_change, on_snapshot } = hooks;
         let checkpointed = *applied.borrow();
-        let members = cluster.members.borrow().clone();
         Self {
-            kv,
-            leases,
-            engine,
+            state,
+            router: dispatch::Router::default(),
+            members: Members::new(members),
             wait,
             applied,
             snapshot_count,
             checkpointed,
             on_durable,
-            cluster,
-            members,
+            on_conf_change,
+            on_snapshot,
             watch: None,
         }
+    }
+
+    /// Adds `wrapper` to the applier chain, inside the wrappers added before it (see
+    /// [`dispatch`] for the chain and how to write a wrapper).
+    pub fn with_wrapper(mut self, wrapper: Box<dyn Wrapper>) -> Self {
+        self.router.push(wrapper);
+        self
     }
 
     /// Hands every committed group's events to `hub` from now on.
@@ -271,8 +292,8 @@ impl Applier {
     /// with the applied index recorded inside it.
     fn make_snapshot(&mut self) {
         let index = *self.applied.borrow();
-        match self.engine.export() {
-            Ok(image) => (self.cluster.on_snapshot)(index, image),
+        match self.state.engine.export() {
+            Ok(image) => (self.on_snapshot)(index, image),
             Err(e) => tracing::warn!(error = %e, "cannot export the state for a raft snapshot"),
         }
     }
@@ -285,30 +306,30 @@ impl Applier {
         if index <= *self.applied.borrow() {
             return;
         }
-        let installed = self
+        let sm = &self.state;
+        let installed = sm
             .engine
             .import(snapshot.get_data())
             .map_err(mvcc::Error::from)
-            .and_then(|()| self.kv.reload())
+            .and_then(|()| sm.kv.reload())
             .and_then(|()| {
-                self.leases
-                    .reload(self.engine.as_ref())
+                sm.leases
+                    .reload(sm.engine.as_ref())
                     .map_err(|e| mvcc::Error::Corrupt(e.to_string()))
             })
-            .and_then(|()| attach_leased_keys(&self.kv, &self.leases))
-            .and_then(|()| members::load(self.engine.as_ref()));
+            .and_then(|()| attach_leased_keys(&sm.kv, &sm.leases))
+            .and_then(|()| members::load(sm.engine.as_ref()));
         match installed {
             Ok(members) => {
                 if let Some(hub) = &self.watch {
                     hub.state_replaced();
                 }
-                self.members = members.clone();
-                self.cluster.members.send_replace(members);
+                self.members.replace(members);
                 self.applied.send_replace(index);
                 self.checkpoint(index);
                 tracing::info!(
                     index,
-                    revision = self.kv.current_revision(),
+                    revision = self.state.kv.current_revision(),
                     "installed leader snapshot"
                 );
             }
@@ -324,9 +345,9 @@ impl Applier {
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         let prev = *self.applied.borrow();
         let mut group = Group::default();
-        // A clone, so the open write group does not borrow `self` while entries update the
-        // member records.
-        let kv = self.kv.clone();
+        // A clone, so the open write group does not borrow `self` while the router and the
+        // member records are borrowed mutably.
+        let kv = self.state.kv.clone();
         let mut txn = kv.write();
         for entry in entries {
             // raft may resend entries the state machine already holds after a restart.
@@ -339,29 +360,19 @@ impl Applier {
                 }
                 EntryType::EntryNormal => {
                     match cairn_proto::internal::InternalRequest::decode(entry.data.as_ref()) {
-                        Ok(cairn_proto::internal::InternalRequest {
-                            id,
-                            op: Some(Op::MemberPublish(m)),
-                        }) => {
-                            let res = self.publish_member(txn.batch_mut(), m.into());
-                            group.results.push((id, res));
-                        }
-                        Ok(cairn_proto::internal::InternalRequest {
-                            id,
-                            op: Some(Op::MemberUpdate(u)),
-                        }) => {
-                            let res = self.update_member(txn.batch_mut(), u.id, u.peer_ur_ls);
-                            group.results.push((id, res));
-                        }
                         Ok(req) => {
-                            if matches!(req.op, Some(Op::LeaseRevoke(_))) && group.last > 0 {
-                                // A revoke deletes the keys attached to its lease, and keys
-                                // attach when their puts commit: commit what came before.
+                            if dispatch::needs_fresh_group(&req) && group.last > 0 {
                                 self.commit(txn, std::mem::take(&mut group));
                                 txn = kv.write();
                             }
-                            let res = dispatch::apply(&mut txn, &self.leases, req.op);
-                            group.results.push((req.id, res));
+                            let id = req.id;
+                            let mut ctx = Ctx {
+                                txn: &mut txn,
+                                leases: &self.state.leases,
+                                members: &mut self.members,
+                            };
+                            let res = self.router.apply(&mut ctx, req);
+                            group.results.push((id, res));
                         }
                         Err(e) => {
                             tracing::error!(index = entry.index, error = %e, "skipping undecodable entry");
@@ -370,14 +381,20 @@ impl Applier {
                 }
                 EntryType::EntryConfChange => {
                     group.last = entry.index;
-                    let applied = self.apply_conf_change(txn.batch_mut(), &entry, &mut group);
+                    let applied =
+                        self.members.apply_conf_change(txn.batch_mut(), entry.index, &entry.data);
+                    let mut change = None;
+                    if let Some((id, res, cc)) = applied {
+                        group.results.push((id, res));
+                        change = cc;
+                    }
                     // The change must be durable in the state machine before raft's conf
                     // state follows it, and the next entries see the new members.
                     self.commit(txn, std::mem::take(&mut group));
                     txn = kv.write();
-                    if let Some(cc) = applied {
-                        self.cluster.members.send_replace(self.members.clone());
-                        (self.cluster.on_conf_change)(cc);
+                    if let Some(cc) = change {
+                        self.members.publish();
+                        (self.on_conf_change)(cc);
                     }
                     continue;
                 }
@@ -393,87 +410,6 @@ impl Applier {
         if group.last > 0 {
             self.commit(txn, group);
         }
-    }
-
-    /// Applies a conf-change entry to the member records; returns the change raft must
-    /// apply, or `None` when it was refused (raft's configuration then stays as it is).
-    fn apply_conf_change(
-        &mut self,
-        batch: &mut crate::storage::Batch,
-        entry: &Entry,
-        group: &mut Group,
-    ) -> Option<ConfChange> {
-        use protobuf::Message as _;
-        let cc = match ConfChange::parse_from_bytes(&entry.data) {
-            Ok(cc) => cc,
-            Err(e) => {
-                tracing::error!(index = entry.index, error = %e, "skipping undecodable conf change");
-                return None;
-            }
-        };
-        let ctx =
-            cairn_proto::internal::ConfChangeContext::decode(cc.get_context()).unwrap_or_default();
-        let id = cc.node_id;
-        let existing = self.members.iter().position(|m| m.id == id);
-        let refuse = |reason| Err(Error::Membership { id, reason });
-        let res = match (cc.get_change_type(), existing) {
-            (ConfChangeType::AddNode | ConfChangeType::AddLearnerNode, None) => {
-                let mut m: Member = ctx.member.unwrap_or_default().into();
-                m.id = id;
-                m.is_learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
-                members::put(batch, &m);
-                self.members.push(m);
-                Ok(())
-            }
-            (ConfChangeType::AddNode, Some(i)) => match self.members.get_mut(i) {
-                // Promotion of a learner.
-                Some(m) if m.is_learner => {
-                    m.is_learner = false;
-                    members::put(batch, m);
-                    Ok(())
-                }
-                _ => refuse("member ID already exist"),
-            },
-            (ConfChangeType::AddLearnerNode, Some(_)) => refuse("member ID already exist"),
-            (ConfChangeType::RemoveNode, Some(i)) => {
-                self.members.remove(i);
-                members::delete(batch, id);
-                Ok(())
-            }
-            (ConfChangeType::RemoveNode, None) => refuse("member not found"),
-        };
-        self.members.sort_by_key(|m| m.id);
-        let ok = res.is_ok();
-        group.results.push((ctx.id, res.map(|()| Response::Members(self.members.clone()))));
-        ok.then_some(cc)
-    }
-
-    /// Records a member's name and client URLs (etcd's publish after start).
-    fn publish_member(&mut self, batch: &mut crate::storage::Batch, m: Member) -> ApplyResult {
-        let Some(rec) = self.members.iter_mut().find(|r| r.id == m.id) else {
-            return Err(Error::Membership { id: m.id, reason: "member not found" });
-        };
-        rec.name = m.name;
-        rec.client_urls = m.client_urls;
-        members::put(batch, rec);
-        self.cluster.members.send_replace(self.members.clone());
-        Ok(Response::Members(self.members.clone()))
-    }
-
-    /// Replaces a member's peer URLs (etcd's MemberUpdate; the learner flag is kept).
-    fn update_member(
-        &mut self,
-        batch: &mut crate::storage::Batch,
-        id: u64,
-        peer_urls: Vec<String>,
-    ) -> ApplyResult {
-        let Some(rec) = self.members.iter_mut().find(|r| r.id == id) else {
-            return Err(Error::Membership { id, reason: "member not found" });
-        };
-        rec.peer_urls = peer_urls;
-        members::put(batch, rec);
-        self.cluster.members.send_replace(self.members.clone());
-        Ok(Response::Members(self.members.clone()))
     }
 
     /// Writes one group's effects with its applied index atomically, then publishes them:
@@ -493,7 +429,11 @@ impl Applier {
                 std::process::abort();
             }
         };
-        self.leases.observe(&events);
+        self.state.leases.observe(events.iter().map(|ev| KeyMove {
+            key: &ev.kv.key,
+            from: ev.prev_kv.as_ref().map_or(0, |p| p.lease),
+            to: if ev.kind == EventKind::Put { ev.kv.lease } else { 0 },
+        }));
         // Watchers hear of the group once storage holds it (a catch-up may read it back)
         // and before the proposers do, as etcd notifies at the end of each apply txn.
         if let Some(hub) = &self.watch {
@@ -509,7 +449,7 @@ impl Applier {
     }
 
     fn checkpoint(&mut self, index: u64) {
-        match self.engine.sync() {
+        match self.state.engine.sync() {
             Ok(()) => {
                 self.checkpointed = index;
                 (self.on_durable)(index);
@@ -524,36 +464,44 @@ impl Applier {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use cairn_proto::internal::InternalRequest;
+    use cairn_proto::internal::internal_request::Op;
     use protobuf::Message as _;
+
+    use crate::raft::ConfChangeType;
     use tokio::sync::watch;
 
     use super::*;
     use crate::storage::MemEngine;
 
-    /// An applier over a fresh in-memory state machine, recording the conf changes it hands
-    /// back to raft.
-    fn applier(members: Vec<Member>) -> (Applier, Arc<Mutex<Vec<ConfChange>>>, Arc<dyn Engine>) {
+    /// What a test sees of an applier: the conf changes it handed to raft, its storage,
+    /// and the member records it published.
+    struct Seen {
+        conf_changes: Arc<Mutex<Vec<ConfChange>>>,
+        engine: Arc<dyn Engine>,
+        members: watch::Receiver<Vec<Member>>,
+        wait: Arc<Wait>,
+    }
+
+    /// An applier over a fresh in-memory state machine.
+    fn applier(members: Vec<Member>) -> (Applier, Seen) {
         let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
         let kv = KvStore::open(engine.clone()).unwrap();
         let leases = Lessor::open(engine.as_ref(), 1).unwrap();
         let handed = Arc::new(Mutex::new(Vec::new()));
         let seen = handed.clone();
-        let hooks = ClusterHooks {
-            members: watch::channel(members).0,
+        let (members_tx, members_rx) = watch::channel(members);
+        let wait = Arc::new(Wait::new());
+        let hooks = Hooks {
+            wait: wait.clone(),
+            applied: watch::channel(0).0,
+            members: members_tx,
+            on_durable: Box::new(|_| {}),
             on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
             on_snapshot: Box::new(|_, _| {}),
         };
-        let a = Applier::new(
-            kv,
-            leases,
-            engine.clone(),
-            Arc::new(Wait::new()),
-            watch::channel(0).0,
-            1000,
-            Box::new(|_| {}),
-            hooks,
-        );
-        (a, handed, engine)
+        let a = Applier::new(StateMachine { kv, leases, engine: engine.clone() }, 1000, hooks);
+        (a, Seen { conf_changes: handed, engine, members: members_rx, wait })
     }
 
     fn conf_change(index: u64, kind: ConfChangeType, id: u64) -> Entry {
@@ -581,7 +529,8 @@ mod tests {
     fn conf_changes_update_member_records_and_reach_raft_in_order() {
         let founder =
             Member { id: 1, peer_urls: vec!["http://m1:2380".into()], ..Default::default() };
-        let (mut a, handed, engine) = applier(vec![founder.clone()]);
+        let (mut a, seen) = applier(vec![founder.clone()]);
+        let (handed, engine) = (seen.conf_changes.clone(), seen.engine.clone());
         a.apply_entries(vec![
             conf_change(2, ConfChangeType::AddLearnerNode, 7),
             conf_change(3, ConfChangeType::AddNode, 7),
@@ -603,22 +552,138 @@ mod tests {
         assert_eq!(stored[0].id, 7);
         assert!(!stored[0].is_learner, "the learner was promoted");
         assert_eq!(applied_index(engine.as_ref()).unwrap(), 5);
-        assert_eq!(*a.cluster.members.borrow(), stored);
+        assert_eq!(*seen.members.borrow(), stored);
     }
 
     #[test]
     fn a_snapshot_image_replaces_the_state_machine_and_its_members() {
-        let (mut source, _, _) = applier(vec![]);
+        let (mut source, _) = applier(vec![]);
         source.apply_entries(vec![conf_change(2, ConfChangeType::AddNode, 9)]);
-        let image = source.engine.export().unwrap();
+        let image = source.state.engine.export().unwrap();
 
-        let (mut target, _, engine) = applier(vec![]);
+        let (mut target, seen) = applier(vec![]);
+        let engine = seen.engine.clone();
         let mut snap = crate::raft::Snapshot::default();
         snap.set_data(image.into());
         snap.mut_metadata().index = 2;
         target.install_snapshot(&snap);
         assert_eq!(*target.applied.borrow(), 2);
         assert_eq!(members::load(engine.as_ref()).unwrap().len(), 1);
-        assert_eq!(target.cluster.members.borrow().first().map(|m| m.id), Some(9));
+        assert_eq!(seen.members.borrow().first().map(|m| m.id), Some(9));
+    }
+
+    fn request(index: u64, id: u64, op: Op) -> Entry {
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryNormal);
+        e.index = index;
+        e.term = 1;
+        e.data = cairn_proto::internal::InternalRequest { id, op: Some(op) }.encode_to_vec().into();
+        e
+    }
+
+    fn put(key: &str) -> Op {
+        Op::Put(cairn_proto::etcdserverpb::PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    /// A wrapper that logs the requests it sees and refuses puts of its `forbidden` key.
+    struct Gate {
+        name: &'static str,
+        forbidden: &'static str,
+        log: Arc<Mutex<Vec<(&'static str, u64)>>>,
+    }
+
+    impl Wrapper for Gate {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        fn apply(
+            &mut self,
+            ctx: &mut Ctx<'_, '_>,
+            req: InternalRequest,
+            next: Next<'_>,
+        ) -> ApplyResult {
+            self.log.lock().unwrap().push((self.name, req.id));
+            if let Some(Op::Put(p)) = &req.op
+                && p.key == self.forbidden.as_bytes()
+            {
+                return Err(Error::Lease(lease::Error::NotFound));
+            }
+            next.run(ctx, req)
+        }
+    }
+
+    #[test]
+    fn wrappers_run_outermost_first_and_a_refusal_changes_nothing_and_reaches_the_proposer() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (a, seen) = applier(vec![]);
+        let gate = |name, forbidden| Box::new(Gate { name, forbidden, log: log.clone() });
+        let mut a = a.with_wrapper(gate("quota", "q")).with_wrapper(gate("auth", "a"));
+        let results: Vec<_> = (1..=3).map(|id| seen.wait.register(id)).collect();
+        a.apply_entries(vec![
+            request(2, 1, put("ok")),
+            request(3, 2, put("a")),
+            request(4, 3, put("q")),
+        ]);
+
+        // Each request passes the outer wrapper before the inner one; a refusal by the outer
+        // wrapper never reaches the inner one.
+        assert_eq!(
+            *log.lock().unwrap(),
+            [("quota", 1), ("auth", 1), ("quota", 2), ("auth", 2), ("quota", 3)]
+        );
+        let mut results = results.into_iter().map(|mut rx| rx.try_recv().unwrap());
+        assert!(matches!(results.next(), Some(Ok(Response::Put(_)))));
+        assert!(matches!(results.next(), Some(Err(Error::Lease(lease::Error::NotFound)))));
+        assert!(matches!(results.next(), Some(Err(Error::Lease(lease::Error::NotFound)))));
+        // Only the admitted put is in the keyspace; the group's index is recorded anyway.
+        let kv = a.state.kv.clone();
+        let all = kv
+            .range(&mvcc::RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() })
+            .unwrap();
+        let keys: Vec<_> = all.kvs.iter().map(|k| k.key.clone()).collect();
+        assert_eq!(keys, [b"ok".to_vec()]);
+        assert_eq!(applied_index(seen.engine.as_ref()).unwrap(), 4);
+    }
+
+    #[test]
+    fn member_requests_are_routed_to_the_member_records() {
+        let founder =
+            Member { id: 1, peer_urls: vec!["http://m1:2380".into()], ..Default::default() };
+        let (mut a, seen) = applier(vec![founder]);
+        let publish = Op::MemberPublish(cairn_proto::etcdserverpb::Member {
+            id: 1,
+            name: "one".into(),
+            client_ur_ls: vec!["http://m1:2379".into()],
+            ..Default::default()
+        });
+        let update = Op::MemberUpdate(cairn_proto::etcdserverpb::MemberUpdateRequest {
+            id: 1,
+            peer_ur_ls: vec!["http://m1:2390".into()],
+        });
+        let missing = Op::MemberUpdate(cairn_proto::etcdserverpb::MemberUpdateRequest {
+            id: 5,
+            peer_ur_ls: vec![],
+        });
+        let mut refused = seen.wait.register(9);
+        a.apply_entries(vec![
+            request(2, 7, publish),
+            request(3, 8, update),
+            request(4, 9, missing),
+        ]);
+        let stored = members::load(seen.engine.as_ref()).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].name, "one");
+        assert_eq!(stored[0].client_urls, ["http://m1:2379"]);
+        assert_eq!(stored[0].peer_urls, ["http://m1:2390"]);
+        assert_eq!(*seen.members.borrow(), stored);
+        assert!(matches!(
+            refused.try_recv().unwrap(),
+            Err(Error::Membership { id: 5, reason: "member not found" })
+        ));
     }
 }

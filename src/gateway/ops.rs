@@ -72,7 +72,7 @@ impl MemberProbe {
 
 impl Member for MemberProbe {
     fn has_leader(&self) -> bool {
-        self.server.raft_status().leader != 0
+        self.server.leader() != 0
     }
 
     fn is_learner(&self) -> bool {
@@ -108,8 +108,8 @@ impl Member for MemberProbe {
         // sled reports no free space inside its files, so the bytes in use are the bytes
         // allocated, as Maintenance.Status reports dbSizeInUse (docs/metrics.md).
         m.mvcc.db_total_size_in_use_in_bytes.set(size);
-        m.mvcc.current_revision.set(self.server.kv().current_revision());
-        let watch = self.server.watch_hub().stats();
+        m.mvcc.current_revision.set(self.server.current_revision());
+        let watch = self.server.watch_stats();
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         m.mvcc.watcher_total.set(count(watch.watchers));
         m.mvcc.watch_stream_total.set(count(watch.streams));

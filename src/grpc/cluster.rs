@@ -32,8 +32,8 @@ impl ClusterService {
     /// the leader; `None` on the leader. Membership changes run on the leader: only it knows
     /// which members are active (the strict reconfiguration check) and how far a learner is.
     async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
-        let status = self.server.raft_status();
-        if status.is_leader() || status.leader == 0 {
+        let leader = self.server.leader();
+        if self.server.is_leader() || leader == 0 {
             return Ok(None);
         }
         let no_leader = || status::from_server(crate::server::Error::NoLeader);
@@ -41,7 +41,7 @@ impl ClusterService {
             .server
             .members()
             .into_iter()
-            .find(|m| m.id == status.leader)
+            .find(|m| m.id == leader)
             .and_then(|m| m.client_urls.into_iter().next())
             .ok_or_else(no_leader)?;
         let channel = Endpoint::from_shared(url)

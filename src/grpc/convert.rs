@@ -3,13 +3,13 @@
 use cairn_proto::etcdserverpb as pb;
 use cairn_proto::mvccpb;
 
-use crate::mvcc;
+use crate::server::types;
 use crate::server::{HeaderInfo, Server};
 
 /// Builds `server`'s response header at the store's current revision, for responses that
 /// read or write no particular revision (lease, cluster, maintenance, compaction).
 pub fn current_header(server: &Server) -> Option<pb::ResponseHeader> {
-    header(server.header(), server.kv().current_revision())
+    header(server.header(), server.current_revision())
 }
 
 /// Builds a response header at `revision`.
@@ -23,7 +23,7 @@ pub fn header(h: HeaderInfo, revision: i64) -> Option<pb::ResponseHeader> {
 }
 
 /// Converts a key-value.
-pub fn kv(kv: mvcc::KeyValue) -> mvccpb::KeyValue {
+pub fn kv(kv: types::KeyValue) -> mvccpb::KeyValue {
     mvccpb::KeyValue {
         key: kv.key,
         create_revision: kv.create_revision,
@@ -35,7 +35,7 @@ pub fn kv(kv: mvcc::KeyValue) -> mvccpb::KeyValue {
 }
 
 /// Converts a range result.
-pub fn range(h: HeaderInfo, r: mvcc::RangeResult) -> pb::RangeResponse {
+pub fn range(h: HeaderInfo, r: types::RangeResult) -> pb::RangeResponse {
     pb::RangeResponse {
         header: header(h, r.revision),
         kvs: r.kvs.into_iter().map(kv).collect(),
@@ -45,12 +45,12 @@ pub fn range(h: HeaderInfo, r: mvcc::RangeResult) -> pb::RangeResponse {
 }
 
 /// Converts a put result.
-pub fn put(h: HeaderInfo, r: mvcc::PutResult) -> pb::PutResponse {
+pub fn put(h: HeaderInfo, r: types::PutResult) -> pb::PutResponse {
     pb::PutResponse { header: header(h, r.revision), prev_kv: r.prev_kv.map(kv) }
 }
 
 /// Converts a delete result.
-pub fn delete_range(h: HeaderInfo, r: mvcc::DeleteRangeResult) -> pb::DeleteRangeResponse {
+pub fn delete_range(h: HeaderInfo, r: types::DeleteRangeResult) -> pb::DeleteRangeResponse {
     pb::DeleteRangeResponse {
         header: header(h, r.revision),
         deleted: r.deleted,
@@ -62,14 +62,14 @@ pub fn delete_range(h: HeaderInfo, r: mvcc::DeleteRangeResult) -> pb::DeleteRang
 ///
 /// As in etcd, only the top-level header names the member, cluster and term: the headers of
 /// the ops inside carry just their revision, and a nested txn's header is empty.
-pub fn txn(h: HeaderInfo, r: mvcc::TxnResult) -> pb::TxnResponse {
+pub fn txn(h: HeaderInfo, r: types::TxnResult) -> pb::TxnResponse {
     let mut resp = txn_ops(r);
     resp.header = header(h, resp.header.map_or(0, |hd| hd.revision));
     resp
 }
 
 /// Converts a txn's ops; the returned header holds only the txn's revision.
-fn txn_ops(r: mvcc::TxnResult) -> pb::TxnResponse {
+fn txn_ops(r: types::TxnResult) -> pb::TxnResponse {
     use pb::response_op::Response as R;
     let bare = HeaderInfo { cluster_id: 0, member_id: 0, raft_term: 0 };
     let responses = r
@@ -77,10 +77,10 @@ fn txn_ops(r: mvcc::TxnResult) -> pb::TxnResponse {
         .into_iter()
         .map(|op| pb::ResponseOp {
             response: Some(match op {
-                mvcc::TxnOpResult::Range(x) => R::ResponseRange(range(bare, x)),
-                mvcc::TxnOpResult::Put(x) => R::ResponsePut(put(bare, x)),
-                mvcc::TxnOpResult::DeleteRange(x) => R::ResponseDeleteRange(delete_range(bare, x)),
-                mvcc::TxnOpResult::Txn(x) => {
+                types::TxnOpResult::Range(x) => R::ResponseRange(range(bare, x)),
+                types::TxnOpResult::Put(x) => R::ResponsePut(put(bare, x)),
+                types::TxnOpResult::DeleteRange(x) => R::ResponseDeleteRange(delete_range(bare, x)),
+                types::TxnOpResult::Txn(x) => {
                     R::ResponseTxn(pb::TxnResponse { header: header(bare, 0), ..txn_ops(x) })
                 }
             }),

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use futures::Stream;
 
 use cairn_proto::etcdserverpb::{self as pb, kv_server::Kv};
-use cairn_proto::internal::internal_request::Op;
 use tonic::{Request, Response, Status};
 
 use super::{convert, status, validate};
-use crate::apply::{self, Response as Applied};
 use crate::server::Server;
+use crate::server::types::RangeRequest;
 
 /// The KV service over one server.
 #[derive(Debug, Clone)]
@@ -24,18 +23,6 @@ impl KvService {
     pub fn new(server: Arc<Server>) -> Self {
         Self { server }
     }
-
-    async fn propose(&self, op: Op) -> Result<Applied, Status> {
-        if self.server.is_learner() {
-            return Err(status::from_server(crate::server::Error::Learner));
-        }
-        self.server.propose(op).await.map_err(status::from_server)
-    }
-}
-
-/// The apply result did not match the request kind: a bug, reported rather than panicked on.
-fn mismatch() -> Status {
-    Status::internal("etcdserver: unexpected apply result")
 }
 
 /// Keys per RangeStream chunk: bounds the memory one streaming read holds at a time.
@@ -44,7 +31,7 @@ const STREAM_CHUNK: i64 = 1000;
 /// Where a RangeStream continues.
 struct StreamState {
     server: Arc<Server>,
-    req: crate::mvcc::RangeRequest,
+    req: RangeRequest,
     /// Keys still allowed by the client's limit (`None` = no limit).
     remaining: Option<i64>,
     /// `count` of the first page: the whole range at the pinned revision.
@@ -63,7 +50,7 @@ fn next_chunk(
     let page = st.remaining.map_or(STREAM_CHUNK, |r| r.min(STREAM_CHUNK));
     let mut req = st.req.clone();
     req.limit = page;
-    let res = match st.server.range(&req) {
+    let res = match st.server.read(&req) {
         Ok(res) => res,
         Err(e) => {
             st.done = true;
@@ -108,17 +95,10 @@ impl Kv for KvService {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range_stream(&r)?;
-        let mut req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
-        if !r.serializable {
-            // A learner serves serializable reads only, as etcd's.
-            if self.server.is_learner() {
-                return Err(status::from_server(crate::server::Error::Learner));
-            }
-            self.server.linearizable_barrier().await.map_err(status::from_server)?;
-        }
+        let mut req = self.server.prepare_range(&r).await.map_err(status::from_server)?;
         // Pin every page to one revision so the chunks form one consistent view.
         if req.revision <= 0 {
-            req.revision = self.server.kv().current_revision();
+            req.revision = self.server.current_revision();
         }
         let st = StreamState {
             server: self.server.clone(),
@@ -138,15 +118,7 @@ impl Kv for KvService {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_range(&r)?;
-        let req = apply::convert::range_request(&r).map_err(|e| status::from_convert(&e))?;
-        if !r.serializable {
-            // A learner serves serializable reads only, as etcd's.
-            if self.server.is_learner() {
-                return Err(status::from_server(crate::server::Error::Learner));
-            }
-            self.server.linearizable_barrier().await.map_err(status::from_server)?;
-        }
-        let res = self.server.range(&req).map_err(status::from_server)?;
+        let res = self.server.range(&r).await.map_err(status::from_server)?;
         Ok(Response::new(convert::range(self.server.header(), res)))
     }
 
@@ -157,10 +129,8 @@ impl Kv for KvService {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_put(&r)?;
-        match self.propose(Op::Put(r)).await? {
-            Applied::Put(res) => Ok(Response::new(convert::put(self.server.header(), res))),
-            _ => Err(mismatch()),
-        }
+        let res = self.server.put(r).await.map_err(status::from_server)?;
+        Ok(Response::new(convert::put(self.server.header(), res)))
     }
 
     async fn delete_range(
@@ -170,12 +140,8 @@ impl Kv for KvService {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         validate::check_delete(&r)?;
-        match self.propose(Op::DeleteRange(r)).await? {
-            Applied::DeleteRange(res) => {
-                Ok(Response::new(convert::delete_range(self.server.header(), res)))
-            }
-            _ => Err(mismatch()),
-        }
+        let res = self.server.delete_range(r).await.map_err(status::from_server)?;
+        Ok(Response::new(convert::delete_range(self.server.header(), res)))
     }
 
     async fn txn(
@@ -186,13 +152,8 @@ impl Kv for KvService {
         let r = request.into_inner();
         let max_ops = usize::try_from(self.server.config().raw.max_txn_ops).unwrap_or(usize::MAX);
         validate::check_txn(&r, max_ops)?;
-        // Sort enums inside the txn are checked by the conversion before proposing, so a bad
-        // request never reaches the log.
-        apply::convert::txn_request(&r).map_err(|e| status::from_convert(&e))?;
-        match self.propose(Op::Txn(r)).await? {
-            Applied::Txn(res) => Ok(Response::new(convert::txn(self.server.header(), res))),
-            _ => Err(mismatch()),
-        }
+        let res = self.server.txn(r).await.map_err(status::from_server)?;
+        Ok(Response::new(convert::txn(self.server.header(), res)))
     }
 
     async fn compact(
@@ -201,11 +162,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
-        match self.propose(Op::Compaction(r)).await? {
-            Applied::Compact => Ok(Response::new(pb::CompactionResponse {
-                header: convert::current_header(&self.server),
-            })),
-            _ => Err(mismatch()),
-        }
+        self.server.compact(r).await.map_err(status::from_server)?;
+        Ok(Response::new(pb::CompactionResponse { header: convert::current_header(&self.server) }))
     }
 }

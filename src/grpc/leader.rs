@@ -17,7 +17,7 @@ pub(super) fn require_leader<T>(request: &Request<T>, server: &Server) -> Result
         .get("hasleader")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == "true");
-    if wants_leader && server.raft_status().leader == 0 {
+    if wants_leader && server.leader() == 0 {
         return Err(status::from_server(Error::NoLeader));
     }
     Ok(())

@@ -84,7 +84,7 @@ impl Lease for LeaseService {
                     // Only the leader keeps lease clocks: a follower forwards the renewal.
                     Err(
                         crate::server::Error::NoLeader | crate::server::Error::NotLeader { .. },
-                    ) if svc.server.raft_status().leader != 0 => svc.forward.renew(req.id).await,
+                    ) if svc.server.leader() != 0 => svc.forward.renew(req.id).await,
                     other => other.map_err(status::from_server),
                 };
                 let resp = renewed.map(|ttl| pb::LeaseKeepAliveResponse {
@@ -112,8 +112,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
-        let status = self.server.raft_status();
-        if !status.is_leader() && status.leader != 0 {
+        if !self.server.is_leader() && self.server.leader() != 0 {
             // The leader's clock is the one that counts down.
             let mut resp = self.forward.time_to_live(r).await?;
             resp.header = convert::current_header(&self.server);
@@ -135,7 +134,7 @@ impl Lease for LeaseService {
 }
 
 /// Answers a TimeToLive from this member's lessor.
-pub(super) fn time_to_live(
+pub(in crate::grpc) fn time_to_live(
     server: &Server,
     header: Option<pb::ResponseHeader>,
     r: &pb::LeaseTimeToLiveRequest,

@@ -89,11 +89,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        let (hash, compact_revision, hash_revision) = self
-            .server
-            .kv()
-            .hash_kv(request.get_ref().revision)
-            .map_err(super::status::from_mvcc)?;
+        let (hash, compact_revision, hash_revision) =
+            self.server.hash_kv(request.get_ref().revision).map_err(super::status::from_server)?;
         Ok(Response::new(pb::HashKvResponse {
             header: convert::current_header(&self.server),
             hash,

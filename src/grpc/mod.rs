@@ -1,7 +1,12 @@
 //! The tonic edge: etcd's gRPC services on the client URLs.
 //!
-//! Each service validates its requests (`validate`), calls the server, and maps every error
-//! through `status`, the one table of etcd codes and messages. Services Cairn does not serve
+//! Each service validates its requests (`validate`), calls the server's typed methods, and
+//! maps every error through `status`, the one table of etcd codes and messages. The
+//! services know the member only through `crate::server` (its methods, its one error and
+//! the domain types it re-exports); `tests/layering.rs` holds them to it. The peer port
+//! (`peer/`) is the exception DESIGN names: it implements raft's `Transport` and steps
+//! inbound messages into raft. DESIGN's single `peer.rs` is the `peer/` folder: transport
+//! client, peer service, leader forwarding and join calls, one file each. Services Cairn does not serve
 //! yet (Auth, Lock, Election) are not registered, so clients get gRPC's
 //! `Unimplemented` for them rather than a fake answer.
 

@@ -1,10 +1,13 @@
 //! The one table that turns Cairn's errors into gRPC statuses with etcd's codes and
 //! messages (etcd api/v3rpc/rpctypes/error.go). Clients match these strings byte for byte.
+//!
+//! Every failure reaches the edge as one [`server::Error`]; the server has already folded
+//! the errors of the layers below it into that enum's kinds, so this table names no layer
+//! but the server.
 
 use tonic::{Code, Status};
 
-use crate::server::membership::MemberError;
-use crate::{apply, lease, mvcc, server};
+use crate::server::{self, MemberError};
 
 /// etcd's error strings, as clients compare them.
 pub mod msg {
@@ -57,27 +60,33 @@ pub mod msg {
 
 /// Maps a server error to etcd's status.
 pub fn from_server(e: server::Error) -> Status {
+    use server::Error as E;
     match e {
-        server::Error::NoLeader => Status::new(Code::Unavailable, msg::NO_LEADER),
-        server::Error::Timeout => Status::new(Code::Unavailable, msg::TIMEOUT),
-        server::Error::Stopped => Status::new(Code::Unavailable, msg::STOPPED),
-        server::Error::TooLarge => Status::new(Code::InvalidArgument, msg::REQUEST_TOO_LARGE),
-        server::Error::TooManyRequests => {
-            Status::new(Code::ResourceExhausted, msg::TOO_MANY_REQUESTS)
-        }
-        server::Error::Apply(apply::Error::Mvcc(e)) | server::Error::Mvcc(e) => from_mvcc(e),
-        server::Error::Apply(apply::Error::Convert(e)) => from_convert(&e),
-        server::Error::Apply(apply::Error::Lease(e)) => from_lease(&e),
-        server::Error::NotLeader { .. } => Status::new(Code::FailedPrecondition, msg::NOT_LEADER),
-        server::Error::Learner => Status::new(Code::FailedPrecondition, msg::LEARNER),
-        server::Error::BadLeaderTransferee => {
-            Status::new(Code::FailedPrecondition, msg::BAD_LEADER_TRANSFEREE)
-        }
-        server::Error::Member(e) => from_member(e),
-        server::Error::Apply(apply::Error::Membership { reason, .. }) => {
+        E::NoLeader => Status::new(Code::Unavailable, msg::NO_LEADER),
+        E::Timeout => Status::new(Code::Unavailable, msg::TIMEOUT),
+        E::Stopped => Status::new(Code::Unavailable, msg::STOPPED),
+        E::TooLarge => Status::new(Code::InvalidArgument, msg::REQUEST_TOO_LARGE),
+        E::TooManyRequests => Status::new(Code::ResourceExhausted, msg::TOO_MANY_REQUESTS),
+        E::NotLeader { .. } => Status::new(Code::FailedPrecondition, msg::NOT_LEADER),
+        E::Learner => Status::new(Code::FailedPrecondition, msg::LEARNER),
+        E::BadLeaderTransferee => Status::new(Code::FailedPrecondition, msg::BAD_LEADER_TRANSFEREE),
+        E::Member(e) => from_member(e),
+        E::MemberRefused { reason, .. } => {
             Status::new(Code::FailedPrecondition, format!("etcdserver: {reason}"))
         }
-        e @ (server::Error::Apply(apply::Error::Decode { .. }) | server::Error::Startup(_)) => {
+        E::Compacted => Status::new(Code::OutOfRange, msg::COMPACTED),
+        E::FutureRevision => Status::new(Code::OutOfRange, msg::FUTURE_REV),
+        E::KeyNotFound => Status::new(Code::InvalidArgument, msg::KEY_NOT_FOUND),
+        E::LeaseNotFound => Status::new(Code::NotFound, msg::LEASE_NOT_FOUND),
+        E::LeaseExists => Status::new(Code::FailedPrecondition, msg::LEASE_EXISTS),
+        E::LeaseTtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
+        E::InvalidSortOption => Status::new(Code::InvalidArgument, msg::INVALID_SORT_OPTION),
+        E::InvalidCompare => Status::new(Code::InvalidArgument, "etcdserver: invalid compare"),
+        E::Storage(e) => {
+            tracing::error!(error = %e, "storage failure serving a request");
+            Status::new(Code::Internal, format!("etcdserver: {e}"))
+        }
+        e @ (E::Internal(_) | E::Startup(_)) => {
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
     }
@@ -99,44 +108,88 @@ pub fn from_member(e: MemberError) -> Status {
     Status::new(code, format!("etcdserver: {e}"))
 }
 
-/// Maps an mvcc error to etcd's status.
-pub fn from_mvcc(e: mvcc::Error) -> Status {
-    match e {
-        mvcc::Error::Compacted => Status::new(Code::OutOfRange, msg::COMPACTED),
-        mvcc::Error::FutureRevision => Status::new(Code::OutOfRange, msg::FUTURE_REV),
-        mvcc::Error::KeyNotFound => Status::new(Code::InvalidArgument, msg::KEY_NOT_FOUND),
-        mvcc::Error::LeaseNotFound => Status::new(Code::NotFound, msg::LEASE_NOT_FOUND),
-        e @ (mvcc::Error::Storage(_) | mvcc::Error::Corrupt(_)) => {
-            tracing::error!(error = %e, "storage failure serving a request");
-            Status::new(Code::Internal, format!("etcdserver: {e}"))
-        }
-    }
-}
-
-/// Maps a lessor error to etcd's status.
-pub fn from_lease(e: &lease::Error) -> Status {
-    match e {
-        lease::Error::NotFound => Status::new(Code::NotFound, msg::LEASE_NOT_FOUND),
-        lease::Error::Exists => Status::new(Code::FailedPrecondition, msg::LEASE_EXISTS),
-        lease::Error::TtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
-        e => Status::new(Code::Internal, format!("etcdserver: {e}")),
-    }
-}
-
-/// Maps a conversion error to etcd's status.
-pub fn from_convert(e: &apply::ConvertError) -> Status {
-    match e {
-        apply::ConvertError::InvalidSortOption => {
-            Status::new(Code::InvalidArgument, msg::INVALID_SORT_OPTION)
-        }
-        apply::ConvertError::EmptyOp => Status::new(Code::InvalidArgument, msg::KEY_NOT_FOUND),
-        apply::ConvertError::InvalidCompare => {
-            Status::new(Code::InvalidArgument, "etcdserver: invalid compare")
-        }
-    }
-}
-
 /// An InvalidArgument status with one of etcd's messages.
 pub fn invalid(message: &'static str) -> Status {
     Status::new(Code::InvalidArgument, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{apply, lease, mvcc};
+
+    /// The status a failure below the server reaches the client with.
+    fn status_of(e: impl Into<server::Error>) -> (Code, String) {
+        let s = from_server(e.into());
+        (s.code(), s.message().to_owned())
+    }
+
+    #[test]
+    fn failures_below_the_server_keep_etcds_codes_and_messages() {
+        let cases: Vec<(server::Error, Code, &str)> = vec![
+            (apply::Error::Mvcc(mvcc::Error::Compacted).into(), Code::OutOfRange, msg::COMPACTED),
+            (mvcc::Error::FutureRevision.into(), Code::OutOfRange, msg::FUTURE_REV),
+            (
+                apply::Error::Mvcc(mvcc::Error::KeyNotFound).into(),
+                Code::InvalidArgument,
+                msg::KEY_NOT_FOUND,
+            ),
+            (
+                apply::Error::Convert(apply::ConvertError::EmptyOp).into(),
+                Code::InvalidArgument,
+                msg::KEY_NOT_FOUND,
+            ),
+            (
+                apply::ConvertError::InvalidSortOption.into(),
+                Code::InvalidArgument,
+                msg::INVALID_SORT_OPTION,
+            ),
+            (
+                apply::ConvertError::InvalidCompare.into(),
+                Code::InvalidArgument,
+                "etcdserver: invalid compare",
+            ),
+            (mvcc::Error::LeaseNotFound.into(), Code::NotFound, msg::LEASE_NOT_FOUND),
+            (
+                apply::Error::Lease(lease::Error::NotFound).into(),
+                Code::NotFound,
+                msg::LEASE_NOT_FOUND,
+            ),
+            (
+                apply::Error::Lease(lease::Error::Exists).into(),
+                Code::FailedPrecondition,
+                msg::LEASE_EXISTS,
+            ),
+            (
+                apply::Error::Lease(lease::Error::TtlTooLarge).into(),
+                Code::OutOfRange,
+                msg::LEASE_TTL_TOO_LARGE,
+            ),
+            (
+                apply::Error::Lease(lease::Error::ZeroId).into(),
+                Code::Internal,
+                "etcdserver: lease id 0 is reserved",
+            ),
+            (
+                apply::Error::Membership { id: 5, reason: "member not found" }.into(),
+                Code::FailedPrecondition,
+                "etcdserver: member not found",
+            ),
+            (
+                apply::Error::Decode { index: 3, reason: "bad".into() }.into(),
+                Code::Internal,
+                "etcdserver: undecodable entry at index 3: bad",
+            ),
+            (
+                mvcc::Error::Corrupt("x".into()).into(),
+                Code::Internal,
+                "etcdserver: mvcc: corrupt data: x",
+            ),
+            (MemberError::NotFound.into(), Code::NotFound, "etcdserver: member not found"),
+        ];
+        for (e, code, message) in cases {
+            let shown = format!("{e:?}");
+            assert_eq!(status_of(e), (code, message.to_owned()), "{shown}");
+        }
+    }
 }

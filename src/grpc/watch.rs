@@ -2,7 +2,7 @@
 //! (etcd's `api/v3rpc/watch.go`).
 //!
 //! Per stream, a request task reads the client's create, cancel and progress requests and
-//! hands them to the stream's [`WatchStream`](crate::watch::WatchStream); the response
+//! hands them to the stream's [`WatchStream`](crate::server::types::WatchStream); the response
 //! stream tonic sends is the stream's [`ResponseSource`], converted to etcd's messages
 //! here. The watch module does the ordering, bounding and catching up; this file only
 //! translates, splits large responses into fragments for watchers that allow it, and
@@ -24,11 +24,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, status};
 use crate::config::GRPC_OVERHEAD_BYTES;
-use crate::mvcc::{Event, EventKind};
-use crate::server::{HeaderInfo, Server};
-use crate::watch::{
-    self, CreateRequest, ResponseKind, ResponseSource, WatchHub, WatchStream as Requests,
+use crate::server::types::{
+    CreateRequest, Event, EventKind, ResponseKind, ResponseSource, WatchError, WatchResponse,
+    WatchStream as Requests,
 };
+use crate::server::{HeaderInfo, Server};
 
 /// Consecutive leader checks without a leader after which a `hasleader` stream is
 /// canceled (etcd's `maxNoLeaderCnt`: reconnecting costs more than refusing new calls).
@@ -43,10 +43,13 @@ pub type HeaderFn = Arc<dyn Fn() -> HeaderInfo + Send + Sync>;
 /// Tells whether the member knows a leader.
 pub type LeaderFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// The Watch service over one member's watch hub.
+/// Opens one watch stream on the member: its request and response sides.
+pub type OpenFn = Arc<dyn Fn() -> (Requests, ResponseSource) + Send + Sync>;
+
+/// The Watch service over one member's watchers.
 #[derive(Clone)]
 pub struct WatchService {
-    hub: WatchHub,
+    open: OpenFn,
     header: HeaderFn,
     has_leader: LeaderFn,
     /// Responses of `fragment` watchers at or above this encoded size are split (etcd's
@@ -58,7 +61,9 @@ pub struct WatchService {
 
 impl std::fmt::Debug for WatchService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WatchService").field("hub", &self.hub).finish_non_exhaustive()
+        f.debug_struct("WatchService")
+            .field("fragment_bytes", &self.fragment_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,11 +75,11 @@ impl WatchService {
             .unwrap_or(usize::MAX)
             .saturating_add(GRPC_OVERHEAD_BYTES);
         let election = cfg.heartbeat * u32::try_from(cfg.election_ticks).unwrap_or(10);
-        let hub = server.watch_hub().clone();
+        let for_open = server.clone();
         let for_header = server.clone();
-        let has_leader: LeaderFn = Arc::new(move || server.raft_status().leader != 0);
+        let has_leader: LeaderFn = Arc::new(move || server.leader() != 0);
         Self::from_parts(
-            hub,
+            Arc::new(move || for_open.open_watch_stream()),
             Arc::new(move || for_header.header()),
             has_leader,
             fragment_bytes,
@@ -85,13 +90,13 @@ impl WatchService {
     /// Creates the service from its parts (tests inject the leader check, so that losing
     /// the leader can be shown on a single member).
     pub fn from_parts(
-        hub: WatchHub,
+        open: OpenFn,
         header: HeaderFn,
         has_leader: LeaderFn,
         fragment_bytes: usize,
         leader_check: Duration,
     ) -> Self {
-        Self { hub, header, has_leader, fragment_bytes, leader_check }
+        Self { open, header, has_leader, fragment_bytes, leader_check }
     }
 }
 
@@ -111,7 +116,7 @@ impl Watch for WatchService {
         if require_leader && !(self.has_leader)() {
             return Err(Status::unavailable(status::msg::NO_LEADER));
         }
-        let (requests, source) = self.hub.open_stream();
+        let (requests, source) = (self.open)();
         let reader = AbortOnDrop(tokio::spawn(read_requests(request.into_inner(), requests)));
         let leader = require_leader.then(|| LeaderWatch {
             has_leader: self.has_leader.clone(),
@@ -236,20 +241,20 @@ impl Outgoing {
 }
 
 /// etcd's `cancel_reason` for an error that ends a watcher.
-fn cancel_reason(e: &watch::Error) -> String {
+fn cancel_reason(e: &WatchError) -> String {
     match e {
         // etcd 3.6 answers a negative start revision with the gRPC error's text.
-        watch::Error::Compacted => status::msg::COMPACTED.to_owned(),
+        WatchError::Compacted => status::msg::COMPACTED.to_owned(),
         // etcd's mvcc errors travel without the "etcdserver: " prefix.
-        watch::Error::DuplicateWatchId | watch::Error::EmptyRange => e.to_string(),
-        watch::Error::TooManyWatchers | watch::Error::History(_) => format!("etcdserver: {e}"),
+        WatchError::DuplicateWatchId | WatchError::EmptyRange => e.to_string(),
+        WatchError::TooManyWatchers | WatchError::History(_) => format!("etcdserver: {e}"),
     }
 }
 
 /// Converts one hub response into etcd messages: one, or several fragments.
 fn to_messages(
     h: HeaderInfo,
-    r: watch::Response,
+    r: WatchResponse,
     fragment_bytes: usize,
 ) -> VecDeque<pb::WatchResponse> {
     let base = pb::WatchResponse {
@@ -346,7 +351,7 @@ mod tests {
 
     use super::*;
     use crate::mvcc::tests::store;
-    use crate::watch::WatchConfig;
+    use crate::watch::{WatchConfig, WatchHub};
 
     /// Serves a Watch service over a memory store on a loopback port, with a leader flag
     /// the test controls; returns the endpoint.
@@ -355,8 +360,9 @@ mod tests {
         let header: HeaderFn =
             Arc::new(|| HeaderInfo { cluster_id: 1, member_id: 2, raft_term: 3 });
         let has_leader: LeaderFn = Arc::new(move || leader.load(Ordering::SeqCst));
+        let open: OpenFn = Arc::new(move || hub.open_stream());
         let svc =
-            WatchService::from_parts(hub, header, has_leader, 1 << 20, Duration::from_millis(50));
+            WatchService::from_parts(open, header, has_leader, 1 << 20, Duration::from_millis(50));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -441,12 +447,12 @@ mod tests {
     #[test]
     fn cancel_reasons_are_etcds_strings() {
         assert_eq!(
-            cancel_reason(&watch::Error::DuplicateWatchId),
+            cancel_reason(&WatchError::DuplicateWatchId),
             "mvcc: duplicate watch ID provided on the WatchStream"
         );
-        assert_eq!(cancel_reason(&watch::Error::EmptyRange), "mvcc: watcher range is empty");
+        assert_eq!(cancel_reason(&WatchError::EmptyRange), "mvcc: watcher range is empty");
         assert_eq!(
-            cancel_reason(&watch::Error::Compacted),
+            cancel_reason(&WatchError::Compacted),
             "etcdserver: mvcc: required revision has been compacted"
         );
     }

@@ -25,7 +25,6 @@ pub mod queue;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::mvcc::{Event, EventKind, LeaseLookup};
 use crate::storage::{Batch, Engine, Keyspace, Scan};
 
 /// A lease id; 0 means "no lease".
@@ -55,6 +54,17 @@ pub enum Error {
     /// Storage failed.
     #[error("lease storage: {0}")]
     Storage(String),
+}
+
+/// A key's lease changing in a committed write (0 = no lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMove<'a> {
+    /// The key.
+    pub key: &'a [u8],
+    /// The lease the key was attached to before the write.
+    pub from: LeaseId,
+    /// The lease the key is attached to after it (0 after a delete).
+    pub to: LeaseId,
 }
 
 /// One lease's replicated state.
@@ -236,24 +246,27 @@ impl Lessor {
         }
     }
 
-    /// Updates attachments from committed mvcc events: a put moves its key to the new lease,
-    /// a delete detaches it.
-    pub fn observe(&self, events: &[Event]) {
+    /// Updates attachments from a committed write's key moves: a put moves its key to the
+    /// new lease, a delete detaches it (apply derives the moves from mvcc's events, so this
+    /// module knows nothing of mvcc).
+    pub fn observe<'a>(&self, moves: impl IntoIterator<Item = KeyMove<'a>>) {
         let mut st = self.lock();
-        for ev in events {
-            let key = &ev.kv.key;
-            let old = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
-            let new = if ev.kind == EventKind::Put { ev.kv.lease } else { 0 };
-            if old == new {
+        for KeyMove { key, from, to } in moves {
+            if from == to {
                 continue;
             }
-            if let Some(l) = st.leases.get_mut(&old) {
+            if let Some(l) = st.leases.get_mut(&from) {
                 l.keys.remove(key);
             }
-            if let Some(l) = st.leases.get_mut(&new) {
-                l.keys.insert(key.clone());
+            if let Some(l) = st.leases.get_mut(&to) {
+                l.keys.insert(key.to_vec());
             }
         }
+    }
+
+    /// Returns true when lease `id` is granted and not yet revoked.
+    pub fn exists(&self, id: LeaseId) -> bool {
+        self.lock().leases.contains_key(&id)
     }
 
     /// Returns lease `id`'s replicated state.
@@ -285,21 +298,10 @@ impl Lessor {
     }
 }
 
-impl LeaseLookup for Lessor {
-    fn lease_exists(&self, id: i64) -> bool {
-        self.lock().leases.contains_key(&id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mvcc::KeyValue;
     use crate::storage::MemEngine;
-
-    fn kv(key: &str, lease: i64) -> KeyValue {
-        KeyValue { key: key.into(), lease, ..Default::default() }
-    }
 
     #[test]
     fn grants_raise_small_ttls_refuse_huge_ones_and_duplicate_ids() {
@@ -319,19 +321,16 @@ mod tests {
         let mut b = Batch::new();
         l.grant(1, 10, &mut b).unwrap();
         l.grant(2, 10, &mut b).unwrap();
-        let put = |k: &str, lease, prev: Option<KeyValue>| Event {
-            kind: EventKind::Put,
-            kv: kv(k, lease),
-            prev_kv: prev,
-        };
-        l.observe(&[put("a", 1, None), put("b", 1, None), put("c", 2, None)]);
-        l.observe(&[put("b", 2, Some(kv("b", 1)))]);
-        l.observe(&[Event { kind: EventKind::Delete, kv: kv("c", 0), prev_kv: Some(kv("c", 2)) }]);
+        let mv = |key: &'static str, from, to| KeyMove { key: key.as_bytes(), from, to };
+        // Puts of a, b, c; b moves to lease 2; c is deleted.
+        l.observe([mv("a", 0, 1), mv("b", 0, 1), mv("c", 0, 2)]);
+        l.observe([mv("b", 1, 2)]);
+        l.observe([mv("c", 2, 0)]);
         assert_eq!(l.get(1).unwrap().keys, vec![b"a".to_vec()]);
         assert_eq!(l.get(2).unwrap().keys, vec![b"b".to_vec()]);
         assert_eq!(l.revoke(1, &mut b).unwrap(), vec![b"a".to_vec()]);
         assert_eq!(l.revoke(1, &mut b), Err(Error::NotFound));
-        assert!(!l.lease_exists(1));
+        assert!(!l.exists(1));
     }
 
     #[test]

@@ -235,9 +235,30 @@ impl RaftHandle {
         let _ = self.tx.send(Command::Shutdown).await;
     }
 
-    /// Returns the latest published status.
+    /// Returns a copy of the latest published status (its member lists allocate: the
+    /// accessors below read one field without copying the rest).
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
+    }
+
+    /// Returns the current leader's id, 0 when none is known.
+    pub fn leader(&self) -> u64 {
+        self.status.borrow().leader
+    }
+
+    /// Returns true when this member leads.
+    pub fn is_leader(&self) -> bool {
+        self.status.borrow().is_leader()
+    }
+
+    /// Returns the current term.
+    pub fn term(&self) -> u64 {
+        self.status.borrow().term
+    }
+
+    /// Returns the commit index.
+    pub fn commit(&self) -> u64 {
+        self.status.borrow().commit
     }
 
     /// Returns a receiver that sees every status change.

@@ -82,8 +82,8 @@ pub fn start(
     let initial = RaftStatus {
         id: cfg.id,
         leader: 0,
-        term: raw.raft.term,
-        commit: raw.raft.raft_log.committed,
+        term: raw.status().hs.term,
+        commit: raw.status().hs.commit,
         last_index: log.last_index(),
         progress: Vec::new(),
         voters: log.conf_state().voters.clone(),
@@ -179,7 +179,7 @@ impl Node {
                 let _ = reply.send(res);
             }
             Command::ReadIndex { ctx, reply } => {
-                if self.raw.raft.leader_id == raft::INVALID_ID {
+                if self.raw.status().ss.leader_id == raft::INVALID_ID {
                     let _ = reply.send(Err(Error::NoLeader));
                     return false;
                 }
@@ -299,7 +299,7 @@ impl Node {
         // raft's own bookkeeping (as etcd's raftNode does).
         self.raw.advance_apply();
 
-        if role_changed && self.raw.raft.state != StateRole::Leader {
+        if role_changed && self.raw.status().ss.raft_state != StateRole::Leader {
             // Reads queued on a member that lost leadership would never be answered.
             self.fail_pending_reads();
         }
@@ -318,29 +318,29 @@ impl Node {
     }
 
     fn publish_status(&self) {
+        // raft-rs's `Status` copies the hard and soft state and lends the progress tracker
+        // on the leader only, which is exactly when match indexes and activity mean anything.
+        let st = self.raw.status();
+        let progress = st.progress.filter(|_| st.ss.raft_state == StateRole::Leader);
         let next = RaftStatus {
             id: self.cfg.id,
-            leader: self.raw.raft.leader_id,
-            term: self.raw.raft.term,
-            commit: self.raw.raft.raft_log.committed,
+            leader: st.ss.leader_id,
+            term: st.hs.term,
+            commit: st.hs.commit,
             last_index: self.log.last_index(),
-            progress: if self.raw.raft.state == StateRole::Leader {
-                self.raw.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect()
-            } else {
-                Vec::new()
-            },
-            voters: self.raw.raft.prs().conf().voters().ids().iter().collect(),
-            active: if self.raw.raft.state == StateRole::Leader {
-                self.raw
-                    .raft
-                    .prs()
-                    .iter()
-                    .filter(|(id, pr)| pr.recent_active || **id == self.cfg.id)
-                    .map(|(id, _)| *id)
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            progress: progress
+                .map(|prs| prs.iter().map(|(id, pr)| (*id, pr.matched)).collect())
+                .unwrap_or_default(),
+            // The durable conf state, which follows every applied conf change and snapshot.
+            voters: self.log.conf_state().voters.clone(),
+            active: progress
+                .map(|prs| {
+                    prs.iter()
+                        .filter(|(id, pr)| pr.recent_active || **id == self.cfg.id)
+                        .map(|(id, _)| *id)
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {

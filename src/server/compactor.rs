@@ -30,7 +30,7 @@ pub(super) fn start(server: Arc<Server>) -> Option<tokio::task::JoinHandle<()>> 
 }
 
 async fn compact(server: &Server, revision: i64) {
-    if revision <= server.kv.compact_revision() || !server.raft.status().is_leader() {
+    if revision <= server.kv.compact_revision() || !server.raft.is_leader() {
         return;
     }
     match server.propose(Op::Compaction(CompactionRequest { revision, physical: false })).await {

@@ -55,7 +55,7 @@ impl Server {
         };
         match self.propose(Op::LeaseGrant(LeaseGrantRequest { id, ttl })).await? {
             Response::LeaseGrant { id, ttl } => Ok((id, ttl)),
-            _ => Err(Error::Startup("unexpected apply result for a lease grant".into())),
+            _ => Err(Error::Internal("unexpected apply result for a lease grant".into())),
         }
     }
 
@@ -74,7 +74,7 @@ impl Server {
     /// [`Error::NoLeader`] when this member does not lead (followers forward renewals to
     /// the leader once clusters exist), or the checkpoint proposal's errors.
     pub async fn lease_renew(&self, id: LeaseId) -> Result<i64, Error> {
-        let is_leader = self.raft.status().is_leader();
+        let is_leader = self.raft.is_leader();
         let ttl = {
             let mut clock = self.lease_clock();
             clock.sync(&self.leases, is_leader, Instant::now());
@@ -104,7 +104,7 @@ impl Server {
         let now = Instant::now();
         let remaining = {
             let mut clock = self.lease_clock();
-            clock.sync(&self.leases, self.raft.status().is_leader(), now);
+            clock.sync(&self.leases, self.raft.is_leader(), now);
             clock.remaining(id, now)
         };
         let remaining = match remaining {
@@ -137,7 +137,7 @@ pub(super) async fn run(server: Arc<Server>, checkpoint_every: Option<Duration>)
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let is_leader = server.raft.status().is_leader();
+        let is_leader = server.raft.is_leader();
         let (expired, checkpoints) = {
             let mut clock = server.lease_clock();
             clock.sync(&server.leases, is_leader, now);

@@ -42,8 +42,7 @@ impl Server {
     /// [`Error::TooLarge`] past `--max-request-bytes`, [`Error::TooManyRequests`] when apply
     /// lags, [`Error::NoLeader`], [`Error::Timeout`], [`Error::Stopped`], or the apply error.
     pub async fn propose(&self, op: Op) -> Result<Response, Error> {
-        let status = self.raft.status();
-        if status.commit.saturating_sub(*self.applied.borrow()) > MAX_APPLY_LAG {
+        if self.raft.commit().saturating_sub(*self.applied.borrow()) > MAX_APPLY_LAG {
             return Err(Error::TooManyRequests);
         }
         let id = self.ids.next();

@@ -2,9 +2,9 @@
 //! member's own background duties: publishing its name and client URLs, keeping the peer
 //! transport's address book current, and stopping once removed from the cluster.
 //!
-//! Changes go through raft as conf changes; apply writes the member records and hands each
-//! change back to raft. The strict reconfiguration check (etcd's default) runs here, on the
-//! leader's view of which peers are active.
+//! Changes go through raft as conf changes; apply writes the member records
+//! (`apply/members.rs`) and hands each change back to raft. The strict reconfiguration
+//! check (etcd's default) runs here, on the leader's view of which peers are active.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +13,7 @@ use cairn_proto::etcdserverpb::{Member as PbMember, MemberUpdateRequest};
 use cairn_proto::internal::{ConfChangeContext, internal_request::Op};
 use prost::Message as _;
 
-use super::membership::{self, Member, MemberError};
+use super::identity::{self, Member, MemberError};
 use super::{Error, Server};
 use crate::apply::Response;
 use crate::raft::{ConfChange, ConfChangeType, Transport};
@@ -56,7 +56,7 @@ impl Server {
         }
         // etcd derives an added member's id from its URLs and the time of the request.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let id = membership::member_id(&peer_urls, &format!("{nanos}"));
+        let id = identity::member_id(&peer_urls, &format!("{nanos}"));
         if members.iter().any(|m| m.id == id) {
             return Err(MemberError::IdExists.into());
         }
@@ -213,11 +213,13 @@ impl Server {
         match tokio::time::timeout(self.request_timeout, rx).await {
             Ok(Ok(Ok(Response::Members(m)))) => Ok(m),
             Ok(Ok(Ok(_))) => Ok(self.members()),
-            Ok(Ok(Err(crate::apply::Error::Membership { reason, .. }))) => Err(match reason {
-                "member not found" => MemberError::NotFound.into(),
-                _ => MemberError::IdExists.into(),
+            Ok(Ok(Err(e))) => Err(match Error::from(e) {
+                Error::MemberRefused { reason, .. } => match reason {
+                    "member not found" => MemberError::NotFound.into(),
+                    _ => MemberError::IdExists.into(),
+                },
+                e => e,
             }),
-            Ok(Ok(Err(e))) => Err(e.into()),
             Ok(Err(_)) => Err(Error::Stopped),
             Err(_) => {
                 self.wait.cancel(wait_id);

@@ -1,6 +1,10 @@
 //! Member and cluster identity, derived from peer URLs and the cluster token exactly as etcd
 //! derives them (server/etcdserver/api/membership/member.go computeMemberID and cluster.go
-//! genID), so a Cairn member in an etcd-shaped deployment gets the id etcd would give it.
+//! genID), so a Cairn member in an etcd-shaped deployment gets the id etcd would give it;
+//! plus what a joining member learned ([`Join`]) and etcd's membership errors.
+//!
+//! Not to be confused with `reconfigure.rs` (the membership operations) or
+//! `apply/members.rs` (the replicated member records and how entries change them).
 
 use sha1::{Digest, Sha1};
 
