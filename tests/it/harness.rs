@@ -189,6 +189,12 @@ impl Etcd {
     /// Starts etcd on fresh ports, or returns None when no etcd binary exists and
     /// `CAIRN_REQUIRE_ETCD` is unset (the test script sets it, so CI never skips).
     pub async fn start() -> Option<Etcd> {
+        Some(Self::cluster(1).await?.remove(0))
+    }
+
+    /// Starts an `n`-member etcd cluster on fresh ports and waits until every member serves;
+    /// None as [`Etcd::start`] says.
+    pub async fn cluster(n: usize) -> Option<Vec<Etcd>> {
         let Some(bin) = etcd_binary() else {
             assert!(
                 std::env::var_os("CAIRN_REQUIRE_ETCD").is_none(),
@@ -197,33 +203,45 @@ impl Etcd {
             eprintln!("no etcd binary; skipping the differential part");
             return None;
         };
-        let tmp = tempfile::tempdir().unwrap();
-        let client_url = format!("http://127.0.0.1:{}", free_port());
-        let peer_url = format!("http://127.0.0.1:{}", free_port());
-        let child = Command::new(bin)
-            .arg("--name")
-            .arg("ref")
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("ref={peer_url}"))
-            .arg("--log-level")
-            .arg("error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn etcd");
-        wait_ready(&client_url).await;
-        Some(Etcd { child, client_url, _tmp: tmp })
+        let urls: Vec<(String, String)> = (0..n)
+            .map(|_| {
+                let client = format!("http://127.0.0.1:{}", free_port());
+                (client, format!("http://127.0.0.1:{}", free_port()))
+            })
+            .collect();
+        let initial: Vec<String> =
+            urls.iter().enumerate().map(|(i, (_, peer))| format!("ref{i}={peer}")).collect();
+        let mut members = Vec::new();
+        for (i, (client_url, peer_url)) in urls.into_iter().enumerate() {
+            let tmp = tempfile::tempdir().unwrap();
+            let child = Command::new(&bin)
+                .arg("--name")
+                .arg(format!("ref{i}"))
+                .arg("--data-dir")
+                .arg(tmp.path().join("data"))
+                .arg("--listen-client-urls")
+                .arg(&client_url)
+                .arg("--advertise-client-urls")
+                .arg(&client_url)
+                .arg("--listen-peer-urls")
+                .arg(&peer_url)
+                .arg("--initial-advertise-peer-urls")
+                .arg(&peer_url)
+                .arg("--initial-cluster")
+                .arg(initial.join(","))
+                .arg("--log-level")
+                .arg("error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn etcd");
+            members.push(Etcd { child, client_url, _tmp: tmp });
+        }
+        for m in &members {
+            wait_ready(&m.client_url).await;
+        }
+        Some(members)
     }
 }
 
@@ -304,14 +322,14 @@ impl Drop for Proxy {
     }
 }
 
-/// The etcdctl for commands that dial every member's advertised client URL (`--cluster`,
-/// `move-leader`): etcdctl 3.4 sends an `http://` URL verbatim as the HTTP/2 :authority,
-/// which the h2 server rejects, so these use the etcdctl 3.5 shipped next to the reference
-/// etcd (`$ETCD_BIN`) when there is one.
-pub fn etcdctl_for_cluster() -> Option<PathBuf> {
+/// Every etcdctl on this machine worth testing: Debian's (3.4, `$ETCDCTL_BIN` or PATH) and the
+/// 3.5 one shipped next to the reference etcd (`$ETCD_BIN`), when present.
+pub fn etcdctls() -> Vec<PathBuf> {
     let beside_etcd = std::env::var("ETCD_BIN")
         .ok()
         .and_then(|etcd| Path::new(&etcd).parent().map(|d| d.join("etcdctl")))
         .filter(|p| p.exists());
-    beside_etcd.or_else(etcdctl_binary)
+    let mut all: Vec<PathBuf> = etcdctl_binary().into_iter().chain(beside_etcd).collect();
+    all.dedup();
+    all
 }
