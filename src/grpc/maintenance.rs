@@ -117,7 +117,9 @@ impl Maintenance for MaintenanceService {
             .move_leader(request.get_ref().target_id)
             .await
             .map_err(super::status::from_server)?;
-        Ok(Response::new(pb::MoveLeaderResponse { header: convert::current_header(&self.server) }))
+        // etcd answers a successful MoveLeader with an empty response, header included
+        // (v3rpc's maintenanceServer.MoveLeader returns `&pb.MoveLeaderResponse{}`).
+        Ok(Response::new(pb::MoveLeaderResponse::default()))
     }
 
     async fn downgrade(

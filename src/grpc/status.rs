@@ -56,6 +56,9 @@ pub mod msg {
         "etcdserver: the member has been permanently removed from the cluster";
     /// MoveLeader to a member that cannot lead.
     pub const BAD_LEADER_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+    /// MoveLeader whose transfer did not finish in time.
+    pub const LEADER_TRANSFER_TIMEOUT: &str =
+        "etcdserver: request timed out, leader transfer took too long";
 }
 
 /// Maps a server error to etcd's status.
@@ -70,6 +73,9 @@ pub fn from_server(e: server::Error) -> Status {
         E::NotLeader { .. } => Status::new(Code::FailedPrecondition, msg::NOT_LEADER),
         E::Learner => Status::new(Code::FailedPrecondition, msg::LEARNER),
         E::BadLeaderTransferee => Status::new(Code::FailedPrecondition, msg::BAD_LEADER_TRANSFEREE),
+        E::LeaderTransferTimeout => {
+            Status::new(Code::DeadlineExceeded, msg::LEADER_TRANSFER_TIMEOUT)
+        }
         E::Member(e) => from_member(e),
         E::MemberRefused { reason, .. } => {
             Status::new(Code::FailedPrecondition, format!("etcdserver: {reason}"))

@@ -48,6 +48,9 @@ pub enum Error {
     /// The leader-transfer target is not a voting member.
     #[error("bad leader transferee")]
     BadLeaderTransferee,
+    /// The leader transfer did not finish within the request timeout.
+    #[error("request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     /// The member is a learner and does not serve this RPC.
     #[error("rpc not supported for learner")]
     Learner,

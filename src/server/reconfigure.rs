@@ -146,7 +146,8 @@ impl Server {
     ///
     /// # Errors
     /// [`Error::NotLeader`] on a follower, [`Error::BadLeaderTransferee`] when `target` is
-    /// not a voting member, [`Error::Timeout`] when the transfer does not finish in time.
+    /// not a voting member, [`Error::LeaderTransferTimeout`] when the transfer does not finish
+    /// in time.
     pub async fn move_leader(&self, target: u64) -> Result<(), Error> {
         let status = self.raft.status();
         if !status.is_leader() {
@@ -165,7 +166,7 @@ impl Server {
         match moved.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Stopped),
-            Err(_) => Err(Error::Timeout),
+            Err(_) => Err(Error::LeaderTransferTimeout),
         }
     }
 
