@@ -538,9 +538,12 @@ async fn manage_and_inspect_with(bin: &std::path::Path, cluster: &mut Cluster) {
     let target_ep = eps[(leader + 1) % 3].clone();
     let new_peer = format!("http://127.0.0.1:{}", crate::harness::free_port());
     tokio::task::spawn_blocking(move || {
+        // stdout followed by stderr (3.4 reports `endpoint health` on stderr, 3.5 on stdout).
         let ctl = |args: &[&str]| -> String {
             let out = std::process::Command::new(&bin)
                 .env("ETCDCTL_API", "3")
+                // etcdctl reads every ETCDCTL_* variable and warns about the harness's.
+                .env_remove("ETCDCTL_BIN")
                 .args(args)
                 .output()
                 .unwrap();
@@ -550,6 +553,7 @@ async fn manage_and_inspect_with(bin: &std::path::Path, cluster: &mut Cluster) {
                 String::from_utf8_lossy(&out.stderr)
             );
             String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
         };
         let e = format!("--endpoints={all}");
         ctl(&[&e, "put", "k", "v"]);
