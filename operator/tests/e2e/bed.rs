@@ -526,8 +526,11 @@ exec setsid sh -c '
   kill -KILL "-$6" 2>/dev/null; sleep 0.3; kill -KILL "-$6" 2>/dev/null
   (
     flock 9
-    tmp="$(mktemp)"
-    sed "/^# cairn-bed $4 begin\$/,/^# cairn-bed $4 end\$/d" "$2" > "$tmp" && cat "$tmp" > "$2"
+    tmp="$2.cairn-bed.$$"
+    if sed "/^# cairn-bed $4 begin\$/,/^# cairn-bed $4 end\$/d" "$2" > "$tmp"; then
+      chmod --reference="$2" "$tmp" 2>/dev/null
+      mv -f "$tmp" "$2" 2>/dev/null || cat "$tmp" > "$2"
+    fi
     rm -f "$tmp"
   ) 9>"$3"
   [ "$5" = 1 ] || rm -rf "$1"
