@@ -175,6 +175,9 @@ impl Bed {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--enable-priority-and-fairness=false")
+            // The `kubernetes` Service cannot list 127.0.0.1 as its endpoint (the API refuses
+            // loopback addresses in Endpoints), so do not try.
+            .arg("--endpoint-reconciler-type=none")
             .arg("--profiling=false")
             .arg("--v=1");
         bed.spawn("kube-apiserver", apiserver)?;
@@ -191,11 +194,10 @@ impl Bed {
         let mut controller_manager = Command::new(&controller_manager_bin);
         controller_manager
             .arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
-            .arg(format!("--authentication-kubeconfig={}", bed.kubeconfig.display()))
-            .arg(format!("--authorization-kubeconfig={}", bed.kubeconfig.display()))
             .arg("--leader-elect=false")
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={}", free_port()?))
+            // No metrics/healthz endpoint: nothing scrapes it, and serving it would need the
+            // API server's request-header (front proxy) CA for delegated authentication.
+            .arg("--secure-port=0")
             .arg(format!("--service-account-private-key-file={}", pki.sa_key.display()))
             .arg(format!("--root-ca-file={}", pki.ca_crt.display()))
             .arg(format!("--cluster-signing-cert-file={}", pki.ca_crt.display()))

@@ -478,6 +478,8 @@ struct PodState {
     message: Option<String>,
     deleting: bool,
     ip_released: bool,
+    /// Set when the pod is going: the status writer writes once more and ends.
+    last_write: bool,
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, Value)>,
 }
@@ -639,8 +641,7 @@ async fn run_pod(
         volumes: Mutex::new(HashMap::new()),
         stop,
     };
-    let writer =
-        tokio::spawn(status_writer(run.ctx.clone(), run.api.clone(), run.stop.subscribe()));
+    let writer = tokio::spawn(status_writer(run.ctx.clone(), run.api.clone()));
 
     if !terminal {
         let lifecycle = run.lifecycle();
@@ -662,7 +663,14 @@ async fn run_pod(
     let _ = run.stop.send(Some(grace));
     run.wait_stopped().await;
     run.teardown();
-    writer.abort();
+    // The last status (containers terminated) goes out before the object is removed.
+    run.ctx.update(|s| s.last_write = true);
+    if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
+        eprintln!(
+            "test kubelet: the final status of {}/{} was not written",
+            run.ctx.namespace, run.ctx.name
+        );
+    }
     let gone = rx.borrow().is_none();
     let _ = std::fs::remove_dir_all(&run.pod_dir);
     shared.done.lock().unwrap().insert(uid.clone());
@@ -715,13 +723,11 @@ async fn wait_deleted(rx: &mut watch::Receiver<Option<Pod>>) -> Duration {
 }
 
 /// Writes the pod status whenever it changes (and retries failed writes every 2 s).
-async fn status_writer(
-    ctx: Arc<PodCtx>,
-    api: Api<Pod>,
-    mut stop: watch::Receiver<Option<Duration>>,
-) {
+/// Ends once the status it wrote last is final (`PodState::last_write`).
+async fn status_writer(ctx: Arc<PodCtx>, api: Api<Pod>) {
     let mut last = Value::Null;
     loop {
+        let last_write = ctx.state.lock().unwrap().last_write;
         let status = ctx.status();
         if status != last {
             match api.patch_status(&ctx.name, &PatchParams::default(), &Patch::Merge(&status)).await
@@ -731,10 +737,12 @@ async fn status_writer(
                 Err(e) => eprintln!("test kubelet: status of {}/{}: {e}", ctx.namespace, ctx.name),
             }
         }
+        if last_write && ctx.status() == last {
+            return;
+        }
         tokio::select! {
             () = ctx.changed.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => {}
         }
     }
 }
