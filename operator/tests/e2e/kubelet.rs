@@ -38,9 +38,12 @@
 //!   (names come from /etc/hosts: only pod hostname/subdomain names, no Service names),
 //!   no NetworkPolicy, no hostPort;
 //! - no resource limits or requests enforcement (no cgroups), no OOM kills, no eviction,
-//!   no ephemeral-storage accounting; PVC sizes are not enforced; volume modes other than
-//!   Filesystem, CSI, and volume types other than the ones above are refused (the Pod goes
-//!   Failed... no: it stays Pending with the reason in its status);
+//!   no ephemeral-storage accounting; PVC sizes are not enforced; block volumes, CSI and
+//!   volume types other than the ones above are refused (the Pod stays Pending with the
+//!   reason and message in its status);
+//! - Services get no Endpoints/EndpointSlices: the API refuses loopback addresses in them,
+//!   so `kubectl get endpoints` stays empty (pods, the PDB and the StatefulSet work from
+//!   the pods themselves);
 //! - the scheduler is trivial: nodeSelector, affinity, tolerations, topology spread and
 //!   resource fit are not evaluated; everything lands on `bed-node`;
 //! - probes: HTTPS and gRPC probes are treated as TCP connects; readiness and startup
@@ -914,46 +917,47 @@ impl Run {
         }
         if let Some(cm) = &v.config_map {
             std::fs::create_dir_all(&own)?;
-            self.project_config_map(&own, &cm.name, cm.items.as_deref(), cm.optional).await?;
+            self.project_source(
+                &own,
+                Source::ConfigMap,
+                &cm.name,
+                cm.items.as_deref(),
+                cm.optional,
+            )
+            .await?;
             return Ok(own);
         }
         if let Some(secret) = &v.secret {
             std::fs::create_dir_all(&own)?;
             let name = secret.secret_name.clone().unwrap_or_default();
-            self.project_secret(&own, &name, secret.items.as_deref(), secret.optional).await?;
+            self.project_source(
+                &own,
+                Source::Secret,
+                &name,
+                secret.items.as_deref(),
+                secret.optional,
+            )
+            .await?;
             return Ok(own);
         }
         if let Some(dapi) = &v.downward_api {
             std::fs::create_dir_all(&own)?;
-            for item in dapi.items.iter().flatten() {
-                if let Some(f) = &item.field_ref {
-                    write_file(&own, &item.path, self.field(&f.field_path)?.as_bytes())?;
-                }
-            }
+            self.project_fields(&own, dapi.items.as_deref().unwrap_or_default())?;
             return Ok(own);
         }
         if let Some(projected) = &v.projected {
             std::fs::create_dir_all(&own)?;
             for source in projected.sources.iter().flatten() {
                 if let Some(cm) = &source.config_map {
-                    self.project_config_map(&own, &cm.name, cm.items.as_deref(), cm.optional)
-                        .await?;
+                    let (name, items) = (&cm.name, cm.items.as_deref());
+                    self.project_source(&own, Source::ConfigMap, name, items, cm.optional).await?;
                 }
                 if let Some(secret) = &source.secret {
-                    self.project_secret(
-                        &own,
-                        &secret.name,
-                        secret.items.as_deref(),
-                        secret.optional,
-                    )
-                    .await?;
+                    let (name, items) = (&secret.name, secret.items.as_deref());
+                    self.project_source(&own, Source::Secret, name, items, secret.optional).await?;
                 }
                 if let Some(dapi) = &source.downward_api {
-                    for item in dapi.items.iter().flatten() {
-                        if let Some(f) = &item.field_ref {
-                            write_file(&own, &item.path, self.field(&f.field_path)?.as_bytes())?;
-                        }
-                    }
+                    self.project_fields(&own, dapi.items.as_deref().unwrap_or_default())?;
                 }
                 if let Some(token) = &source.service_account_token {
                     let sa =
@@ -984,47 +988,77 @@ impl Run {
         )
     }
 
-    async fn project_config_map(
+    /// The data of a ConfigMap or Secret in the pod's namespace; `None` when it does not
+    /// exist.
+    async fn source_data(
+        &self,
+        kind: Source,
+        name: &str,
+    ) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+        let client = self.shared.client.clone();
+        let ns = &self.ctx.namespace;
+        Ok(match kind {
+            Source::ConfigMap => {
+                Api::<ConfigMap>::namespaced(client, ns).get_opt(name).await?.map(|cm| {
+                    cm.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .chain(
+                            cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)),
+                        )
+                        .collect()
+                })
+            }
+            Source::Secret => Api::<Secret>::namespaced(client, ns)
+                .get_opt(name)
+                .await?
+                .map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()),
+        })
+    }
+
+    /// Like `source_data`, but a missing source is an error unless `optional`.
+    async fn required_data(
+        &self,
+        kind: Source,
+        name: &str,
+        optional: Option<bool>,
+    ) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+        match self.source_data(kind, name).await? {
+            Some(data) => Ok(data),
+            None if optional == Some(true) => Ok(BTreeMap::new()),
+            None => bail!("{kind:?} {name} not found"),
+        }
+    }
+
+    /// Writes a ConfigMap's or Secret's keys (or the `items` subset) as files into `dir`.
+    async fn project_source(
         &self,
         dir: &Path,
+        kind: Source,
         name: &str,
         items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
         optional: Option<bool>,
     ) -> anyhow::Result<()> {
-        let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
-        let Some(cm) = api.get_opt(name).await? else {
-            if optional == Some(true) {
-                return Ok(());
-            }
-            bail!("ConfigMap {name} not found");
-        };
-        let data: BTreeMap<String, Vec<u8>> = cm
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .chain(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)))
-            .collect();
+        let data = self.required_data(kind, name, optional).await?;
+        if data.is_empty() && optional == Some(true) {
+            return Ok(());
+        }
         project(dir, &data, items)
     }
 
-    async fn project_secret(
+    /// Writes downward-API files into `dir`.
+    fn project_fields(
         &self,
         dir: &Path,
-        name: &str,
-        items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
-        optional: Option<bool>,
+        items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile],
     ) -> anyhow::Result<()> {
-        let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
-        let Some(secret) = api.get_opt(name).await? else {
-            if optional == Some(true) {
-                return Ok(());
+        for item in items {
+            if let Some(f) = &item.field_ref {
+                write_file(dir, &item.path, self.field(&f.field_path)?.as_bytes())?;
             }
-            bail!("Secret {name} not found");
-        };
-        let data: BTreeMap<String, Vec<u8>> =
-            secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-        project(dir, &data, items)
+        }
+        Ok(())
     }
 
     /// A downward-API field of the pod.
@@ -1073,35 +1107,15 @@ impl Run {
             env.retain(|(name, _)| *name != k);
             env.push((k, v));
         };
-        let ns = &self.ctx.namespace;
         for from in c.env_from.iter().flatten() {
             let prefix = from.prefix.clone().unwrap_or_default();
-            if let Some(r) = &from.config_map_ref {
-                let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), ns);
-                match api.get_opt(&r.name).await? {
-                    Some(cm) => {
-                        for (k, v) in cm.data.unwrap_or_default() {
-                            set(&mut env, format!("{prefix}{k}"), v);
-                        }
-                    }
-                    None if r.optional == Some(true) => {}
-                    None => bail!("ConfigMap {} (envFrom) not found", r.name),
-                }
-            }
-            if let Some(r) = &from.secret_ref {
-                let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), ns);
-                match api.get_opt(&r.name).await? {
-                    Some(s) => {
-                        for (k, v) in s.data.unwrap_or_default() {
-                            set(
-                                &mut env,
-                                format!("{prefix}{k}"),
-                                String::from_utf8_lossy(&v.0).into_owned(),
-                            );
-                        }
-                    }
-                    None if r.optional == Some(true) => {}
-                    None => bail!("Secret {} (envFrom) not found", r.name),
+            let sources = [
+                from.config_map_ref.as_ref().map(|r| (Source::ConfigMap, &r.name, r.optional)),
+                from.secret_ref.as_ref().map(|r| (Source::Secret, &r.name, r.optional)),
+            ];
+            for (kind, name, optional) in sources.into_iter().flatten() {
+                for (k, v) in self.required_data(kind, name, optional).await? {
+                    set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
                 }
             }
         }
@@ -1109,34 +1123,20 @@ impl Run {
             let value = if let Some(from) = &var.value_from {
                 if let Some(f) = &from.field_ref {
                     self.field(&f.field_path)?
-                } else if let Some(r) = &from.secret_key_ref {
-                    let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), ns);
-                    let v = api.get_opt(&r.name).await?.and_then(|s| s.data).and_then(|d| {
-                        d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    });
-                    match v {
-                        Some(v) => v,
-                        None if r.optional == Some(true) => continue,
-                        None => {
-                            bail!("env {}: key {} of Secret {} not found", var.name, r.key, r.name)
-                        }
-                    }
-                } else if let Some(r) = &from.config_map_key_ref {
-                    let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), ns);
-                    let v = api
-                        .get_opt(&r.name)
-                        .await?
-                        .and_then(|s| s.data)
-                        .and_then(|d| d.get(&r.key).cloned());
-                    match v {
-                        Some(v) => v,
-                        None if r.optional == Some(true) => continue,
-                        None => bail!(
-                            "env {}: key {} of ConfigMap {} not found",
-                            var.name,
-                            r.key,
-                            r.name
-                        ),
+                } else if let Some((kind, name, key, optional)) = from
+                    .secret_key_ref
+                    .as_ref()
+                    .map(|r| (Source::Secret, &r.name, &r.key, r.optional))
+                    .or(from
+                        .config_map_key_ref
+                        .as_ref()
+                        .map(|r| (Source::ConfigMap, &r.name, &r.key, r.optional)))
+                {
+                    let data = self.source_data(kind, name).await?;
+                    match data.as_ref().and_then(|d| d.get(key)) {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None if optional == Some(true) => continue,
+                        None => bail!("env {}: key {key} of {kind:?} {name} not found", var.name),
                     }
                 } else {
                     bail!("env {}: this valueFrom is not supported by the test kubelet", var.name)
@@ -1243,6 +1243,13 @@ impl Run {
             .join("logs")
             .join(format!("{}_{}_{container}.log", self.ctx.namespace, self.ctx.name))
     }
+}
+
+/// Where a volume or env var takes its data from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    ConfigMap,
+    Secret,
 }
 
 /// How a container is started on the host.
@@ -2072,6 +2079,34 @@ mod tests {
         assert_eq!(expand("http://$(POD_IP):2379", &env), "http://127.0.1.2:2379");
         assert_eq!(expand("$(MISSING)-$(A)", &env), "$(MISSING)-x");
         assert_eq!(expand("$$(A) $$ $x $(A", &env), "$(A) $ $x $(A");
+    }
+
+    #[test]
+    fn projected_files_stay_inside_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: BTreeMap<String, Vec<u8>> =
+            [("a".to_owned(), b"1".to_vec()), ("b".to_owned(), b"2".to_vec())].into();
+        project(dir.path(), &data, None).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"2");
+        let items = [k8s_openapi::api::core::v1::KeyToPath {
+            key: "a".into(),
+            path: "sub/x".into(),
+            mode: None,
+        }];
+        project(dir.path(), &data, Some(&items)).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("sub/x")).unwrap(), b"1");
+        let escape = [k8s_openapi::api::core::v1::KeyToPath {
+            key: "a".into(),
+            path: "../x".into(),
+            mode: None,
+        }];
+        assert!(project(dir.path(), &data, Some(&escape)).is_err());
+        let missing = [k8s_openapi::api::core::v1::KeyToPath {
+            key: "zz".into(),
+            path: "z".into(),
+            mode: None,
+        }];
+        assert!(project(dir.path(), &data, Some(&missing)).is_err());
     }
 
     #[test]

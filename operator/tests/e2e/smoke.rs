@@ -148,6 +148,15 @@ async fn serializable_get(url: &str, key: &str) -> anyhow::Result<Option<String>
     Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
 }
 
+/// The value of `key` in the member's own copy, once it has one.
+async fn local_value(url: &str, key: &str) -> String {
+    wait_for(&format!("{key} on {url}"), READY_TIMEOUT, move || async move {
+        Ok(serializable_get(url, key).await.ok().flatten())
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cairn_statefulset_runs_rejoins_and_restarts() {
     let bed = bed::shared();
@@ -198,22 +207,10 @@ async fn cairn_statefulset_runs_rejoins_and_restarts() {
     eprintln!("smoke: store-1 recreated and Ready after {:.1}s", started.elapsed().as_secs_f64());
     let url1 = client_url(&ns, "store-1");
     // Its own (serializable) copy of the data, written before it was deleted.
-    let u1 = &url1;
-    let value =
-        wait_for("store-1 serves smoke/a from its own copy", READY_TIMEOUT, move || async move {
-            Ok(serializable_get(u1, "smoke/a").await.ok().flatten())
-        })
-        .await
-        .unwrap();
-    assert_eq!(value, "1");
+    assert_eq!(local_value(&url1, "smoke/a").await, "1");
     assert_eq!(member_ids(&url1).await.unwrap(), members, "store-1 rejoined as a different member");
     c0.put("smoke/b", "2", None).await.unwrap();
-    let value = wait_for("store-1 replicates new writes", READY_TIMEOUT, move || async move {
-        Ok(serializable_get(u1, "smoke/b").await.ok().flatten())
-    })
-    .await
-    .unwrap();
-    assert_eq!(value, "2");
+    assert_eq!(local_value(&url1, "smoke/b").await, "2", "store-1 replicates new writes");
 
     // 4. A crash (SIGKILL behind the API's back): the kubelet restarts the container.
     let started = Instant::now();
@@ -226,15 +223,7 @@ async fn cairn_statefulset_runs_rejoins_and_restarts() {
     eprintln!("smoke: store-2 restarted and Ready after {:.1}s", started.elapsed().as_secs_f64());
     let last = pod2.status.unwrap().container_statuses.unwrap()[0].last_state.clone().unwrap();
     assert!(last.terminated.is_some(), "lastState of the killed container: {last:?}");
-    let url2 = client_url(&ns, "store-2");
-    let u2 = &url2;
-    let value =
-        wait_for("store-2 serves smoke/b after its restart", READY_TIMEOUT, move || async move {
-            Ok(serializable_get(u2, "smoke/b").await.ok().flatten())
-        })
-        .await
-        .unwrap();
-    assert_eq!(value, "2");
+    assert_eq!(local_value(&client_url(&ns, "store-2"), "smoke/b").await, "2");
 
     // 5. Deleting the StatefulSet and its claims removes the pods and the PVC directories.
     bed.kubectl(&["delete", "statefulset", "store", "-n", &ns, "--wait=true", "--timeout=120s"])
