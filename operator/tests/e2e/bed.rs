@@ -423,6 +423,14 @@ impl Bed {
         cmd
     }
 
+    /// A new log file `<bed dir>/logs/<name>.log` for a process a test starts (e.g. the
+    /// operator: `cmd.stdout(f.try_clone()?).stderr(f)`); `logs()` includes its tail.
+    #[allow(dead_code)] // for the operator's end-to-end tests (operator.rs)
+    pub fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        let path = self.dir.join("logs").join(format!("{name}.log"));
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+    }
+
     /// The logs of every container in a namespace plus the control plane's last lines.
     pub fn logs(&self, namespace: &str) -> String {
         let mut out = String::new();
@@ -433,10 +441,15 @@ impl Bed {
         names.sort();
         for name in names {
             let name = name.to_string_lossy().into_owned();
-            let (lines, wanted) = if name.starts_with(&format!("{namespace}_")) {
+            let control_plane =
+                ["cairn-store.log", "kube-apiserver.log", "kube-controller-manager.log"];
+            let (lines, wanted) = if control_plane.contains(&name.as_str()) {
+                (30, true)
+            } else if name.starts_with(&format!("{namespace}_")) || !name.contains('_') {
+                // The namespace's containers, and processes tests started (log_file).
                 (200, true)
             } else {
-                (30, !name.contains('_'))
+                (0, false)
             };
             if wanted {
                 let _ = writeln!(out, "----- {name} (last {lines} lines)");
