@@ -532,13 +532,20 @@ struct Watchdog {
 }
 
 /// The watchdog's script. `$1` bed dir, `$2` hosts file, `$3` hosts lock, `$4` bed id,
-/// `$5` keep the dir (1) or not. Once stdin closes it becomes (exec) `setsid`, which forks
+/// `$5` keep the dir (1) or not, `$6` the group. Containers run in process groups of their
+/// own, listed in `<bed dir>/container-groups` (kubelet.rs). Once stdin closes it becomes (exec) `setsid`, which forks
 /// a child in a session of its own: outside the group, so it can kill the whole group and
 /// then clean up; /etc/hosts is edited under the same lock the kubelet takes.
 const WATCHDOG: &str = r#"
 cat >/dev/null
 exec setsid sh -c '
-  kill -KILL "-$6" 2>/dev/null; sleep 0.3; kill -KILL "-$6" 2>/dev/null
+  for round in 1 2; do
+    kill -KILL "-$6" 2>/dev/null
+    if [ -f "$1/container-groups" ]; then
+      while read -r g; do kill -KILL "-$g" 2>/dev/null; done < "$1/container-groups"
+    fi
+    sleep 0.3
+  done
   (
     flock 9
     tmp="$2.cairn-bed.$$"

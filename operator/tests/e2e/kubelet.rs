@@ -23,6 +23,9 @@
 //!   command, args and env to the host directory;
 //! - probes (httpGet, tcpSocket, exec) decide readiness and restart containers whose
 //!   liveness probe fails; restart policies, restart counts and a short crash backoff;
+//! - each container runs in a process group of its own (its "cgroup"): stopping it sends
+//!   SIGTERM to the main process and, after the grace period or once it has exited,
+//!   SIGKILL to the whole group, so nothing it started outlives it;
 //! - reports Pod status (phase, conditions, container statuses, IPs) through the `status`
 //!   subresource; on deletion sends SIGTERM, waits the grace period, SIGKILLs, cleans up and
 //!   deletes the Pod object with grace period 0.
@@ -128,7 +131,7 @@ impl Handle {
             bail!("pod {namespace}/{pod} has no running container");
         }
         for pid in pids {
-            signal(pid, "KILL");
+            signal_group(pid, "KILL");
         }
         Ok(())
     }
@@ -1315,7 +1318,8 @@ struct Supervisor {
     /// The prepared command line (program, args, env), or why it could not be prepared.
     command: Result<Launch, String>,
     log: PathBuf,
-    pgid: u32,
+    groups_file: PathBuf,
+    bed_pgid: u32,
     cwd: PathBuf,
     pod_ip: String,
     /// terminationGracePeriodSeconds, for restarts after failed liveness probes.
@@ -1366,6 +1370,8 @@ impl Supervisor {
                             terminate(&mut child, pid, self.grace).await
                         }
                     };
+                    // Whatever the container's main process left behind goes with it.
+                    signal_group(pid, "KILL");
                     let code = status.map(exit_code).unwrap_or(137);
                     let finished = now();
                     self.set(|c| {
@@ -1449,10 +1455,18 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            .process_group(self.pgid as i32)
+            // A process group of its own, like a container's cgroup: the kubelet can kill
+            // everything the container started. The bed's watchdog learns the group from
+            // `container-groups` so a crashed test run still kills it.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", program.display()))
+            .inspect(|child| {
+                if let Some(pid) = child.id() {
+                    record_group(&self.groups_file, pid);
+                }
+            })
     }
 
     /// Starts the probe task; it stops when `None` is sent and learns where to ask for
@@ -1465,6 +1479,7 @@ impl Supervisor {
             container: self.container.clone(),
             pod_ip: self.pod_ip.clone(),
             env: self.command.as_ref().map(|c| c.env.clone()).unwrap_or_default(),
+            pgid: self.bed_pgid,
         };
         tokio::spawn(prober.run(rx));
         tx
@@ -1495,7 +1510,8 @@ impl SupervisorBuilder<'_> {
             stop: self.run.stop.subscribe(),
             command,
             log: self.run.log_path(&self.container.name),
-            pgid: self.run.shared.pgid,
+            groups_file: self.run.shared.dir.join(CONTAINER_GROUPS),
+            bed_pgid: self.run.shared.pgid,
             cwd: self.run.pod_dir.clone(),
             pod_ip: self.run.ctx.state.lock().unwrap().ip.clone().unwrap_or_default(),
             grace: Duration::from_secs(
@@ -1518,14 +1534,39 @@ async fn terminate(
             return status.ok();
         }
     }
+    signal_group(pid, "KILL");
     let _ = child.start_kill();
     child.wait().await.ok()
 }
 
+/// The file in the bed directory listing container process groups (one per line).
+pub const CONTAINER_GROUPS: &str = "container-groups";
+
+fn record_group(file: &Path, pgid: u32) {
+    use std::io::Write as _;
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .and_then(|mut f| writeln!(f, "{pgid}"));
+    if let Err(e) = appended {
+        eprintln!("test kubelet: recording process group {pgid} in {}: {e}", file.display());
+    }
+}
+
+/// Sends a signal to a process (`kill -SIG pid`).
 fn signal(pid: u32, sig: &str) {
+    kill(&[&format!("-{sig}"), &pid.to_string()]);
+}
+
+/// Sends a signal to a container's whole process group (`kill -SIG -- -pgid`).
+fn signal_group(pgid: u32, sig: &str) {
+    kill(&[&format!("-{sig}"), "--", &format!("-{pgid}")]);
+}
+
+fn kill(args: &[&str]) {
     let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -1543,6 +1584,8 @@ struct Prober {
     container: Container,
     pod_ip: String,
     env: Vec<(String, String)>,
+    /// The bed's process group (exec probes join it).
+    pgid: u32,
 }
 
 impl Prober {
@@ -1690,6 +1733,7 @@ impl Prober {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                .process_group(self.pgid as i32)
                 .kill_on_drop(true)
                 .status();
             return matches!(tokio::time::timeout(timeout, out).await, Ok(Ok(s)) if s.success());

@@ -327,3 +327,98 @@ async fn apiserver_stores_its_objects_in_cairn() {
     let resp = store.get(key.as_str(), None).await.unwrap();
     assert!(resp.kvs().is_empty(), "{key} still in the store after the delete");
 }
+
+/// An OrderedReady StatefulSet scaled with `kubectl scale`: pods come in order, DNS names
+/// appear and disappear with them, exec probes gate readiness, and a container's children
+/// die with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulset_scales_with_dns_and_process_cleanup() {
+    let bed = bed::shared();
+    let ns = bed.namespace("scale").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let pods: Api<Pod> = Api::namespaced(bed.client().await.unwrap(), &ns);
+    // `sh` stays the parent of a `sleep` (no exec), so the sleep is only cleaned up if the
+    // kubelet kills the container's whole process group.
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: w, namespace: {ns}}}
+spec: {{clusterIP: None, selector: {{app: w}}}}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: w, namespace: {ns}}}
+spec:
+  serviceName: w
+  replicas: 1
+  selector: {{matchLabels: {{app: w}}}}
+  template:
+    metadata: {{labels: {{app: w}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: busybox
+        command: ["sh", "-c", "touch /tmp/started-$(POD_NAME).$(POD_NAMESPACE); sleep 3600; true"]
+        env:
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        - name: POD_NAMESPACE
+          valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
+        readinessProbe:
+          exec: {{command: ["sh", "-c", "test -f /tmp/started-$POD_NAME.$POD_NAMESPACE"]}}
+"#
+    );
+    bed.apply(&manifest).await.unwrap();
+    wait_for("w-0 Ready", READY_TIMEOUT, || ready_pod(&pods, "w-0", None, 0)).await.unwrap();
+    bed.kubectl(&["scale", "statefulset", "w", "-n", &ns, "--replicas=3"]).await.unwrap();
+    for name in ["w-1", "w-2"] {
+        wait_for(&format!("{name} Ready"), READY_TIMEOUT, || ready_pod(&pods, name, None, 0))
+            .await
+            .unwrap();
+    }
+    let host = |pod: &str| format!("{pod}.w.{ns}.svc.cluster.local");
+    let resolve = |name: String| async move {
+        tokio::net::lookup_host((name.as_str(), 0))
+            .await
+            .map(|mut a| a.next().map(|a| a.ip().to_string()))
+    };
+    let ip2 = pods.get("w-2").await.unwrap().status.unwrap().pod_ip.unwrap();
+    assert_eq!(resolve(host("w-2")).await.unwrap(), Some(ip2));
+    let marker = ["POD_NAME=w-2".to_owned(), format!("POD_NAMESPACE={ns}")];
+    assert_eq!(count_processes(&marker), 2, "w-2 should run sh and its sleep");
+
+    bed.kubectl(&["scale", "statefulset", "w", "-n", &ns, "--replicas=1"]).await.unwrap();
+    let p = &pods;
+    wait_for("w-1 and w-2 gone", READY_TIMEOUT, move || async move {
+        let names: Vec<String> = p
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        Ok((names == ["w-0"]).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(
+        resolve(host("w-2")).await.map(|ip| ip.is_none()).unwrap_or(true),
+        "w-2 still resolves"
+    );
+    assert!(resolve(host("w-0")).await.unwrap().is_some(), "w-0 no longer resolves");
+    assert_eq!(count_processes(&marker), 0, "a process of the deleted w-2 survived");
+    bed.kubectl(&["delete", "statefulset", "w", "-n", &ns]).await.unwrap();
+}
+
+/// Processes whose environment holds all of `vars` (`NAME=value`).
+fn count_processes(vars: &[String]) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("environ")).ok())
+        .filter(|env| {
+            let env: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            vars.iter().all(|v| env.contains(&v.as_bytes()))
+        })
+        .count()
+}
