@@ -61,6 +61,11 @@ build() {
   local go
   go="$(find_go)"
   export GOTOOLCHAIN=local GOFLAGS=-mod=mod GO111MODULE=on
+  local goversion
+  goversion="$("$go" env GOVERSION 2>/dev/null || true)"
+  if [[ "$goversion" =~ ^go1\.([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -lt 24 ]; then
+    die "Kubernetes $VERSION needs Go >= 1.24; $go is $goversion (install a newer Go from https://go.dev/dl or set GO=...)"
+  fi
 
   # Global, not local: the EXIT trap runs after this function has returned.
   BUILD_DIR="$(mktemp -d "${TMPDIR:-/tmp}/cairn-k8s-build.XXXXXX")"
