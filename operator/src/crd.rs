@@ -46,6 +46,8 @@ const SCHEDULE_PATTERN: &str =
     r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
 
 /// The desired state of one Cairn cluster.
+// kube's `printcolumn(...)` entries repeat `type_ = "string"`; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "cairn.dev",
@@ -657,6 +659,7 @@ pub struct LastBackup {
 }
 
 /// A one-shot backup of a Cluster (scheduled backups create these too).
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "cairn.dev",

@@ -163,7 +163,9 @@ mod tests {
         LeaseSpec {
             holder_identity: Some("other".into()),
             lease_duration_seconds: Some(duration),
-            renew_time: Some(MicroTime(now.checked_sub(SignedDuration::from_secs(renewed_secs_ago)).unwrap())),
+            renew_time: Some(MicroTime(
+                now.checked_sub(SignedDuration::from_secs(renewed_secs_ago)).unwrap(),
+            )),
             ..Default::default()
         }
     }

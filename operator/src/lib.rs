@@ -36,7 +36,9 @@ pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
     /// The Cluster CRD cannot be listed (not installed, or no permission).
-    #[error("the Cluster CRD is not queryable ({0}); install it with `kubectl apply -f crds/cluster.yaml`")]
+    #[error(
+        "the Cluster CRD is not queryable ({0}); install it with `kubectl apply -f crds/cluster.yaml`"
+    )]
     CrdNotInstalled(kube::Error),
     /// A serialization of a built object failed.
     #[error("serialization: {0}")]

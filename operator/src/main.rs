@@ -97,14 +97,15 @@ async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -151,7 +152,9 @@ async fn main() -> anyhow::Result<()> {
         axum::serve(listener, app).with_graceful_shutdown(stop).await
     });
 
-    let client = Client::try_default().await.context("building the Kubernetes client (KUBECONFIG or in-cluster)")?;
+    let client = Client::try_default()
+        .await
+        .context("building the Kubernetes client (KUBECONFIG or in-cluster)")?;
     client.apiserver_version().await.context("reaching the Kubernetes API server")?;
     // A missing CRD is the user's to fix: report it and wait, never exit into a crash loop.
     let clusters = Api::<cairn_operator::crd::Cluster>::all(client.clone());

@@ -51,7 +51,8 @@ impl Metrics {
         let gauge = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["namespace", "cluster"])
         };
-        let members = gauge("cairn_operator_cluster_members", "Members in the store's member list.")?;
+        let members =
+            gauge("cairn_operator_cluster_members", "Members in the store's member list.")?;
         let ready_members =
             gauge("cairn_operator_cluster_ready_members", "Members answering Status.")?;
         let has_quorum =
@@ -93,7 +94,10 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.with_label_values(&[] as &[&str]).observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .with_label_values(&[] as &[&str])
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 

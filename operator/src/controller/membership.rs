@@ -137,14 +137,16 @@ impl Observed {
 
     /// The leader id most members agree on (any answering member's view).
     fn leader(&self) -> Option<&MemberView> {
-        let id = self.members.iter().filter_map(|m| m.status).map(|s| s.leader).find(|&l| l != 0)?;
+        let id =
+            self.members.iter().filter_map(|m| m.status).map(|s| s.leader).find(|&l| l != 0)?;
         self.members.iter().find(|m| m.id == id)
     }
 
     /// Whether removing one voter keeps a quorum of healthy voters among those that stay.
     fn can_lose_voter(&self, leaving: &MemberView) -> bool {
         let voters = self.voters().count();
-        let healthy_after = self.voters().filter(|m| m.id != leaving.id && m.status.is_some()).count();
+        let healthy_after =
+            self.voters().filter(|m| m.id != leaving.id && m.status.is_some()).count();
         voters > 1 && healthy_after >= quorum(voters - 1)
     }
 }
@@ -163,7 +165,9 @@ fn replacement_reason(o: &Observed, m: &MemberView) -> Option<String> {
         }
         // A restart replays from durable state, never far behind what it reported before;
         // falling back by more than the promotion lag means the log itself is gone.
-        if m.recorded_applied.is_some_and(|r| s.applied.saturating_add(o.promote_lag) < r) && !m.learner {
+        if m.recorded_applied.is_some_and(|r| s.applied.saturating_add(o.promote_lag) < r)
+            && !m.learner
+        {
             return Some(format!(
                 "applied index went back from {} to {}: its data was lost",
                 m.recorded_applied.unwrap_or(0),
@@ -174,15 +178,18 @@ fn replacement_reason(o: &Observed, m: &MemberView) -> Option<String> {
     }
     // Unanswering: replace only once it had run (a fresh learner may still be starting)
     // and it has not answered for the whole window (a deleted pod comes back well before).
-    (m.started && m.unhealthy_for >= o.failure_window).then(|| {
-        format!("has not answered for {}s", m.unhealthy_for.as_secs())
-    })
+    (m.started && m.unhealthy_for >= o.failure_window)
+        .then(|| format!("has not answered for {}s", m.unhealthy_for.as_secs()))
 }
 
 /// Decides the next step.
 pub fn decide(o: &Observed) -> Step {
     if o.cluster_id.is_none() {
-        return if o.members.is_empty() { Step::Bootstrap } else { Step::Wait("seed forming the cluster".into()) };
+        return if o.members.is_empty() {
+            Step::Bootstrap
+        } else {
+            Step::Wait("seed forming the cluster".into())
+        };
     }
     if o.members.is_empty() {
         return Step::Wait("no member answered MemberList".into());
@@ -267,7 +274,9 @@ pub fn decide(o: &Observed) -> Step {
             };
         }
         if !o.can_lose_voter(top) {
-            return Step::Wait("removing a member now would lose quorum; waiting for health".into());
+            return Step::Wait(
+                "removing a member now would lose quorum; waiting for health".into(),
+            );
         }
         return Step::Remove { id: top.id, ordinal: top.ordinal.unwrap_or(0) };
     }
@@ -287,22 +296,24 @@ fn next_for_learner(o: &Observed, l: &MemberView) -> Step {
         (Some(s), Some(la)) => {
             Step::Wait(format!("learner {ordinal} catching up ({} of {la} applied)", s.applied))
         }
-        (None, _) if l.started && l.unhealthy_for >= o.failure_window => {
-            Step::Blocked(format!(
-                "learner {ordinal} has not answered for {}s; check its pod's logs",
-                o.failure_window.as_secs()
-            ))
-        }
+        (None, _) if l.started && l.unhealthy_for >= o.failure_window => Step::Blocked(format!(
+            "learner {ordinal} has not answered for {}s; check its pod's logs",
+            o.failure_window.as_secs()
+        )),
         _ => Step::Wait(format!("learner {ordinal} starting")),
     }
 }
 
+/// The voter to hand leadership to: the most caught-up among those that stay (ordinal
+/// below the goal), ties to the lowest ordinal, so a 5 → 3 scale-down moves it only once.
 fn most_caught_up_other(o: &Observed, leaving: u64) -> Option<u64> {
-    o.voters()
-        .filter(|m| m.id != leaving)
-        .filter_map(|m| m.status.map(|s| (s.applied, m.id)))
+    let candidates = || o.voters().filter(|m| m.id != leaving && m.status.is_some());
+    let staying = candidates().any(|m| m.ordinal.is_some_and(|x| x < o.goal));
+    candidates()
+        .filter(|m| !staying || m.ordinal.is_some_and(|x| x < o.goal))
+        .filter_map(|m| m.status.map(|s| (s.applied, std::cmp::Reverse(m.ordinal), m.id)))
         .max()
-        .map(|(_, id)| id)
+        .map(|(_, _, id)| id)
 }
 
 #[cfg(test)]
@@ -318,7 +329,12 @@ mod tests {
             ordinal: Some(ordinal),
             learner: false,
             started: true,
-            status: Some(MemberHealth { member_id: id, cluster_id: CID, applied: 5000, leader: 100 }),
+            status: Some(MemberHealth {
+                member_id: id,
+                cluster_id: CID,
+                applied: 5000,
+                leader: 100,
+            }),
             unhealthy_for: Duration::ZERO,
             recorded_applied: Some(4000),
         }

@@ -81,7 +81,9 @@ pub fn error_policy(c: Arc<Cluster>, error: &Error, _ctx: Arc<Context>) -> Actio
     Action::requeue(match error {
         Error::Etcd(_) => Duration::from_secs(3),
         Error::Kube(_) | Error::Serialization(_) => Duration::from_secs(10),
-        Error::InvalidSpec(_) | Error::MissingObjectKey(_) | Error::CrdNotInstalled(_) => Duration::from_secs(60),
+        Error::InvalidSpec(_) | Error::MissingObjectKey(_) | Error::CrdNotInstalled(_) => {
+            Duration::from_secs(60)
+        }
     })
 }
 
@@ -101,7 +103,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let client = ctx.client.clone();
     let clusters = Api::<Cluster>::all(client.clone());
-    clusters.list(&kube::api::ListParams::default().limit(1)).await.map_err(Error::CrdNotInstalled)?;
+    clusters
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(Error::CrdNotInstalled)?;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
     let pods = watcher::Config::default().labels("app.kubernetes.io/name=cairn");
     Controller::new(clusters, watcher::Config::default())

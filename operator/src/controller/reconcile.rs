@@ -23,10 +23,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use super::Context;
 use crate::crd::{Cluster, ClusterStatus, MemberStatus, Target};
 use crate::etcd::{self, hex_id};
 use crate::{Error, FIELD_MANAGER, Result};
@@ -51,7 +51,14 @@ pub async fn reconcile(c: Arc<Cluster>, ctx: Arc<Context>) -> Result<Action> {
     result
 }
 
-async fn publish(ctx: &Context, c: &Cluster, type_: EventType, reason: &str, action: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    c: &Cluster,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let ev = Event {
         type_,
         reason: reason.to_owned(),
@@ -117,7 +124,9 @@ impl<'a> Pass<'a> {
         })
     }
 
-    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(&self) -> Api<K> {
+    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
+        &self,
+    ) -> Api<K> {
         Api::namespaced(self.ctx.client.clone(), &self.ns)
     }
 
@@ -163,7 +172,9 @@ impl<'a> Pass<'a> {
                     clients.push((o, client, s.clone()));
                     store.health.insert(o, s);
                 }
-                Err(e) => tracing::debug!(cluster = %self.name, ordinal = o, error = %e, "member did not answer"),
+                Err(e) => {
+                    tracing::debug!(cluster = %self.name, ordinal = o, error = %e, "member did not answer")
+                }
             }
         }
         // The leader first, then voters, then learners.
@@ -213,22 +224,32 @@ impl<'a> Pass<'a> {
         let sts_replicas = sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas);
 
         let mut candidates: Vec<u32> = pods.keys().copied().collect();
-        candidates.extend(self.old.members.iter().filter_map(|m| ordinal_of_pod(&self.name, &m.name)));
+        candidates
+            .extend(self.old.members.iter().filter_map(|m| ordinal_of_pod(&self.name, &m.name)));
         candidates.sort_unstable();
         candidates.dedup();
         let store = self.observe_store(&candidates).await;
 
         // Membership as the decision sees it.
-        let mut cluster_id = self.old.cluster_id.as_deref().and_then(|s| u64::from_str_radix(s, 16).ok());
+        let mut cluster_id =
+            self.old.cluster_id.as_deref().and_then(|s| u64::from_str_radix(s, 16).ok());
         if cluster_id.is_none() && store.cluster_id != 0 && store.health.contains_key(&0) {
             cluster_id = Some(store.cluster_id);
-            self.event(EventType::Normal, "ClusterFormed", format!("seed member formed cluster {:x}", store.cluster_id)).await;
+            self.event(
+                EventType::Normal,
+                "ClusterFormed",
+                format!("seed member formed cluster {:x}", store.cluster_id),
+            )
+            .await;
         }
         let members: Vec<MemberView> = store
             .members
             .iter()
             .map(|m| {
-                let ordinal = m.peer_urls.iter().find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
+                let ordinal = m
+                    .peer_urls
+                    .iter()
+                    .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
                 let status = ordinal.and_then(|o| store.health.get(&o)).map(|s| MemberHealth {
                     member_id: s.member_id,
                     cluster_id: s.cluster_id,
@@ -279,16 +300,29 @@ impl<'a> Pass<'a> {
                 m.ordinal == ordinal && !m.learner && Some(hex_id(m.id)) != t.replacing_id
             });
             if done {
-                self.event(EventType::Normal, "MemberReplaced", format!("{name} rejoined as a new voter")).await;
+                self.event(
+                    EventType::Normal,
+                    "MemberReplaced",
+                    format!("{name} rejoined as a new voter"),
+                )
+                .await;
                 t.replacing = None;
                 t.replacing_id = None;
             }
         }
         let goal = target.as_ref().map_or(spec_replicas, |t| t.replicas);
         let formed = cluster_id.is_some();
-        if formed && !members.is_empty() && target.is_none() && members.len() != usize::try_from(goal).unwrap_or(0) && goal > 0 {
+        if formed
+            && !members.is_empty()
+            && target.is_none()
+            && members.len() != usize::try_from(goal).unwrap_or(0)
+            && goal > 0
+        {
             let diff = (i64::try_from(members.len()).unwrap_or(0) - i64::from(goal)).unsigned_abs();
-            let deadline = plus(self.now, self.ctx.settings.step_deadline * u32::try_from(diff.max(1)).unwrap_or(1));
+            let deadline = plus(
+                self.now,
+                self.ctx.settings.step_deadline * u32::try_from(diff.max(1)).unwrap_or(1),
+            );
             target = Some(Target {
                 replicas: goal,
                 since: self.now.to_string(),
@@ -302,18 +336,26 @@ impl<'a> Pass<'a> {
                 (Some(t), Some(s)) => t < s,
                 _ => true,
             };
-            let claim_stale = claims.get(&o).is_some_and(|p| p.meta().deletion_timestamp.is_some() || old(created(p.meta())));
-            let pod_stale = !member_ordinals.contains(&o) && pods.get(&o).is_some_and(|p| old(created(p.meta())));
+            let claim_stale = claims
+                .get(&o)
+                .is_some_and(|p| p.meta().deletion_timestamp.is_some() || old(created(p.meta())));
+            let pod_stale = !member_ordinals.contains(&o)
+                && pods.get(&o).is_some_and(|p| old(created(p.meta())));
             claim_stale || pod_stale
         };
-        let replacing = target.as_ref().and_then(|t| t.replacing.as_deref()).and_then(|n| ordinal_of_pod(&self.name, n));
+        let replacing = target
+            .as_ref()
+            .and_then(|t| t.replacing.as_deref())
+            .and_then(|n| ordinal_of_pod(&self.name, n));
         let observed = Observed {
             goal: u32::try_from(goal).unwrap_or(0),
             cluster_id,
             members: members.clone(),
             replacing,
             replaced_volume_stale: replacing.is_some_and(stale),
-            leftover_volumes: (0..u32::try_from(goal).unwrap_or(0)).filter(|&o| !member_ordinals.contains(&o) && stale(o)).collect(),
+            leftover_volumes: (0..u32::try_from(goal).unwrap_or(0))
+                .filter(|&o| !member_ordinals.contains(&o) && stale(o))
+                .collect(),
             failure_window: self.ctx.settings.failure_window,
             promote_lag: self.ctx.settings.promote_lag,
         };
@@ -370,16 +412,24 @@ impl<'a> Pass<'a> {
                 let unhealthy_since = if healthy {
                     None
                 } else {
-                    Some(recorded.and_then(|r| r.unhealthy_since.clone()).unwrap_or_else(|| self.now.to_string()))
+                    Some(
+                        recorded
+                            .and_then(|r| r.unhealthy_since.clone())
+                            .unwrap_or_else(|| self.now.to_string()),
+                    )
                 };
                 MemberStatus {
-                    name: v.ordinal.map_or_else(|| m.name.clone(), |o| res::pod_name(&self.name, o)),
+                    name: v
+                        .ordinal
+                        .map_or_else(|| m.name.clone(), |o| res::pod_name(&self.name, o)),
                     id: hex_id(m.id),
                     client_url: m.client_urls.first().cloned(),
                     learner: m.is_learner,
                     leader: leader_id == Some(m.id),
                     healthy,
-                    applied_index: s.map(|s| s.applied_index).or(recorded.and_then(|r| r.applied_index)),
+                    applied_index: s
+                        .map(|s| s.applied_index)
+                        .or(recorded.and_then(|r| r.applied_index)),
                     revision: s.map(|s| s.revision),
                     unhealthy_since,
                 }
@@ -409,14 +459,23 @@ impl<'a> Pass<'a> {
         let m = &self.ctx.metrics;
         let labels = [self.ns.as_str(), self.name.as_str()];
         m.members.with_label_values(&labels).set(i64::try_from(member_status.len()).unwrap_or(0));
-        m.ready_members.with_label_values(&labels).set(i64::try_from(member_status.iter().filter(|m| m.healthy).count()).unwrap_or(0));
-        m.has_quorum.with_label_values(&labels).set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
+        m.ready_members
+            .with_label_values(&labels)
+            .set(i64::try_from(member_status.iter().filter(|m| m.healthy).count()).unwrap_or(0));
+        m.has_quorum
+            .with_label_values(&labels)
+            .set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
         let now = self.now.to_string();
         let ready = i32::try_from(healthy_voters).unwrap_or(0);
         let new = ClusterStatus {
             observed_generation: c.meta().generation,
             phase: Some(status::phase(&summary)),
-            conditions: status::merge(&self.old.conditions, status::conditions(&summary), c.meta().generation, &now),
+            conditions: status::merge(
+                &self.old.conditions,
+                status::conditions(&summary),
+                c.meta().generation,
+                &now,
+            ),
             replicas: i32::try_from(member_status.len()).unwrap_or(0),
             ready_replicas: ready,
             ready: Some(format!("{ready}/{spec_replicas}")),
@@ -424,7 +483,12 @@ impl<'a> Pass<'a> {
             selector: Some(res::selector_string(&self.name)),
             cluster_id: cluster_id.map(hex_id),
             leader: member_status.iter().find(|m| m.leader).map(|m| m.name.clone()),
-            version: store.health.values().next().map(|s| s.version.clone()).or(self.old.version.clone()),
+            version: store
+                .health
+                .values()
+                .next()
+                .map(|s| s.version.clone())
+                .or(self.old.version.clone()),
             members: member_status,
             target,
             last_compaction: self.old.last_compaction.clone(),
@@ -444,7 +508,11 @@ impl<'a> Pass<'a> {
             self.event(
                 EventType::Warning,
                 "EvenReplicas",
-                format!("{} members tolerate no more failures than {}; prefer an odd size", self.c.spec.replicas, self.c.spec.replicas - 1),
+                format!(
+                    "{} members tolerate no more failures than {}; prefer an odd size",
+                    self.c.spec.replicas,
+                    self.c.spec.replicas - 1
+                ),
             )
             .await;
         }
@@ -453,13 +521,22 @@ impl<'a> Pass<'a> {
             self.event(
                 EventType::Warning,
                 "NotYetActedOn",
-                format!("spec.{} accepted but not acted on by this operator version", inert.join(", spec.")),
+                format!(
+                    "spec.{} accepted but not acted on by this operator version",
+                    inert.join(", spec.")
+                ),
             )
             .await;
         }
     }
 
-    async fn apply_objects(&self, formed: bool, ordinals: &[u32], replicas: i32, pdb_voters: usize) -> Result<()> {
+    async fn apply_objects(
+        &self,
+        formed: bool,
+        ordinals: &[u32],
+        replicas: i32,
+        pdb_voters: usize,
+    ) -> Result<()> {
         let c = self.c;
         self.apply::<Service>(&res::peer_service(c)?).await?;
         self.apply::<Service>(&res::client_service(c)?).await?;
@@ -519,13 +596,25 @@ impl<'a> Pass<'a> {
         Err(last.map_or_else(|| Error::InvalidSpec("no member answers".into()), Error::Etcd))
     }
 
-    async fn delete_member_volume(&self, o: u32, pods: &BTreeMap<u32, Pod>, claims: &BTreeMap<u32, PersistentVolumeClaim>) -> Result<()> {
+    async fn delete_member_volume(
+        &self,
+        o: u32,
+        pods: &BTreeMap<u32, Pod>,
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+    ) -> Result<()> {
         let dp = DeleteParams::default();
         if claims.contains_key(&o) {
-            ignore_missing(self.api::<PersistentVolumeClaim>().delete(&res::claim_name(&self.name, o), &dp).await.map(|_| ()))?;
+            ignore_missing(
+                self.api::<PersistentVolumeClaim>()
+                    .delete(&res::claim_name(&self.name, o), &dp)
+                    .await
+                    .map(|_| ()),
+            )?;
         }
         if pods.contains_key(&o) {
-            ignore_missing(self.api::<Pod>().delete(&res::pod_name(&self.name, o), &dp).await.map(|_| ()))?;
+            ignore_missing(
+                self.api::<Pod>().delete(&res::pod_name(&self.name, o), &dp).await.map(|_| ()),
+            )?;
         }
         Ok(())
     }
@@ -549,7 +638,12 @@ impl<'a> Pass<'a> {
                 let url = res::peer_url(&self.name, &self.ns, *ordinal);
                 match client.member_add(&url, true).await {
                     Ok(id) => {
-                        self.event(EventType::Normal, "MemberAdded", format!("{} added as learner {:x}", name(*ordinal), id)).await;
+                        self.event(
+                            EventType::Normal,
+                            "MemberAdded",
+                            format!("{} added as learner {:x}", name(*ordinal), id),
+                        )
+                        .await;
                     }
                     Err(e) if e.to_string().contains("Peer URLs already exists") => {}
                     Err(e) => return Err(e.into()),
@@ -559,7 +653,8 @@ impl<'a> Pass<'a> {
                 with_new.push(*ordinal);
                 let voters = store.members.iter().filter(|m| !m.is_learner).count();
                 let goal = target.as_ref().map_or(0, |t| usize::try_from(t.replicas).unwrap_or(0));
-                let replicas = with_new.iter().max().map_or(1, |m| i32::try_from(*m + 1).unwrap_or(1));
+                let replicas =
+                    with_new.iter().max().map_or(1, |m| i32::try_from(*m + 1).unwrap_or(1));
                 self.apply_objects(true, &with_new, replicas, voters.max(goal)).await?;
                 Ok(Outcome::Done)
             }
@@ -567,17 +662,30 @@ impl<'a> Pass<'a> {
                 let client = self.leader_client(store).await?;
                 match client.member_promote(*id).await {
                     Ok(()) => {
-                        self.event(EventType::Normal, "MemberPromoted", format!("learner {} ({:x}) is now a voter", name(*ordinal), id)).await;
+                        self.event(
+                            EventType::Normal,
+                            "MemberPromoted",
+                            format!("learner {} ({:x}) is now a voter", name(*ordinal), id),
+                        )
+                        .await;
                         Ok(Outcome::Done)
                     }
-                    Err(e) if e.learner_not_ready() => Ok(Outcome::Waiting(format!("learner {} not yet in sync with the leader", name(*ordinal)))),
+                    Err(e) if e.learner_not_ready() => Ok(Outcome::Waiting(format!(
+                        "learner {} not yet in sync with the leader",
+                        name(*ordinal)
+                    ))),
                     Err(e) => Err(e.into()),
                 }
             }
             Step::MoveLeader { from, to } => {
                 let client = self.leader_client(store).await?;
                 client.move_leader(*to).await?;
-                self.event(EventType::Normal, "LeaderMoved", format!("leadership moved from {from:x} to {to:x} before removing {from:x}")).await;
+                self.event(
+                    EventType::Normal,
+                    "LeaderMoved",
+                    format!("leadership moved from {from:x} to {to:x} before removing {from:x}"),
+                )
+                .await;
                 Ok(Outcome::Done)
             }
             Step::Remove { id, ordinal } => {
@@ -587,7 +695,12 @@ impl<'a> Pass<'a> {
                     Err(e) if e.member_not_found() => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.event(EventType::Normal, "MemberRemoved", format!("{} ({:x}) removed", name(*ordinal), id)).await;
+                self.event(
+                    EventType::Normal,
+                    "MemberRemoved",
+                    format!("{} ({:x}) removed", name(*ordinal), id),
+                )
+                .await;
                 // Shrink in the same pass; the claim follows retainOnScaleDown.
                 let rest: Vec<u32> = ordinals.iter().copied().filter(|o| o != ordinal).collect();
                 let voters = store.members.iter().filter(|m| !m.is_learner && m.id != *id).count();
@@ -610,13 +723,25 @@ impl<'a> Pass<'a> {
                     Err(e) if e.member_not_found() => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.event(EventType::Warning, "MemberReplacing", format!("{} ({:x}) {reason}: removed, to be re-added as a fresh learner", name(*ordinal), id)).await;
+                self.event(
+                    EventType::Warning,
+                    "MemberReplacing",
+                    format!(
+                        "{} ({:x}) {reason}: removed, to be re-added as a fresh learner",
+                        name(*ordinal),
+                        id
+                    ),
+                )
+                .await;
                 self.delete_member_volume(*ordinal, pods, claims).await?;
                 Ok(Outcome::Done)
             }
             Step::ClearVolume { ordinal } => {
                 let replacing = target.as_ref().is_some_and(|t| t.replacing.is_some());
-                if self.c.spec.storage.retain_on_scale_down && !replacing && claims.contains_key(ordinal) {
+                if self.c.spec.storage.retain_on_scale_down
+                    && !replacing
+                    && claims.contains_key(ordinal)
+                {
                     return Ok(Outcome::Blocked(format!(
                         "volume claim {} is left from a removed member and storage.retainOnScaleDown is true; delete it to let {} join with an empty volume",
                         res::claim_name(&self.name, *ordinal),
@@ -624,7 +749,12 @@ impl<'a> Pass<'a> {
                     )));
                 }
                 self.delete_member_volume(*ordinal, pods, claims).await?;
-                self.event(EventType::Normal, "VolumeCleared", format!("old data of {} deleted so it joins empty", name(*ordinal))).await;
+                self.event(
+                    EventType::Normal,
+                    "VolumeCleared",
+                    format!("old data of {} deleted so it joins empty", name(*ordinal)),
+                )
+                .await;
                 Ok(Outcome::Waiting(format!("volume of {} being recreated", name(*ordinal))))
             }
         }

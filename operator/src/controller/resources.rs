@@ -18,8 +18,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -236,7 +236,10 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), ..Default::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -338,8 +341,16 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
             env_config("INITIAL_CLUSTER_TOKEN", &cm, "initial-cluster-token"),
         ]),
         ports: Some(vec![
-            ContainerPort { name: Some("client".into()), container_port: CLIENT_PORT, ..Default::default() },
-            ContainerPort { name: Some("peer".into()), container_port: PEER_PORT, ..Default::default() },
+            ContainerPort {
+                name: Some("client".into()),
+                container_port: CLIENT_PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("peer".into()),
+                container_port: PEER_PORT,
+                ..Default::default()
+            },
         ]),
         readiness_probe: Some(probe("/readyz", 2, 3)),
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..probe("/livez", 10, 6) }),
@@ -392,7 +403,10 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
         spec: Some(StatefulSetSpec {
             replicas: Some(replicas),
             service_name: Some(peer_service_name(&name)),
-            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..Default::default()
+            },
             // Membership is sequenced by the operator, one step at a time; Parallel lets a
             // failed low ordinal not block a higher one from restarting.
             pod_management_policy: Some("Parallel".into()),
@@ -409,17 +423,22 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: (!overrides.annotations.is_empty()).then_some(overrides.annotations),
+                    annotations: (!overrides.annotations.is_empty())
+                        .then_some(overrides.annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes,
                     affinity: placement.affinity,
-                    tolerations: (!placement.tolerations.is_empty()).then_some(placement.tolerations),
-                    topology_spread_constraints: (!placement.topology_spread_constraints.is_empty())
-                        .then_some(placement.topology_spread_constraints),
-                    node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
+                    tolerations: (!placement.tolerations.is_empty())
+                        .then_some(placement.tolerations),
+                    topology_spread_constraints: (!placement
+                        .topology_spread_constraints
+                        .is_empty())
+                    .then_some(placement.topology_spread_constraints),
+                    node_selector: (!placement.node_selector.is_empty())
+                        .then_some(placement.node_selector),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty())
                         .then(|| spec.image_pull_secrets.clone()),
                     termination_grace_period_seconds: Some(30),
@@ -453,7 +472,10 @@ mod tests {
     fn urls_are_stable_dns_names_and_parse_back_to_ordinals() {
         assert_eq!(peer_url("main", "db", 2), "http://main-2.main-peer.db.svc:2380");
         assert_eq!(client_url("main", "db", 0), "http://main-0.main-peer.db.svc:2379");
-        assert_eq!(ordinal_of_peer_url("main", "db", "http://main-2.main-peer.db.svc:2380"), Some(2));
+        assert_eq!(
+            ordinal_of_peer_url("main", "db", "http://main-2.main-peer.db.svc:2380"),
+            Some(2)
+        );
         assert_eq!(ordinal_of_peer_url("main", "db", "http://main-2.other-peer.db.svc:2380"), None);
         assert_eq!(ordinal_of_peer_url("main", "db", "http://mainx-2.main-peer.db.svc:2380"), None);
         assert_eq!(ordinal_of_peer_url("main", "db", "http://10.0.0.1:2380"), None);
@@ -482,7 +504,9 @@ mod tests {
 
     #[test]
     fn stateful_set_follows_the_bed_contract() {
-        let s = stateful_set(&cluster(ClusterSpec { replicas: 3, ..Default::default() }), 2, "cairn").unwrap();
+        let s =
+            stateful_set(&cluster(ClusterSpec { replicas: 3, ..Default::default() }), 2, "cairn")
+                .unwrap();
         let spec = s.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(2));
         assert_eq!(spec.service_name.as_deref(), Some("main-peer"));
@@ -500,15 +524,37 @@ mod tests {
         assert!(args.contains(&"--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".to_owned()));
         assert!(args.contains(&"--data-dir=/var/lib/cairn/data".to_owned()));
         let env: Vec<&str> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
-        for v in ["POD_NAME", "POD_NAMESPACE", "POD_IP", "INITIAL_CLUSTER", "INITIAL_CLUSTER_STATE", "INITIAL_CLUSTER_TOKEN"] {
+        for v in [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "POD_IP",
+            "INITIAL_CLUSTER",
+            "INITIAL_CLUSTER_STATE",
+            "INITIAL_CLUSTER_TOKEN",
+        ] {
             assert!(env.contains(&v), "{v}");
         }
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/livez"));
+        assert_eq!(
+            c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/livez")
+        );
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/var/lib/cairn");
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
         assert_eq!(claim.metadata.name.as_deref(), Some("data"));
-        let size = &claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"];
+        let size = &claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"];
         assert_eq!(size.0, "8Gi");
         let policy = spec.persistent_volume_claim_retention_policy.as_ref().unwrap();
         assert_eq!(policy.when_scaled.as_deref(), Some("Delete"));
@@ -548,7 +594,13 @@ mod tests {
         });
         let c = cluster(spec);
         let args = store_args(&c).unwrap();
-        for f in ["--quota-backend-bytes=2147483648", "--snapshot-count=5000", "--auto-compaction-mode=revision", "--auto-compaction-retention=1000", "--log-level=debug"] {
+        for f in [
+            "--quota-backend-bytes=2147483648",
+            "--snapshot-count=5000",
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=1000",
+            "--log-level=debug",
+        ] {
             assert!(args.contains(&f.to_owned()), "{f}");
         }
         let s = stateful_set(&c, 3, "reg/cairn").unwrap();
@@ -558,7 +610,10 @@ mod tests {
         assert_eq!(meta.labels.as_ref().unwrap()["team"], "db");
         assert_eq!(meta.annotations.as_ref().unwrap()["a"], "b");
         assert_eq!(pod_spec(&s).containers[0].image.as_deref(), Some("reg/cairn:0.2.0"));
-        assert_eq!(spec.persistent_volume_claim_retention_policy.as_ref().unwrap().when_scaled.as_deref(), Some("Retain"));
+        assert_eq!(
+            spec.persistent_volume_claim_retention_policy.as_ref().unwrap().when_scaled.as_deref(),
+            Some("Retain")
+        );
     }
 
     #[test]
@@ -582,7 +637,10 @@ mod tests {
             let p = pdb(&c, voters).unwrap();
             let spec = p.spec.as_ref().unwrap();
             assert_eq!(spec.min_available, Some(IntOrString::Int(min)), "{voters}");
-            assert_eq!(spec.selector.as_ref().unwrap().match_labels.as_ref().unwrap()[ROLE_LABEL], "voter");
+            assert_eq!(
+                spec.selector.as_ref().unwrap().match_labels.as_ref().unwrap()[ROLE_LABEL],
+                "voter"
+            );
         }
     }
 

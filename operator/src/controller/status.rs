@@ -43,7 +43,12 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition 
 pub fn conditions(s: &Summary) -> Vec<Condition> {
     let quorum = s.voters / 2 + 1;
     let available = if !s.formed {
-        condition("Available", false, "Bootstrapping", "the seed member has not formed the cluster yet".into())
+        condition(
+            "Available",
+            false,
+            "Bootstrapping",
+            "the seed member has not formed the cluster yet".into(),
+        )
     } else if s.healthy_voters >= quorum {
         condition(
             "Available",
@@ -56,11 +61,19 @@ pub fn conditions(s: &Summary) -> Vec<Condition> {
             "Available",
             false,
             "QuorumLost",
-            format!("only {} of {} voters answer; quorum needs {quorum}", s.healthy_voters, s.voters),
+            format!(
+                "only {} of {} voters answer; quorum needs {quorum}",
+                s.healthy_voters, s.voters
+            ),
         )
     };
     let progressing = if s.paused {
-        condition("Progressing", false, "Paused", "spec.paused is true: the operator takes no action".into())
+        condition(
+            "Progressing",
+            false,
+            "Paused",
+            "spec.paused is true: the operator takes no action".into(),
+        )
     } else if s.deadline_exceeded {
         condition(
             "Progressing",
@@ -73,7 +86,12 @@ pub fn conditions(s: &Summary) -> Vec<Condition> {
         )
     } else if s.changing || !s.formed || s.members != s.desired {
         let why = s.waiting.clone().unwrap_or_else(|| "membership change in progress".into());
-        condition("Progressing", true, "MembershipChanging", format!("{} of {} members: {why}", s.members, s.desired))
+        condition(
+            "Progressing",
+            true,
+            "MembershipChanging",
+            format!("{} of {} members: {why}", s.members, s.desired),
+        )
     } else {
         condition("Progressing", false, "Stable", format!("{} members as specified", s.members))
     };
@@ -109,7 +127,12 @@ pub fn phase(s: &Summary) -> Phase {
 
 /// Stamps `generation` and a transition time on `new`, keeping the old time when a
 /// condition's status is unchanged.
-pub fn merge(old: &[Condition], mut new: Vec<Condition>, generation: Option<i64>, now: &str) -> Vec<Condition> {
+pub fn merge(
+    old: &[Condition],
+    mut new: Vec<Condition>,
+    generation: Option<i64>,
+    now: &str,
+) -> Vec<Condition> {
     for c in &mut new {
         c.observed_generation = generation;
         c.last_transition_time = old
@@ -125,7 +148,14 @@ mod tests {
     use super::*;
 
     fn healthy(n: usize) -> Summary {
-        Summary { formed: true, voters: n, healthy_voters: n, members: n, desired: n, ..Default::default() }
+        Summary {
+            formed: true,
+            voters: n,
+            healthy_voters: n,
+            members: n,
+            desired: n,
+            ..Default::default()
+        }
     }
 
     fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
@@ -135,7 +165,10 @@ mod tests {
     #[test]
     fn a_healthy_cluster_is_available_stable_and_running() {
         let c = conditions(&healthy(3));
-        assert_eq!((get(&c, "Available").status.as_str(), get(&c, "Available").reason.as_str()), ("True", "QuorumHealthy"));
+        assert_eq!(
+            (get(&c, "Available").status.as_str(), get(&c, "Available").reason.as_str()),
+            ("True", "QuorumHealthy")
+        );
         assert_eq!(get(&c, "Progressing").reason, "Stable");
         assert_eq!(get(&c, "Degraded").status, "False");
         assert_eq!(phase(&healthy(3)), Phase::Running);
@@ -154,7 +187,12 @@ mod tests {
 
     #[test]
     fn scaling_paused_and_deadline_have_their_reasons() {
-        let s = Summary { desired: 5, changing: true, waiting: Some("learner 3 starting".into()), ..healthy(3) };
+        let s = Summary {
+            desired: 5,
+            changing: true,
+            waiting: Some("learner 3 starting".into()),
+            ..healthy(3)
+        };
         let c = conditions(&s);
         assert_eq!(get(&c, "Progressing").message, "3 of 5 members: learner 3 starting");
         assert_eq!(phase(&s), Phase::Scaling);
@@ -172,7 +210,11 @@ mod tests {
     fn transition_time_survives_an_unchanged_status() {
         let first = merge(&[], conditions(&healthy(3)), Some(1), "t1");
         let again = merge(&first, conditions(&healthy(3)), Some(2), "t2");
-        assert!(again.iter().all(|c| c.last_transition_time == "t1" && c.observed_generation == Some(2)));
+        assert!(
+            again
+                .iter()
+                .all(|c| c.last_transition_time == "t1" && c.observed_generation == Some(2))
+        );
         let s = Summary { healthy_voters: 2, ..healthy(3) };
         let changed = merge(&again, conditions(&s), Some(2), "t3");
         assert_eq!(get(&changed, "Degraded").last_transition_time, "t3");
