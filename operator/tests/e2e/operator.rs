@@ -35,12 +35,22 @@ async fn operator(bed: &Bed) {
     if guard.is_some() {
         return;
     }
-    bed.kubectl(&["apply", "--server-side", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/cluster.yaml")])
-        .await
-        .unwrap();
-    bed.kubectl(&["wait", "--for=condition=Established", "crd/clusters.cairn.dev", "--timeout=60s"])
-        .await
-        .unwrap();
+    bed.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/cluster.yaml"),
+    ])
+    .await
+    .unwrap();
+    bed.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/clusters.cairn.dev",
+        "--timeout=60s",
+    ])
+    .await
+    .unwrap();
     let log = std::fs::File::create(bed.dir().join("logs").join("operator.log")).unwrap();
     let port = bed::free_port().unwrap();
     let child = bed
@@ -88,7 +98,11 @@ fn condition<'a>(s: &'a ClusterStatus, t: &str) -> Option<&'a cairn_operator::cr
 
 /// The status once the cluster has `n` healthy voters, no learner, no change in flight, and
 /// is Available.
-async fn settled(api: &Api<Cluster>, name: &str, n: usize) -> anyhow::Result<Option<ClusterStatus>> {
+async fn settled(
+    api: &Api<Cluster>,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<Option<ClusterStatus>> {
     let s = status(api, name).await?;
     let voters = s.members.iter().filter(|m| !m.learner && m.healthy).count();
     let ok = s.members.len() == n
@@ -114,17 +128,33 @@ async fn sts_replicas(bed: &Bed, ns: &str, name: &str) -> anyhow::Result<i32> {
 }
 
 async fn events(bed: &Bed, ns: &str) -> String {
-    bed.kubectl(&["get", "events", "-n", ns, "-o", "custom-columns=REASON:.reason,MESSAGE:.message", "--sort-by=.metadata.creationTimestamp"])
-        .await
-        .unwrap_or_default()
+    bed.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "-o",
+        "custom-columns=REASON:.reason,MESSAGE:.message",
+        "--sort-by=.metadata.creationTimestamp",
+    ])
+    .await
+    .unwrap_or_default()
 }
 
-async fn apply_and_settle(bed: &Bed, ns: &str, name: &str, n: u32, api: &Api<Cluster>) -> ClusterStatus {
+async fn apply_and_settle(
+    bed: &Bed,
+    ns: &str,
+    name: &str,
+    n: u32,
+    api: &Api<Cluster>,
+) -> ClusterStatus {
     let started = Instant::now();
     bed.apply(&manifest(ns, name, n, "")).await.unwrap();
-    let s = wait_for(&format!("{name}: {n} voters, Available"), STEP_TIMEOUT, || settled(api, name, n as usize))
-        .await
-        .unwrap();
+    let s = wait_for(&format!("{name}: {n} voters, Available"), STEP_TIMEOUT, || {
+        settled(api, name, n as usize)
+    })
+    .await
+    .unwrap();
     eprintln!("{name}: {n} members Available after {:.1}s", started.elapsed().as_secs_f64());
     s
 }
@@ -137,23 +167,56 @@ async fn invalid_specs_are_rejected_by_the_api_server_with_a_clear_message() {
     let cases = [
         (12, "", "spec.replicas in body should be less than or equal to 9"),
         (3, "  version: \"0.2.0\"\n", "set spec.image or spec.version, not both"),
-        (3, "  options:\n    extraArgs: [\"--initial-cluster-state=new\"]\n", "must not set a flag the operator manages"),
-        (3, "  backup:\n    schedule: \"@hourly\"\n    destination: {}\n", "a backup destination needs exactly one of pvc or s3"),
-        (3, "  compaction:\n    schedule: \"* * *\"\n    retain: {duration: 1h}\n", "spec.compaction.schedule in body should match"),
+        (
+            3,
+            "  options:\n    extraArgs: [\"--initial-cluster-state=new\"]\n",
+            "must not set a flag the operator manages",
+        ),
+        (
+            3,
+            "  backup:\n    schedule: \"@hourly\"\n    destination: {}\n",
+            "a backup destination needs exactly one of pvc or s3",
+        ),
+        (
+            3,
+            "  compaction:\n    schedule: \"* * *\"\n    retain: {duration: 1h}\n",
+            "spec.compaction.schedule in body should match",
+        ),
     ];
     for (replicas, extra, want) in cases {
-        let err = bed.apply(&manifest(&ns, "bad", replicas, extra)).await.expect_err(&format!("accepted: {replicas} {extra}"));
+        let err = bed
+            .apply(&manifest(&ns, "bad", replicas, extra))
+            .await
+            .expect_err(&format!("accepted: {replicas} {extra}"));
         assert!(err.to_string().contains(want), "for {replicas} {extra:?}: {err}");
     }
     // Immutable fields: the storage class and size shrink on an existing Cluster.
     bed.apply(&manifest(&ns, "imm", 1, "  paused: true\n")).await.unwrap();
     let err = bed
-        .kubectl(&["patch", "cc", "imm", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"storage":{"size":"512Mi"}}}"#])
+        .kubectl(&[
+            "patch",
+            "cc",
+            "imm",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"storage":{"size":"512Mi"}}}"#,
+        ])
         .await
         .expect_err("shrink accepted");
     assert!(err.to_string().contains("storage.size cannot shrink"), "{err}");
     let err = bed
-        .kubectl(&["patch", "cc", "imm", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"storage":{"storageClassName":"fast"}}}"#])
+        .kubectl(&[
+            "patch",
+            "cc",
+            "imm",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"storage":{"storageClassName":"fast"}}}"#,
+        ])
         .await
         .expect_err("class change accepted");
     assert!(err.to_string().contains("storage.storageClassName is immutable"), "{err}");
@@ -175,7 +238,8 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let writer = {
-        let (stop, ok, failed, errors, stays) = (stop.clone(), ok.clone(), failed.clone(), errors.clone(), stays.clone());
+        let (stop, ok, failed, errors, stays) =
+            (stop.clone(), ok.clone(), failed.clone(), errors.clone(), stays.clone());
         tokio::spawn(async move {
             let mut c = etcd(&stays).await.unwrap();
             let mut i = 0u64;
@@ -202,7 +266,12 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
     let members = store_members(&stays[0]).await.unwrap();
     assert_eq!(members.len(), 5, "{members:?}");
     assert!(members.iter().all(|(_, learner)| !learner), "{members:?}");
-    eprintln!("scale 3->5: {:.1}s ({} writes ok, {} failed so far)", up.as_secs_f64(), ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "scale 3->5: {:.1}s ({} writes ok, {} failed so far)",
+        up.as_secs_f64(),
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
 
     // Down: kubectl apply with replicas 3.
     let started = Instant::now();
@@ -220,7 +289,10 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("scale 3->5->3: {ok} writes acknowledged, {failed} failed; errors: {:?}", errors.lock().unwrap());
+    eprintln!(
+        "scale 3->5->3: {ok} writes acknowledged, {failed} failed; errors: {:?}",
+        errors.lock().unwrap()
+    );
     assert!(ok > 0);
     assert_eq!(failed, 0, "failed requests: {:?}", errors.lock().unwrap());
 
@@ -250,7 +322,13 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
     // Scale-down removed the pods and (retainOnScaleDown: false) their claims.
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(bed.client().await.unwrap(), &ns);
     wait_for("claims of removed members deleted", STEP_TIMEOUT, || async {
-        let names: Vec<String> = pvcs.list(&ListParams::default()).await?.items.into_iter().map(|p| p.metadata.name.unwrap_or_default()).collect();
+        let names: Vec<String> = pvcs
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|p| p.metadata.name.unwrap_or_default())
+            .collect();
         Ok((!names.iter().any(|n| n == "data-sc-3" || n == "data-sc-4")).then_some(()))
     })
     .await
@@ -277,8 +355,13 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     assert_eq!(members.len(), 3);
     assert!(members.iter().all(|(_, learner)| !learner));
     let table = bed.kubectl(&["get", "cc", "life", "-n", &ns]).await.unwrap();
-    assert!(table.contains("READY") && table.contains("3/3") && table.contains("Running"), "{table}");
-    let id_of = |s: &ClusterStatus, name: &str| s.members.iter().find(|m| m.name == name).map(|m| m.id.clone());
+    assert!(
+        table.contains("READY") && table.contains("3/3") && table.contains("Running"),
+        "{table}"
+    );
+    let id_of = |s: &ClusterStatus, name: &str| {
+        s.members.iter().find(|m| m.name == name).map(|m| m.id.clone())
+    };
 
     // 2. A deleted pod comes back as the same member (same id, not replaced).
     let before = id_of(&s, "life-1").unwrap();
@@ -286,12 +369,24 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     let started = Instant::now();
     bed.kubectl(&["delete", "pod", "life-1", "-n", &ns, "--wait=false"]).await.unwrap();
     wait_for("life-1 recreated", STEP_TIMEOUT, || async {
-        Ok(pods.get_opt("life-1").await?.filter(|p| p.metadata.uid.as_deref() != Some(&old_uid)).map(|_| ()))
+        Ok(pods
+            .get_opt("life-1")
+            .await?
+            .filter(|p| p.metadata.uid.as_deref() != Some(&old_uid))
+            .map(|_| ()))
     })
     .await
     .unwrap();
-    let s = wait_for("life: 3 voters after the pod deletion", STEP_TIMEOUT, || settled(&api, "life", 3)).await.unwrap();
-    assert_eq!(id_of(&s, "life-1"), Some(before), "the recreated pod must rejoin as the same member");
+    let s = wait_for("life: 3 voters after the pod deletion", STEP_TIMEOUT, || {
+        settled(&api, "life", 3)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        id_of(&s, "life-1"),
+        Some(before),
+        "the recreated pod must rejoin as the same member"
+    );
     eprintln!("life: deleted pod rejoined after {:.1}s", started.elapsed().as_secs_f64());
 
     // 3. A member whose data is lost (volume wiped, process crashed) is replaced: removed,
@@ -306,14 +401,29 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     })
     .await
     .unwrap();
-    eprintln!("life: wiped member replaced after {:.1}s (id {before} -> {})", started.elapsed().as_secs_f64(), id_of(&s, "life-2").unwrap());
+    eprintln!(
+        "life: wiped member replaced after {:.1}s (id {before} -> {})",
+        started.elapsed().as_secs_f64(),
+        id_of(&s, "life-2").unwrap()
+    );
     let ev = events(bed, &ns).await;
     assert!(ev.contains("MemberReplacing"), "{ev}");
     let members = store_members(&url0).await.unwrap();
     assert_eq!(members.len(), 3, "{members:?}");
 
     // 4. Paused: a spec change and a deleted owned object are left alone.
-    bed.kubectl(&["patch", "cc", "life", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"paused":true,"replicas":5}}"#]).await.unwrap();
+    bed.kubectl(&[
+        "patch",
+        "cc",
+        "life",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"paused":true,"replicas":5}}"#,
+    ])
+    .await
+    .unwrap();
     wait_for("phase Paused", STEP_TIMEOUT, || async {
         let s = status(&api, "life").await?;
         Ok((s.phase == Some(cairn_operator::crd::Phase::Paused)).then_some(()))
@@ -324,18 +434,36 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     // Several passes' worth of time (status resyncs every pass): nothing may change.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    assert!(services.get_opt("life-client").await.unwrap().is_none(), "a paused cluster's service was recreated");
+    assert!(
+        services.get_opt("life-client").await.unwrap().is_none(),
+        "a paused cluster's service was recreated"
+    );
     assert_eq!(sts_replicas(bed, &ns, "life").await.unwrap(), 3);
     assert_eq!(store_members(&url0).await.unwrap().len(), 3);
     let s = status(&api, "life").await.unwrap();
     assert_eq!(condition(&s, "Progressing").map(|c| c.reason.as_str()), Some("Paused"));
 
     // Unpaused (and back at 3), the operator restores what was deleted.
-    bed.kubectl(&["patch", "cc", "life", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"paused":false,"replicas":3}}"#]).await.unwrap();
-    wait_for("client service restored", STEP_TIMEOUT, || async { Ok(services.get_opt("life-client").await?.map(|_| ())) })
+    bed.kubectl(&[
+        "patch",
+        "cc",
+        "life",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"paused":false,"replicas":3}}"#,
+    ])
+    .await
+    .unwrap();
+    wait_for("client service restored", STEP_TIMEOUT, || async {
+        Ok(services.get_opt("life-client").await?.map(|_| ()))
+    })
+    .await
+    .unwrap();
+    wait_for("life settled after unpause", STEP_TIMEOUT, || settled(&api, "life", 3))
         .await
         .unwrap();
-    wait_for("life settled after unpause", STEP_TIMEOUT, || settled(&api, "life", 3)).await.unwrap();
 
     // 5. Deleting the Cluster removes everything it owned, claims included.
     bed.kubectl(&["delete", "cc", "life", "-n", &ns]).await.unwrap();
