@@ -40,9 +40,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when a promote failed only because the learner still lags the leader.
+    /// True when a promote failed only because the learner is not yet caught up or not yet
+    /// seen as started by the leader (both pass with time).
     pub fn learner_not_ready(&self) -> bool {
-        matches!(self, Error::Rpc { status, .. } if status.message().contains("in sync with leader"))
+        matches!(self, Error::Rpc { status, .. }
+            if status.message().contains("in sync with leader")
+                || status.message().contains("not enough started members"))
     }
 
     /// True when the member or id the call named is not in the member list.
@@ -283,6 +286,11 @@ mod tests {
             "etcdserver: can only promote a learner member which is in sync with leader",
         );
         assert!(lag.learner_not_ready());
+        let unstarted = e(
+            tonic::Code::FailedPrecondition,
+            "etcdserver: re-configuration failed due to not enough started members",
+        );
+        assert!(unstarted.learner_not_ready());
         assert!(!e(tonic::Code::NotFound, "etcdserver: member not found").learner_not_ready());
         assert!(e(tonic::Code::NotFound, "etcdserver: member not found").member_not_found());
     }

@@ -42,6 +42,20 @@ const IDLE: Duration = Duration::from_secs(30);
 /// The pass's error; `error_policy` picks the requeue delay.
 pub async fn reconcile(c: Arc<Cluster>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.timer();
+    // The cached object can trail this operator's own last status write by a moment; the
+    // lock (`status.target`) and the recorded cluster id must never be read stale, so each
+    // pass starts from a fresh read.
+    let ns = c.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let fresh =
+        match Api::<Cluster>::namespaced(ctx.client.clone(), &ns).get_opt(&c.name_any()).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => return Ok(Action::await_change()),
+            Err(e) => {
+                ctx.metrics.reconciles.with_label_values(&["kube"]).inc();
+                return Err(e.into());
+            }
+        };
+    let c = Arc::new(fresh);
     let result = Pass::new(&c, &ctx)?.run().await;
     let label = result.as_ref().map_or_else(Error::metric_label, |_| "ok");
     ctx.metrics.reconciles.with_label_values(&[label]).inc();

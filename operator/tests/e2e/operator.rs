@@ -273,6 +273,17 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
         failed.load(Ordering::Relaxed)
     );
 
+    // Hand leadership to the highest ordinal, so the scale-down must move it off first.
+    let ids = status(&api, "sc").await.unwrap();
+    let top = ids.members.iter().find(|m| m.name == "sc-4").unwrap().id.clone();
+    let top = u64::from_str_radix(&top, 16).unwrap();
+    let leader = ids.members.iter().find(|m| m.leader).unwrap().name.clone();
+    if leader != "sc-4" {
+        let ordinal: u32 = leader.trim_start_matches("sc-").parse().unwrap();
+        let mut c = etcd(&[client_url(&ns, "sc", ordinal)]).await.unwrap();
+        c.move_leader(top).await.unwrap();
+    }
+
     // Down: kubectl apply with replicas 3.
     let started = Instant::now();
     bed.apply(&manifest(&ns, "sc", 3, "")).await.unwrap();
@@ -316,7 +327,7 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
     .unwrap();
     eprintln!("scale 3->5->3: HashKV at revision {rev} on all 3 members: {:x}", hashes[0]);
     let ev = events(bed, &ns).await;
-    for reason in ["MemberAdded", "MemberPromoted", "MemberRemoved"] {
+    for reason in ["MemberAdded", "MemberPromoted", "LeaderMoved", "MemberRemoved"] {
         assert!(ev.contains(reason), "no {reason} event in\n{ev}");
     }
     // Scale-down removed the pods and (retainOnScaleDown: false) their claims.
@@ -377,16 +388,22 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     })
     .await
     .unwrap();
+    // The new pod's process answers as the member the old one was (its data survived).
+    let url1 = client_url(&ns, "life", 1);
+    let rejoined = wait_for("life-1 answering as its old member", STEP_TIMEOUT, || async {
+        let mut c = etcd(&[url1.clone()]).await?;
+        Ok(Some(format!("{:x}", c.status().await?.header().unwrap().member_id())))
+    })
+    .await
+    .unwrap();
+    assert_eq!(rejoined, before, "the recreated pod must rejoin as the same member");
     let s = wait_for("life: 3 voters after the pod deletion", STEP_TIMEOUT, || {
         settled(&api, "life", 3)
     })
     .await
     .unwrap();
-    assert_eq!(
-        id_of(&s, "life-1"),
-        Some(before),
-        "the recreated pod must rejoin as the same member"
-    );
+    assert_eq!(id_of(&s, "life-1"), Some(before), "status must keep the same member");
+    assert_eq!(store_members(&url0).await.unwrap().len(), 3);
     eprintln!("life: deleted pod rejoined after {:.1}s", started.elapsed().as_secs_f64());
 
     // 3. A member whose data is lost (volume wiped, process crashed) is replaced: removed,
