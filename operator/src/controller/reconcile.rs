@@ -580,12 +580,12 @@ impl<'a> Pass<'a> {
             if pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(role) {
                 continue;
             }
-            let patch = serde_json::json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name_any(), "labels": {ROLE_LABEL: role}},
-            });
-            let pp = PatchParams::apply(FIELD_MANAGER).force();
-            match self.api::<Pod>().patch(&pod.name_any(), &pp, &Patch::Apply(&patch)).await {
+            // A merge patch, not an apply: applying to a pod deleted meanwhile would try to
+            // create it.
+            let patch = serde_json::json!({"metadata": {"labels": {ROLE_LABEL: role}}});
+            let pp =
+                PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+            match self.api::<Pod>().patch(&pod.name_any(), &pp, &Patch::Merge(&patch)).await {
                 Ok(_) => {}
                 // The pod went away meanwhile.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -608,6 +608,15 @@ impl<'a> Pass<'a> {
             }
         }
         Err(last.map_or_else(|| Error::InvalidSpec("no member answers".into()), Error::Etcd))
+    }
+
+    /// MemberRemove through the leader; a member already gone counts as removed (a pass
+    /// that crashed after removing it is repeated).
+    async fn remove_member(&self, store: &Store, id: u64) -> Result<()> {
+        match self.leader_client(store).await?.member_remove(id).await {
+            Err(e) if !e.member_not_found() => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     async fn delete_member_volume(
@@ -703,12 +712,7 @@ impl<'a> Pass<'a> {
                 Ok(Outcome::Done)
             }
             Step::Remove { id, ordinal } => {
-                let client = self.leader_client(store).await?;
-                match client.member_remove(*id).await {
-                    Ok(()) => {}
-                    Err(e) if e.member_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.remove_member(store, *id).await?;
                 self.event(
                     EventType::Normal,
                     "MemberRemoved",
@@ -731,12 +735,7 @@ impl<'a> Pass<'a> {
                 t.replacing_id = Some(hex_id(*id));
                 t.since = self.now.to_string();
                 t.deadline = plus(self.now, self.ctx.settings.step_deadline * 2).to_string();
-                let client = self.leader_client(store).await?;
-                match client.member_remove(*id).await {
-                    Ok(()) => {}
-                    Err(e) if e.member_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.remove_member(store, *id).await?;
                 self.event(
                     EventType::Warning,
                     "MemberReplacing",
