@@ -26,12 +26,12 @@ use crate::bed::{self, Bed, wait_for};
 /// Long enough for members to start, join and be promoted on two shared cores.
 const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 
-static OPERATOR: OnceLock<Mutex<Option<tokio::process::Child>>> = OnceLock::new();
+static OPERATOR: OnceLock<tokio::sync::Mutex<Option<tokio::process::Child>>> = OnceLock::new();
 
 /// Starts the operator once for the whole run (it watches every namespace).
 async fn operator(bed: &Bed) {
-    let slot = OPERATOR.get_or_init(|| Mutex::new(None));
-    let mut guard = slot.lock().unwrap();
+    let slot = OPERATOR.get_or_init(|| tokio::sync::Mutex::new(None));
+    let mut guard = slot.lock().await;
     if guard.is_some() {
         return;
     }
@@ -320,7 +320,7 @@ async fn scale_3_to_5_to_3_under_writes_fails_no_request_and_keeps_hashes_equal(
         async move {
             let mut hashes = Vec::new();
             for url in &stays {
-                let mut c = etcd(&[url.clone()]).await?;
+                let mut c = etcd(std::slice::from_ref(url)).await?;
                 hashes.push(c.hash_kv(rev).await?.hash());
             }
             Ok((hashes.iter().all(|h| *h == hashes[0])).then_some(hashes))
@@ -395,7 +395,7 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     // The new pod's process answers as the member the old one was (its data survived).
     let url1 = client_url(&ns, "life", 1);
     let rejoined = wait_for("life-1 answering as its old member", STEP_TIMEOUT, || async {
-        let mut c = etcd(&[url1.clone()]).await?;
+        let mut c = etcd(std::slice::from_ref(&url1)).await?;
         Ok(Some(format!("{:x}", c.status().await?.header().unwrap().member_id())))
     })
     .await
