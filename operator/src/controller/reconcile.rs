@@ -124,6 +124,9 @@ struct Pass<'a> {
     name: String,
     now: Timestamp,
     old: ClusterStatus,
+    /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
+    /// as created (a grown `storage.size` needs volume expansion, reported by an Event).
+    existing_claims: Option<Vec<PersistentVolumeClaim>>,
 }
 
 impl<'a> Pass<'a> {
@@ -135,6 +138,7 @@ impl<'a> Pass<'a> {
             name: c.name_any(),
             now: Timestamp::now(),
             old: c.status.clone().unwrap_or_default(),
+            existing_claims: None,
         })
     }
 
@@ -206,7 +210,7 @@ impl<'a> Pass<'a> {
         store
     }
 
-    async fn run(self) -> Result<Action> {
+    async fn run(mut self) -> Result<Action> {
         let c = self.c;
         if c.meta().deletion_timestamp.is_some() {
             // Owner references cascade; nothing needs the store to clean up.
@@ -236,6 +240,8 @@ impl<'a> Pass<'a> {
             .collect();
         let sts = self.api::<StatefulSet>().get_opt(&self.name).await?;
         let sts_replicas = sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas);
+        self.existing_claims =
+            sts.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone());
 
         let mut candidates: Vec<u32> = pods.keys().copied().collect();
         candidates
@@ -530,6 +536,26 @@ impl<'a> Pass<'a> {
             )
             .await;
         }
+        let created_size = self.existing_claims.iter().flatten().find_map(|p| {
+            p.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").cloned()
+        });
+        let wanted = self
+            .c
+            .spec
+            .storage
+            .size
+            .clone()
+            .unwrap_or_else(|| res::DEFAULT_STORAGE_SIZE.to_owned());
+        if self.c.spec.storage.empty_dir.is_none()
+            && created_size.as_ref().is_some_and(|q| q.0 != wanted)
+        {
+            self.event(
+                EventType::Warning,
+                "StorageResizeNotApplied",
+                format!("storage.size {wanted} is not applied: StatefulSet claim templates are immutable, so members keep {}; expand their claims through the storage class", created_size.map(|q| q.0).unwrap_or_default()),
+            )
+            .await;
+        }
         let inert = self.c.inert_sections();
         if !inert.is_empty() {
             self.event(
@@ -563,7 +589,10 @@ impl<'a> Pass<'a> {
             (res::initial_cluster(&self.name, &self.ns, &[0]), "new")
         };
         self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
-        let sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
+        let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
+        if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
+            spec.volume_claim_templates = Some(existing.clone());
+        }
         self.apply::<StatefulSet>(&sts).await?;
         self.apply::<PodDisruptionBudget>(&res::pdb(c, pdb_voters)?).await?;
         Ok(())

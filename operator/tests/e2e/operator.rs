@@ -464,6 +464,19 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
         .await
         .unwrap();
 
+    // A grown storage.size cannot reach the StatefulSet's immutable claim templates: the
+    // operator says so in an Event and keeps reconciling (no failing passes).
+    patch_spec(bed, &ns, "life", r#"{"spec":{"storage":{"size":"2Gi"}}}"#).await;
+    wait_for("StorageResizeNotApplied event", STEP_TIMEOUT, || async {
+        Ok(events(bed, &ns).await.contains("StorageResizeNotApplied").then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_for("life settled after the resize", STEP_TIMEOUT, || settled(&api, "life", 3))
+        .await
+        .unwrap();
+    assert!(!events(bed, &ns).await.contains("ReconcileFailed"), "{}", events(bed, &ns).await);
+
     // 5. Deleting the Cluster removes everything it owned, claims included.
     bed.kubectl(&["delete", "cc", "life", "-n", &ns]).await.unwrap();
     wait_for("every owned object gone", STEP_TIMEOUT, || async {
