@@ -48,6 +48,12 @@ impl Error {
                 || status.message().contains("not enough started members"))
     }
 
+    /// True when the leader refused a change because too few members are seen as started
+    /// (a just-promoted or just-restarted member; it passes with time).
+    pub fn not_enough_started(&self) -> bool {
+        matches!(self, Error::Rpc { status, .. } if status.message().contains("not enough started members"))
+    }
+
     /// True when the member or id the call named is not in the member list.
     pub fn member_not_found(&self) -> bool {
         matches!(self, Error::Rpc { status, .. } if status.code() == tonic::Code::NotFound)
@@ -291,6 +297,7 @@ mod tests {
             "etcdserver: re-configuration failed due to not enough started members",
         );
         assert!(unstarted.learner_not_ready());
+        assert!(unstarted.not_enough_started());
         assert!(!e(tonic::Code::NotFound, "etcdserver: member not found").learner_not_ready());
         assert!(e(tonic::Code::NotFound, "etcdserver: member not found").member_not_found());
     }

@@ -335,6 +335,8 @@ impl<'a> Pass<'a> {
         if formed
             && !members.is_empty()
             && target.is_none()
+            // Paused: no change starts, so no lock is taken on a spec edited meanwhile.
+            && !c.spec.paused
             && members.len() != usize::try_from(goal).unwrap_or(0)
             && goal > 0
         {
@@ -741,7 +743,15 @@ impl<'a> Pass<'a> {
                 Ok(Outcome::Done)
             }
             Step::Remove { id, ordinal } => {
-                self.remove_member(store, *id).await?;
+                match self.remove_member(store, *id).await {
+                    Err(Error::Etcd(e)) if e.not_enough_started() => {
+                        return Ok(Outcome::Waiting(format!(
+                            "the leader does not yet see enough started members to remove {}",
+                            name(*ordinal)
+                        )));
+                    }
+                    other => other?,
+                }
                 self.event(
                     EventType::Normal,
                     "MemberRemoved",
@@ -790,13 +800,18 @@ impl<'a> Pass<'a> {
                         name(*ordinal)
                     )));
                 }
+                // A claim already terminating (an earlier pass deleted it) is not news.
+                let news = pods.contains_key(ordinal)
+                    || claims.get(ordinal).is_some_and(|p| p.metadata.deletion_timestamp.is_none());
                 self.delete_member_volume(*ordinal, pods, claims).await?;
-                self.event(
-                    EventType::Normal,
-                    "VolumeCleared",
-                    format!("old data of {} deleted so it joins empty", name(*ordinal)),
-                )
-                .await;
+                if news {
+                    self.event(
+                        EventType::Normal,
+                        "VolumeCleared",
+                        format!("old data of {} deleted so it joins empty", name(*ordinal)),
+                    )
+                    .await;
+                }
                 Ok(Outcome::Waiting(format!("volume of {} being recreated", name(*ordinal))))
             }
         }

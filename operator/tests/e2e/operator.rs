@@ -463,6 +463,9 @@ async fn a_cluster_heals_pauses_and_goes_away_with_its_objects() {
     wait_for("life settled after unpause", STEP_TIMEOUT, || settled(&api, "life", 3))
         .await
         .unwrap();
+    // The replicas: 5 written while paused never took effect.
+    let ev = events(bed, &ns).await;
+    assert!(!ev.contains("life-3 added"), "an edit made while paused was acted on:\n{ev}");
 
     // A grown storage.size cannot reach the StatefulSet's immutable claim templates: the
     // operator says so in an Event and keeps reconciling (no failing passes).
