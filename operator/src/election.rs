@@ -144,7 +144,11 @@ impl Elector {
             }
         }
         leading.send_replace(false);
-        self.release().await;
+        // Best effort: an unreachable API server must not hold up shutdown (the Lease then
+        // simply expires).
+        if tokio::time::timeout(Duration::from_secs(3), self.release()).await.is_err() {
+            tracing::warn!("releasing the leader lease timed out; it will expire instead");
+        }
     }
 }
 

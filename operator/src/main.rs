@@ -19,6 +19,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+/// How long a requested shutdown may take before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Runs Cairn clusters on Kubernetes (the cairn.dev/v1alpha1 Cluster resource).
 #[derive(Debug, Parser)]
 #[command(name = "cairn-operator", version)]
@@ -137,6 +140,11 @@ async fn main() -> anyhow::Result<()> {
         signal().await;
         tracing::info!("shutdown requested");
         stop_tx.send_replace(true);
+        // In-flight passes get a bounded time to finish (each step is one etcd call with a
+        // deadline); an API server that stopped answering must not keep the process alive.
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::error!(grace = ?SHUTDOWN_GRACE, "shutdown did not finish in time; exiting");
+        std::process::exit(1);
     });
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
