@@ -653,16 +653,28 @@ impl raft::Storage for LogStore {
         Ok(LogStore::last_index(self))
     }
 
-    /// Returns the recorded snapshot when its index is at least `request_index`, and
-    /// `SnapshotTemporarilyUnavailable` otherwise, so raft asks again after the state machine
-    /// records a newer one.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// Returns the recorded snapshot when its index is at least `request_index` and its
+    /// configuration includes `to`, and `SnapshotTemporarilyUnavailable` otherwise, so raft
+    /// asks again after the state machine records a newer one.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let state = self.read();
         // A snapshot older than the compaction point would leave the receiver missing the
         // entries between it and the log, so it must be at least that recent.
         let wanted = request_index.max(state.compact_index);
+        // A member added after the snapshot was taken is not in its ConfState, and raft-rs
+        // drops such a snapshot ("not in the ConfState"): the new member would never catch
+        // up. A fresh snapshot, taken after the conf change applied, includes it.
+        let includes = |snapshot: &Snapshot| {
+            let cs = snapshot.get_metadata().get_conf_state();
+            to == 0
+                || [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
+                    .iter()
+                    .any(|ids| ids.contains(&to))
+        };
         match &state.snapshot {
-            Some(snapshot) if snapshot.get_metadata().index >= wanted => Ok(snapshot.clone()),
+            Some(snapshot) if snapshot.get_metadata().index >= wanted && includes(snapshot) => {
+                Ok(snapshot.clone())
+            }
             _ => {
                 self.shared.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
                 Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
@@ -1135,13 +1147,26 @@ mod tests {
             storage_error(store.snapshot(0, 2)),
             StorageError::SnapshotTemporarilyUnavailable
         );
-        store.set_snapshot(snapshot(7, 2, vec![1], b"sm"));
+        store.set_snapshot(snapshot(7, 2, vec![1, 2], b"sm"));
         assert_eq!(store.snapshot(5, 2).unwrap().get_metadata().index, 7);
         assert_eq!(store.snapshot(7, 2).unwrap().data.to_vec(), b"sm".to_vec());
         assert_eq!(
             storage_error(store.snapshot(8, 2)),
             StorageError::SnapshotTemporarilyUnavailable
         );
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_member_joined_is_not_sent_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.set_snapshot(snapshot(7, 2, vec![1, 2], b"sm"));
+        assert_eq!(
+            storage_error(store.snapshot(0, 3)),
+            StorageError::SnapshotTemporarilyUnavailable
+        );
+        store.set_snapshot(snapshot(9, 2, vec![1, 2, 3], b"sm"));
+        assert_eq!(store.snapshot(0, 3).unwrap().get_metadata().index, 9);
     }
 
     #[test]
@@ -1163,7 +1188,7 @@ mod tests {
             "a snapshot older than the compaction point would leave a gap"
         );
         assert!(store.take_snapshot_request());
-        store.set_snapshot(snapshot(8, 1, vec![1], b"new"));
+        store.set_snapshot(snapshot(8, 1, vec![1, 2], b"new"));
         assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 8);
         assert_eq!(store.term_of(8), Some(1));
     }

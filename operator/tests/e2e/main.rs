@@ -6,4 +6,5 @@
 
 mod bed;
 mod kubelet;
+mod operator;
 mod smoke;

@@ -25,8 +25,9 @@ pub async fn remote_cluster_id(peer_urls: &[String], initial_cluster: &[String])
 /// record by its peer URLs (etcd's GetClusterFromRemotePeers).
 ///
 /// # Errors
-/// A message when no peer answers, or when none of the members has this member's peer URLs
-/// (it was not added with `MemberAdd`).
+/// A message when no peer answers, when none of the members has this member's peer URLs
+/// (it was not added with `MemberAdd`), or when this member has started before (its data
+/// dir was lost).
 pub async fn fetch_cluster(
     peer_urls: &[String],
     initial_cluster: &[String],
@@ -49,6 +50,16 @@ pub async fn fetch_cluster(
                         urls == wanted
                     });
                     match me {
+                        // A member that already published its client URLs has run before:
+                        // an empty data dir now means its data (and its raft votes) were
+                        // lost, and rejoining under the same id could break raft's safety.
+                        // It must be removed and added again (etcd's isMemberBootstrapped).
+                        Some(me) if !me.client_urls.is_empty() => {
+                            return Err(format!(
+                                "member {:x} has already been bootstrapped, but its data dir is empty: remove it (MemberRemove) and add it again",
+                                me.id
+                            ));
+                        }
                         Some(me) => {
                             let member_id = me.id;
                             return Ok(Join { cluster_id: resp.cluster_id, member_id, members });

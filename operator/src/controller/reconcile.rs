@@ -1,0 +1,864 @@
+//! One reconcile pass over a Cluster: observe (API objects, then each member's Status and
+//! the member list over the etcd API) → decide (at most one membership step) → act
+//! (server-side apply of the owned objects, the membership call, Events) → status (a
+//! server-side apply of the status subresource, every pass).
+//!
+//! Level-triggered: nothing here remembers the previous pass except what status records.
+//! Create-then-record: a step's effect is made before status says it happened, so a crash
+//! in between leaves a state the next pass recognises from the store's member list.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::Context;
+use super::membership::{self, MemberHealth, MemberView, Observed, Step};
+use super::resources::{self as res, ROLE_LABEL};
+use super::status::{self, Summary};
+use crate::crd::{Cluster, ClusterStatus, MemberStatus, Target};
+use crate::etcd::{self, hex_id};
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// Requeue while a change is in flight.
+const BUSY: Duration = Duration::from_secs(2);
+/// Requeue when steady (a resync; pod and object events trigger passes sooner).
+const IDLE: Duration = Duration::from_secs(30);
+
+/// The reconcile entry point: one pass, counted and timed, failures published as Events.
+///
+/// # Errors
+/// The pass's error; `error_policy` picks the requeue delay.
+pub async fn reconcile(c: Arc<Cluster>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.timer();
+    // The cached object can trail this operator's own last status write by a moment; the
+    // lock (`status.target`) and the recorded cluster id must never be read stale, so each
+    // pass starts from a fresh read.
+    let ns = c.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let fresh =
+        match Api::<Cluster>::namespaced(ctx.client.clone(), &ns).get_opt(&c.name_any()).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => return Ok(Action::await_change()),
+            Err(e) => {
+                ctx.metrics.reconciles.with_label_values(&["kube"]).inc();
+                return Err(e.into());
+            }
+        };
+    let c = Arc::new(fresh);
+    let result = Pass::new(&c, &ctx)?.run().await;
+    let label = result.as_ref().map_or_else(Error::metric_label, |_| "ok");
+    ctx.metrics.reconciles.with_label_values(&[label]).inc();
+    if let Err(e) = &result {
+        publish(&ctx, &c, EventType::Warning, "ReconcileFailed", "Reconcile", e.to_string()).await;
+    }
+    result
+}
+
+async fn publish(
+    ctx: &Context,
+    c: &Cluster,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &c.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing an event failed");
+    }
+}
+
+fn ordinal_of_pod(cluster: &str, pod: &str) -> Option<u32> {
+    pod.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
+}
+
+fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Timestamp> {
+    meta.creation_timestamp.as_ref().map(|t| t.0)
+}
+
+fn parse_time(s: &str) -> Option<Timestamp> {
+    s.parse().ok()
+}
+
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    let d = SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+    t.checked_add(d).unwrap_or(t)
+}
+
+fn since(now: Timestamp, then: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(then)).unwrap_or(Duration::ZERO)
+}
+
+/// What the store said this pass.
+#[derive(Default)]
+struct Store {
+    /// Cluster id from the member list header (0 when nobody answered).
+    cluster_id: u64,
+    /// The member list, if a member answered.
+    members: Vec<etcd::Member>,
+    /// Status per ordinal.
+    health: HashMap<u32, etcd::Status>,
+}
+
+struct Pass<'a> {
+    c: &'a Cluster,
+    ctx: &'a Context,
+    ns: String,
+    name: String,
+    now: Timestamp,
+    old: ClusterStatus,
+    /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
+    /// as created (a grown `storage.size` needs volume expansion, reported by an Event).
+    existing_claims: Option<Vec<PersistentVolumeClaim>>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(c: &'a Cluster, ctx: &'a Context) -> Result<Self> {
+        Ok(Self {
+            c,
+            ctx,
+            ns: c.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?,
+            name: c.name_any(),
+            now: Timestamp::now(),
+            old: c.status.clone().unwrap_or_default(),
+            existing_claims: None,
+        })
+    }
+
+    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
+        &self,
+    ) -> Api<K> {
+        Api::namespaced(self.ctx.client.clone(), &self.ns)
+    }
+
+    async fn apply<K>(&self, obj: &K) -> Result<()>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let name = obj.meta().name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api::<K>().patch(&name, &pp, &Patch::Apply(obj)).await?;
+        Ok(())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        tracing::info!(cluster = %self.name, namespace = %self.ns, reason, %note, "event");
+        publish(self.ctx, self.c, type_, reason, reason, note).await;
+    }
+
+    fn client_url(&self, ordinal: u32) -> String {
+        res::client_url(&self.name, &self.ns, ordinal)
+    }
+
+    /// Asks every candidate member for its Status (concurrently), then the member list
+    /// from the leader or, failing that, any voter that answered.
+    async fn observe_store(&self, ordinals: &[u32]) -> Store {
+        let probes = ordinals.iter().map(|&o| async move {
+            let url = self.client_url(o);
+            let status = match etcd::Client::connect(&url).await {
+                Ok(client) => client.status().await.map(|s| (client, s)),
+                Err(e) => Err(e),
+            };
+            (o, status)
+        });
+        let mut clients = Vec::new();
+        let mut store = Store::default();
+        for (o, r) in join_all(probes).await {
+            match r {
+                Ok((client, s)) => {
+                    clients.push((o, client, s.clone()));
+                    store.health.insert(o, s);
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %self.name, ordinal = o, error = %e, "member did not answer")
+                }
+            }
+        }
+        // The leader first, then voters, then learners.
+        clients.sort_by_key(|(_, _, s)| (s.leader != s.member_id, s.is_learner));
+        for (_, client, _) in &clients {
+            match client.member_list().await {
+                Ok((cluster_id, members)) => {
+                    store.cluster_id = cluster_id;
+                    store.members = members;
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "member list failed"),
+            }
+        }
+        store
+    }
+
+    async fn run(mut self) -> Result<Action> {
+        let c = self.c;
+        if c.meta().deletion_timestamp.is_some() {
+            // Owner references cascade; nothing needs the store to clean up.
+            self.ctx.metrics.forget(&self.ns, &self.name);
+            return Ok(Action::await_change());
+        }
+        let selector = res::selector_string(&self.name);
+        let lp = ListParams::default().labels(&selector);
+        let pods: BTreeMap<u32, Pod> = self
+            .api::<Pod>()
+            .list(&lp)
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| Some((ordinal_of_pod(&self.name, &p.name_any())?, p)))
+            .collect();
+        let claims: BTreeMap<u32, PersistentVolumeClaim> = self
+            .api::<PersistentVolumeClaim>()
+            .list(&lp)
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| {
+                let pod = p.name_any().strip_prefix("data-")?.to_owned();
+                Some((ordinal_of_pod(&self.name, &pod)?, p))
+            })
+            .collect();
+        let sts = self.api::<StatefulSet>().get_opt(&self.name).await?;
+        let sts_replicas = sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas);
+        self.existing_claims =
+            sts.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone());
+
+        let mut candidates: Vec<u32> = pods.keys().copied().collect();
+        candidates
+            .extend(self.old.members.iter().filter_map(|m| ordinal_of_pod(&self.name, &m.name)));
+        candidates.sort_unstable();
+        candidates.dedup();
+        let store = self.observe_store(&candidates).await;
+
+        // Membership as the decision sees it.
+        let mut cluster_id =
+            self.old.cluster_id.as_deref().and_then(|s| u64::from_str_radix(s, 16).ok());
+        if cluster_id.is_none() && store.cluster_id != 0 && store.health.contains_key(&0) {
+            cluster_id = Some(store.cluster_id);
+            self.event(
+                EventType::Normal,
+                "ClusterFormed",
+                format!("seed member formed cluster {:x}", store.cluster_id),
+            )
+            .await;
+        }
+        let members: Vec<MemberView> = store
+            .members
+            .iter()
+            .map(|m| {
+                let ordinal = m
+                    .peer_urls
+                    .iter()
+                    .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
+                let status = ordinal.and_then(|o| store.health.get(&o)).map(|s| MemberHealth {
+                    member_id: s.member_id,
+                    cluster_id: s.cluster_id,
+                    applied: s.applied_index,
+                    leader: s.leader,
+                });
+                let recorded = self.old.members.iter().find(|r| r.id == hex_id(m.id));
+                let unhealthy_for = match (&status, recorded) {
+                    (Some(_), _) => Duration::ZERO,
+                    (None, Some(r)) => r
+                        .unhealthy_since
+                        .as_deref()
+                        .and_then(parse_time)
+                        .map_or(Duration::ZERO, |t| since(self.now, t)),
+                    (None, None) => Duration::ZERO,
+                };
+                MemberView {
+                    id: m.id,
+                    ordinal,
+                    learner: m.is_learner,
+                    started: !m.name.is_empty(),
+                    status,
+                    unhealthy_for,
+                    recorded_applied: recorded.and_then(|r| r.applied_index),
+                }
+            })
+            .collect();
+        let member_ordinals: Vec<u32> = members.iter().filter_map(|m| m.ordinal).collect();
+
+        // The locked target.
+        let spec_replicas = c.spec.replicas.max(0);
+        let mut target = self.old.target.clone();
+        let mut deadline_exceeded = false;
+        if let Some(t) = &target {
+            let past = t.deadline.parse::<Timestamp>().map_or(true, |d| d < self.now);
+            if past && t.replicas != spec_replicas && t.replacing.is_none() {
+                target = None;
+            } else {
+                deadline_exceeded = past;
+            }
+        }
+        // A replacement is done once its ordinal is a voter with a new id.
+        if let Some(t) = target.as_mut()
+            && let Some(name) = t.replacing.clone()
+        {
+            let ordinal = ordinal_of_pod(&self.name, &name);
+            let done = members.iter().any(|m| {
+                m.ordinal == ordinal && !m.learner && Some(hex_id(m.id)) != t.replacing_id
+            });
+            if done {
+                self.event(
+                    EventType::Normal,
+                    "MemberReplaced",
+                    format!("{name} rejoined as a new voter"),
+                )
+                .await;
+                t.replacing = None;
+                t.replacing_id = None;
+            }
+        }
+        let goal = target.as_ref().map_or(spec_replicas, |t| t.replicas);
+        let formed = cluster_id.is_some();
+        if formed
+            && !members.is_empty()
+            && target.is_none()
+            // Paused: no change starts, so no lock is taken on a spec edited meanwhile.
+            && !c.spec.paused
+            && members.len() != usize::try_from(goal).unwrap_or(0)
+            && goal > 0
+        {
+            let diff = (i64::try_from(members.len()).unwrap_or(0) - i64::from(goal)).unsigned_abs();
+            let deadline = plus(
+                self.now,
+                self.ctx.settings.step_deadline * u32::try_from(diff.max(1)).unwrap_or(1),
+            );
+            target = Some(Target {
+                replicas: goal,
+                since: self.now.to_string(),
+                deadline: deadline.to_string(),
+                ..Default::default()
+            });
+        }
+        let change_since = target.as_ref().and_then(|t| parse_time(&t.since));
+        let stale = |o: u32| {
+            let old = |t: Option<Timestamp>| match (t, change_since) {
+                (Some(t), Some(s)) => t < s,
+                _ => true,
+            };
+            let claim_stale = claims
+                .get(&o)
+                .is_some_and(|p| p.meta().deletion_timestamp.is_some() || old(created(p.meta())));
+            let pod_stale = !member_ordinals.contains(&o)
+                && pods.get(&o).is_some_and(|p| old(created(p.meta())));
+            claim_stale || pod_stale
+        };
+        let replacing = target
+            .as_ref()
+            .and_then(|t| t.replacing.as_deref())
+            .and_then(|n| ordinal_of_pod(&self.name, n));
+        let observed = Observed {
+            goal: u32::try_from(goal).unwrap_or(0),
+            cluster_id,
+            members: members.clone(),
+            replacing,
+            replaced_volume_stale: replacing.is_some_and(stale),
+            leftover_volumes: (0..u32::try_from(goal).unwrap_or(0))
+                .filter(|&o| !member_ordinals.contains(&o) && stale(o))
+                .collect(),
+            failure_window: self.ctx.settings.failure_window,
+            promote_lag: self.ctx.settings.promote_lag,
+        };
+        let step = if goal == 0 {
+            Step::Wait("spec.replicas is 0: pods stopped, membership kept".into())
+        } else {
+            membership::decide(&observed)
+        };
+
+        let mut failure = None;
+        let mut waiting = None;
+        let mut busy = !matches!(step, Step::Steady);
+        if c.spec.paused {
+            busy = false;
+        } else {
+            self.announce_spec().await;
+            // StatefulSet size follows the member list (never what is running).
+            let replicas = if goal == 0 {
+                0
+            } else if !formed {
+                1
+            } else if member_ordinals.is_empty() {
+                sts_replicas.unwrap_or(1)
+            } else {
+                member_ordinals.iter().max().map_or(1, |m| i32::try_from(*m + 1).unwrap_or(1))
+            };
+            let voters = members.iter().filter(|m| !m.learner).count();
+            let pdb_voters = voters.max(usize::try_from(goal).unwrap_or(0));
+            self.apply_objects(formed, &member_ordinals, replicas, pdb_voters).await?;
+            self.label_roles(&pods, &members).await?;
+            match self.act(&step, &store, &member_ordinals, &claims, &pods, &mut target).await {
+                Ok(Outcome::Done) => {}
+                Ok(Outcome::Waiting(w)) => waiting = Some(w),
+                Ok(Outcome::Blocked(b)) => failure = Some(b),
+                Err(e) => {
+                    self.event(EventType::Warning, "StepFailed", format!("{step:?}: {e}")).await;
+                    failure = Some(format!("{step:?} failed: {e}"));
+                }
+            }
+        }
+        if matches!(step, Step::Steady) && target.as_ref().is_some_and(|t| t.replacing.is_none()) {
+            target = None;
+        }
+
+        // Status.
+        let leader_id = store.health.values().map(|s| s.leader).find(|&l| l != 0);
+        let member_status: Vec<MemberStatus> = members
+            .iter()
+            .zip(&store.members)
+            .map(|(v, m)| {
+                let s = v.ordinal.and_then(|o| store.health.get(&o));
+                let healthy = v.status.is_some_and(|h| h.member_id == v.id);
+                let recorded = self.old.members.iter().find(|r| r.id == hex_id(m.id));
+                let unhealthy_since = if healthy {
+                    None
+                } else {
+                    Some(
+                        recorded
+                            .and_then(|r| r.unhealthy_since.clone())
+                            .unwrap_or_else(|| self.now.to_string()),
+                    )
+                };
+                MemberStatus {
+                    name: v
+                        .ordinal
+                        .map_or_else(|| m.name.clone(), |o| res::pod_name(&self.name, o)),
+                    id: hex_id(m.id),
+                    client_url: m.client_urls.first().cloned(),
+                    learner: m.is_learner,
+                    leader: leader_id == Some(m.id),
+                    healthy,
+                    applied_index: s
+                        .map(|s| s.applied_index)
+                        .or(recorded.and_then(|r| r.applied_index)),
+                    revision: s.map(|s| s.revision),
+                    unhealthy_since,
+                }
+            })
+            .collect();
+        let healthy_voters = member_status.iter().filter(|m| m.healthy && !m.learner).count();
+        let voters = member_status.iter().filter(|m| !m.learner).count();
+        if let Step::Wait(w) | Step::Blocked(w) = &step {
+            if matches!(step, Step::Blocked(_)) {
+                failure.get_or_insert_with(|| w.clone());
+            } else {
+                waiting.get_or_insert_with(|| w.clone());
+            }
+        }
+        let summary = Summary {
+            formed,
+            voters,
+            healthy_voters,
+            members: member_status.len(),
+            desired: usize::try_from(spec_replicas).unwrap_or(0),
+            paused: c.spec.paused,
+            changing: target.is_some(),
+            deadline_exceeded,
+            waiting,
+            failure,
+        };
+        let m = &self.ctx.metrics;
+        let labels = [self.ns.as_str(), self.name.as_str()];
+        m.members.with_label_values(&labels).set(i64::try_from(member_status.len()).unwrap_or(0));
+        m.ready_members
+            .with_label_values(&labels)
+            .set(i64::try_from(member_status.iter().filter(|m| m.healthy).count()).unwrap_or(0));
+        m.has_quorum
+            .with_label_values(&labels)
+            .set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
+        let now = self.now.to_string();
+        let ready = i32::try_from(healthy_voters).unwrap_or(0);
+        let new = ClusterStatus {
+            observed_generation: c.meta().generation,
+            phase: Some(status::phase(&summary)),
+            conditions: status::merge(
+                &self.old.conditions,
+                status::conditions(&summary),
+                c.meta().generation,
+                &now,
+            ),
+            replicas: i32::try_from(member_status.len()).unwrap_or(0),
+            ready_replicas: ready,
+            ready: Some(format!("{ready}/{spec_replicas}")),
+            member_count: i32::try_from(member_status.len()).unwrap_or(0),
+            selector: Some(res::selector_string(&self.name)),
+            cluster_id: cluster_id.map(hex_id),
+            leader: member_status.iter().find(|m| m.leader).map(|m| m.name.clone()),
+            version: store
+                .health
+                .values()
+                .next()
+                .map(|s| s.version.clone())
+                .or(self.old.version.clone()),
+            members: member_status,
+            target,
+            last_compaction: self.old.last_compaction.clone(),
+            last_backup: self.old.last_backup.clone(),
+        };
+        self.write_status(&new).await?;
+        Ok(Action::requeue(if busy { BUSY } else { IDLE }))
+    }
+
+    /// Warning Events, once per spec generation, for an even size and for accepted but
+    /// not yet acted-on sections.
+    async fn announce_spec(&self) {
+        if self.old.observed_generation == self.c.meta().generation {
+            return;
+        }
+        if self.c.spec.replicas % 2 == 0 && self.c.spec.replicas > 0 {
+            self.event(
+                EventType::Warning,
+                "EvenReplicas",
+                format!(
+                    "{} members tolerate no more failures than {}; prefer an odd size",
+                    self.c.spec.replicas,
+                    self.c.spec.replicas - 1
+                ),
+            )
+            .await;
+        }
+        let created_size = self.existing_claims.iter().flatten().find_map(|p| {
+            p.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").cloned()
+        });
+        let wanted = self
+            .c
+            .spec
+            .storage
+            .size
+            .clone()
+            .unwrap_or_else(|| res::DEFAULT_STORAGE_SIZE.to_owned());
+        if self.c.spec.storage.empty_dir.is_none()
+            && created_size.as_ref().is_some_and(|q| q.0 != wanted)
+        {
+            self.event(
+                EventType::Warning,
+                "StorageResizeNotApplied",
+                format!("storage.size {wanted} is not applied: StatefulSet claim templates are immutable, so members keep {}; expand their claims through the storage class", created_size.map(|q| q.0).unwrap_or_default()),
+            )
+            .await;
+        }
+        let inert = self.c.inert_sections();
+        if !inert.is_empty() {
+            self.event(
+                EventType::Warning,
+                "NotYetActedOn",
+                format!(
+                    "spec.{} accepted but not acted on by this operator version",
+                    inert.join(", spec.")
+                ),
+            )
+            .await;
+        }
+    }
+
+    async fn apply_objects(
+        &self,
+        formed: bool,
+        ordinals: &[u32],
+        replicas: i32,
+        pdb_voters: usize,
+    ) -> Result<()> {
+        let c = self.c;
+        self.apply::<Service>(&res::peer_service(c)?).await?;
+        self.apply::<Service>(&res::client_service(c)?).await?;
+        // The state flag comes from status: once the cluster id is recorded, a member with an
+        // empty volume joins (and fails fast if it is not in the member list) instead of
+        // forming a stranger cluster.
+        let (initial, state) = if formed {
+            (res::initial_cluster(&self.name, &self.ns, ordinals), "existing")
+        } else {
+            (res::initial_cluster(&self.name, &self.ns, &[0]), "new")
+        };
+        self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
+        let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
+        if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
+            spec.volume_claim_templates = Some(existing.clone());
+        }
+        self.apply::<StatefulSet>(&sts).await?;
+        self.apply::<PodDisruptionBudget>(&res::pdb(c, pdb_voters)?).await?;
+        Ok(())
+    }
+
+    /// Keeps `cairn.dev/role` on each pod in step with the member list (the PDB counts voters).
+    async fn label_roles(&self, pods: &BTreeMap<u32, Pod>, members: &[MemberView]) -> Result<()> {
+        for (o, pod) in pods {
+            let role = match members.iter().find(|m| m.ordinal == Some(*o)) {
+                Some(m) if !m.learner => "voter",
+                Some(_) => "learner",
+                None => "none",
+            };
+            if pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(role) {
+                continue;
+            }
+            // A merge patch, not an apply: applying to a pod deleted meanwhile would try to
+            // create it.
+            let patch = serde_json::json!({"metadata": {"labels": {ROLE_LABEL: role}}});
+            let pp =
+                PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+            match self.api::<Pod>().patch(&pod.name_any(), &pp, &Patch::Merge(&patch)).await {
+                Ok(_) => {}
+                // The pod went away meanwhile.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A client of the leader, else of any voter that answered.
+    async fn leader_client(&self, store: &Store) -> Result<etcd::Client> {
+        let leader = store.health.values().map(|s| s.leader).find(|&l| l != 0);
+        let mut order: Vec<(&u32, &etcd::Status)> = store.health.iter().collect();
+        order.sort_by_key(|(_, s)| (Some(s.member_id) != leader, s.is_learner));
+        let mut last = None;
+        for (o, _) in order {
+            match etcd::Client::connect(&self.client_url(*o)).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| Error::InvalidSpec("no member answers".into()), Error::Etcd))
+    }
+
+    /// MemberRemove through the leader; a member already gone counts as removed (a pass
+    /// that crashed after removing it is repeated).
+    async fn remove_member(&self, store: &Store, id: u64) -> Result<()> {
+        match self.leader_client(store).await?.member_remove(id).await {
+            Err(e) if !e.member_not_found() => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn delete_member_volume(
+        &self,
+        o: u32,
+        pods: &BTreeMap<u32, Pod>,
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+    ) -> Result<()> {
+        let dp = DeleteParams::default();
+        if claims.contains_key(&o) {
+            ignore_missing(
+                self.api::<PersistentVolumeClaim>()
+                    .delete(&res::claim_name(&self.name, o), &dp)
+                    .await
+                    .map(|_| ()),
+            )?;
+        }
+        if pods.contains_key(&o) {
+            ignore_missing(
+                self.api::<Pod>().delete(&res::pod_name(&self.name, o), &dp).await.map(|_| ()),
+            )?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &self,
+        step: &Step,
+        store: &Store,
+        ordinals: &[u32],
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+        pods: &BTreeMap<u32, Pod>,
+        target: &mut Option<Target>,
+    ) -> Result<Outcome> {
+        let name = |o: u32| res::pod_name(&self.name, o);
+        match step {
+            Step::Steady | Step::Wait(_) | Step::Bootstrap => Ok(Outcome::Done),
+            Step::Blocked(why) => Ok(Outcome::Blocked(why.clone())),
+            Step::AddLearner { ordinal } => {
+                let client = self.leader_client(store).await?;
+                let url = res::peer_url(&self.name, &self.ns, *ordinal);
+                match client.member_add(&url, true).await {
+                    Ok(id) => {
+                        self.event(
+                            EventType::Normal,
+                            "MemberAdded",
+                            format!("{} added as learner {:x}", name(*ordinal), id),
+                        )
+                        .await;
+                    }
+                    Err(e) if e.to_string().contains("Peer URLs already exists") => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // Scale up in the same pass: the pod starts with the learner in --initial-cluster.
+                let mut with_new = ordinals.to_vec();
+                with_new.push(*ordinal);
+                let voters = store.members.iter().filter(|m| !m.is_learner).count();
+                let goal = target.as_ref().map_or(0, |t| usize::try_from(t.replicas).unwrap_or(0));
+                let replicas =
+                    with_new.iter().max().map_or(1, |m| i32::try_from(*m + 1).unwrap_or(1));
+                self.apply_objects(true, &with_new, replicas, voters.max(goal)).await?;
+                Ok(Outcome::Done)
+            }
+            Step::Promote { id, ordinal } => {
+                let client = self.leader_client(store).await?;
+                match client.member_promote(*id).await {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "MemberPromoted",
+                            format!("learner {} ({:x}) is now a voter", name(*ordinal), id),
+                        )
+                        .await;
+                        Ok(Outcome::Done)
+                    }
+                    Err(e) if e.learner_not_ready() => Ok(Outcome::Waiting(format!(
+                        "learner {} not yet in sync with the leader",
+                        name(*ordinal)
+                    ))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Step::MoveLeader { from, to } => {
+                let client = self.leader_client(store).await?;
+                client.move_leader(*to).await?;
+                self.event(
+                    EventType::Normal,
+                    "LeaderMoved",
+                    format!("leadership moved from {from:x} to {to:x} before removing {from:x}"),
+                )
+                .await;
+                Ok(Outcome::Done)
+            }
+            Step::Remove { id, ordinal } => {
+                match self.remove_member(store, *id).await {
+                    Err(Error::Etcd(e)) if e.not_enough_started() => {
+                        return Ok(Outcome::Waiting(format!(
+                            "the leader does not yet see enough started members to remove {}",
+                            name(*ordinal)
+                        )));
+                    }
+                    other => other?,
+                }
+                self.event(
+                    EventType::Normal,
+                    "MemberRemoved",
+                    format!("{} ({:x}) removed", name(*ordinal), id),
+                )
+                .await;
+                // Shrink in the same pass; the claim follows retainOnScaleDown.
+                let rest: Vec<u32> = ordinals.iter().copied().filter(|o| o != ordinal).collect();
+                let voters = store.members.iter().filter(|m| !m.is_learner && m.id != *id).count();
+                let replicas = rest.iter().max().map_or(1, |m| i32::try_from(*m + 1).unwrap_or(1));
+                self.apply_objects(true, &rest, replicas, voters).await?;
+                Ok(Outcome::Done)
+            }
+            Step::Replace { id, ordinal, reason } => {
+                let t = target.get_or_insert_with(|| Target {
+                    replicas: self.c.spec.replicas,
+                    ..Default::default()
+                });
+                t.replacing = Some(name(*ordinal));
+                t.replacing_id = Some(hex_id(*id));
+                t.since = self.now.to_string();
+                t.deadline = plus(self.now, self.ctx.settings.step_deadline * 2).to_string();
+                self.remove_member(store, *id).await?;
+                self.event(
+                    EventType::Warning,
+                    "MemberReplacing",
+                    format!(
+                        "{} ({:x}) {reason}: removed, to be re-added as a fresh learner",
+                        name(*ordinal),
+                        id
+                    ),
+                )
+                .await;
+                self.delete_member_volume(*ordinal, pods, claims).await?;
+                Ok(Outcome::Done)
+            }
+            Step::ClearVolume { ordinal } => {
+                let replacing = target.as_ref().is_some_and(|t| t.replacing.is_some());
+                if self.c.spec.storage.retain_on_scale_down
+                    && !replacing
+                    && claims.contains_key(ordinal)
+                {
+                    return Ok(Outcome::Blocked(format!(
+                        "volume claim {} is left from a removed member and storage.retainOnScaleDown is true; delete it to let {} join with an empty volume",
+                        res::claim_name(&self.name, *ordinal),
+                        name(*ordinal)
+                    )));
+                }
+                // A claim already terminating (an earlier pass deleted it) is not news.
+                let news = pods.contains_key(ordinal)
+                    || claims.get(ordinal).is_some_and(|p| p.metadata.deletion_timestamp.is_none());
+                self.delete_member_volume(*ordinal, pods, claims).await?;
+                if news {
+                    self.event(
+                        EventType::Normal,
+                        "VolumeCleared",
+                        format!("old data of {} deleted so it joins empty", name(*ordinal)),
+                    )
+                    .await;
+                }
+                Ok(Outcome::Waiting(format!("volume of {} being recreated", name(*ordinal))))
+            }
+        }
+    }
+
+    async fn write_status(&self, s: &ClusterStatus) -> Result<()> {
+        let patch = serde_json::json!({
+            "apiVersion": "cairn.dev/v1alpha1",
+            "kind": "Cluster",
+            "status": s,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api::<Cluster>().patch_status(&self.name, &pp, &Patch::Apply(&patch)).await?;
+        Ok(())
+    }
+}
+
+fn ignore_missing(r: Result<(), kube::Error>) -> Result<()> {
+    match r {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// How an act ended when it did not fail.
+enum Outcome {
+    Done,
+    Waiting(String),
+    Blocked(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ordinals_parse_only_for_this_cluster() {
+        assert_eq!(ordinal_of_pod("main", "main-3"), Some(3));
+        assert_eq!(ordinal_of_pod("main", "main-x"), None);
+        assert_eq!(ordinal_of_pod("main", "other-3"), None);
+        assert_eq!(ordinal_of_pod("ma", "main-3"), None);
+    }
+
+    #[test]
+    fn durations_between_timestamps_never_go_negative() {
+        let t = Timestamp::now();
+        assert_eq!(since(t, plus(t, Duration::from_secs(5))), Duration::ZERO);
+        assert_eq!(since(plus(t, Duration::from_secs(5)), t), Duration::from_secs(5));
+    }
+}
