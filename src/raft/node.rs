@@ -9,7 +9,7 @@
 //! 10.2.1), committed entries to apply, persist entries and hard state, then the persisted
 //! messages (votes and appends a follower may only send once durable), then `advance`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread;
 
@@ -22,6 +22,10 @@ use super::{Command, Error, LogStore, RaftConfig, RaftHandle, RaftStatus, ToAppl
 /// Capacity of the raft task's inbox. Senders wait when it is full, which pushes back on
 /// clients instead of growing memory without bound.
 const INBOX_CAPACITY: usize = 4096;
+
+/// Most proposals held during a leader transfer (see [`Held`]); past it, raft refuses them
+/// as it would without the hold.
+const HELD_CAPACITY: usize = 4096;
 
 /// Starts the raft task on its own thread.
 ///
@@ -97,6 +101,7 @@ pub fn start(
         apply_tx,
         status: status_tx,
         pending_reads: HashMap::new(),
+        held: VecDeque::new(),
         cfg,
     };
     let handle = thread::Builder::new()
@@ -118,6 +123,20 @@ pub fn start(
     Ok((RaftHandle { tx, status: status_rx }, handle))
 }
 
+/// A proposal that arrived while this leader hands leadership over. raft-rs refuses
+/// proposals while `lead_transferee` is set (as etcd's raft does); a local one would fail
+/// the client's write and one a follower forwarded would be lost silently, its client timing
+/// out. Instead it is held and offered to raft at the first tick after the transfer ends, in
+/// arrival order: the old leader then either appends it (transfer aborted) or, now a
+/// follower, forwards it to the new leader. A held proposal was appended nowhere, so it can
+/// never apply twice.
+enum Held {
+    /// A proposal of this member's server, with its caller.
+    Local { data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+    /// A `MsgProp` a follower forwarded.
+    Forwarded(Box<Message>),
+}
+
 /// The state owned by the raft task.
 struct Node {
     raw: RawNode<LogStore>,
@@ -127,6 +146,8 @@ struct Node {
     status: watch::Sender<RaftStatus>,
     /// Read-index requests waiting for raft's answer, by context.
     pending_reads: HashMap<Vec<u8>, oneshot::Sender<Result<u64, Error>>>,
+    /// Proposals refused during a leader transfer, offered again every tick.
+    held: VecDeque<Held>,
     cfg: RaftConfig,
 }
 
@@ -138,6 +159,7 @@ impl Node {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.raw.tick();
+                    self.offer_held();
                     // Read indexes raft dropped (e.g. before the leader committed in its
                     // term) have callers that gave up; forget them.
                     self.pending_reads.retain(|_, reply| !reply.is_closed());
@@ -149,6 +171,8 @@ impl Node {
                     while let Ok(cmd) = rx.try_recv() {
                         stop |= self.handle(cmd);
                     }
+                    // A step may have ended a leader transfer: release what it held.
+                    self.offer_held();
                     if stop {
                         // Persist what was accepted so far, then leave.
                         let _ = self.on_ready().await;
@@ -167,16 +191,53 @@ impl Node {
         tracing::info!("raft task stopped");
     }
 
+    /// Whether a new proposal must be held: a leader transfer is under way (raft-rs offers
+    /// no accessor for it, so this reads the `lead_transferee` field), or earlier proposals
+    /// are still held and this one must not overtake them. Past [`HELD_CAPACITY`] nothing
+    /// more is held and raft refuses as before.
+    fn holding(&self) -> bool {
+        (self.raw.raft.lead_transferee.is_some() || !self.held.is_empty())
+            && self.held.len() < HELD_CAPACITY
+    }
+
+    /// Proposes `data` and tells the caller whether raft took it.
+    fn propose(&mut self, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>>) {
+        let res = self.raw.propose(vec![], data).map_err(|e| match e {
+            raft::Error::ProposalDropped => Error::NoLeader,
+            e => Error::Raft(e),
+        });
+        let _ = reply.send(res);
+    }
+
+    /// Offers the held proposals to raft, in arrival order, once no transfer is under way.
+    fn offer_held(&mut self) {
+        if self.held.is_empty() || self.raw.raft.lead_transferee.is_some() {
+            return;
+        }
+        for held in std::mem::take(&mut self.held) {
+            match held {
+                Held::Local { data, reply } => {
+                    self.propose(data, reply);
+                }
+                Held::Forwarded(msg) => {
+                    if let Err(e) = self.raw.step(*msg) {
+                        tracing::debug!(error = %e, "dropping a held forwarded proposal");
+                    }
+                }
+            }
+        }
+    }
+
     /// Handles one command; returns true when the task must stop.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Shutdown => return true,
             Command::Propose { data, reply } => {
-                let res = self.raw.propose(vec![], data).map_err(|e| match e {
-                    raft::Error::ProposalDropped => Error::NoLeader,
-                    e => Error::Raft(e),
-                });
-                let _ = reply.send(res);
+                if self.holding() {
+                    self.held.push_back(Held::Local { data, reply });
+                    return false;
+                }
+                self.propose(data, reply);
             }
             Command::ReadIndex { ctx, reply } => {
                 if self.raw.status().ss.leader_id == raft::INVALID_ID {
@@ -223,6 +284,10 @@ impl Node {
             }
             Command::TransferLeader(to) => self.raw.transfer_leader(to),
             Command::Step(msg) => {
+                if msg.get_msg_type() == MessageType::MsgPropose && self.holding() {
+                    self.held.push_back(Held::Forwarded(msg));
+                    return false;
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "dropping raft message");
                 }
