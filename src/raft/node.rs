@@ -23,8 +23,8 @@ use super::{Command, Error, LogStore, RaftConfig, RaftHandle, RaftStatus, ToAppl
 /// clients instead of growing memory without bound.
 const INBOX_CAPACITY: usize = 4096;
 
-/// Most proposals held while raft would refuse them (see [`Held`]); past it, raft refuses
-/// them as it would without the hold.
+/// Most proposals held during a leader transfer (see [`Held`]); past it, raft refuses them
+/// as it would without the hold.
 const HELD_CAPACITY: usize = 4096;
 
 /// Starts the raft task on its own thread.
@@ -123,23 +123,14 @@ pub fn start(
     Ok((RaftHandle { tx, status: status_rx }, handle))
 }
 
-/// A proposal that arrived while raft would refuse it: this leader is handing leadership
-/// over (raft-rs refuses proposals while `lead_transferee` is set, as etcd's raft does), or
-/// this member knows no leader (the election that a transfer, a failure or a partition
-/// starts). Refused, a local proposal would fail the client's write and one a follower
-/// forwarded would be lost silently, its client timing out. Instead it is held and offered to
-/// raft again as soon as a leader is known and no transfer runs, in arrival order: the leader
-/// appends it, a follower forwards it. A held proposal was appended nowhere, so it can never
-/// apply twice. One held longer than two election timeouts is given up as raft would have
-/// done at once: the local caller hears "no leader", a forwarded one times out at its member.
-struct Held {
-    proposal: HeldProposal,
-    /// Ticks spent held.
-    ticks: usize,
-}
-
-/// What a [`Held`] proposal is.
-enum HeldProposal {
+/// A proposal that arrived while this leader hands leadership over. raft-rs refuses
+/// proposals while `lead_transferee` is set (as etcd's raft does); a local one would fail
+/// the client's write and one a follower forwarded would be lost silently, its client timing
+/// out. Instead it is held and offered to raft at the first tick after the transfer ends, in
+/// arrival order: the old leader then either appends it (transfer aborted) or, now a
+/// follower, forwards it to the new leader. A held proposal was appended nowhere, so it can
+/// never apply twice.
+enum Held {
     /// A proposal of this member's server, with its caller.
     Local { data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
     /// A `MsgProp` a follower forwarded.
@@ -168,7 +159,6 @@ impl Node {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.raw.tick();
-                    self.age_held();
                     self.offer_held();
                     // Read indexes raft dropped (e.g. before the leader committed in its
                     // term) have callers that gave up; forget them.
@@ -202,35 +192,12 @@ impl Node {
     }
 
     /// Whether a new proposal must be held: a leader transfer is under way (raft-rs offers
-    /// no accessor for it, so this reads the `lead_transferee` field), no leader is known (as
-    /// of the last published status), or earlier proposals are still held and this one must
-    /// not overtake them. Past [`HELD_CAPACITY`] nothing more is held and raft refuses as
-    /// before.
+    /// no accessor for it, so this reads the `lead_transferee` field), or earlier proposals
+    /// are still held and this one must not overtake them. Past [`HELD_CAPACITY`] nothing
+    /// more is held and raft refuses as before.
     fn holding(&self) -> bool {
-        (self.raw.raft.lead_transferee.is_some()
-            || self.status.borrow().leader == raft::INVALID_ID
-            || !self.held.is_empty())
+        (self.raw.raft.lead_transferee.is_some() || !self.held.is_empty())
             && self.held.len() < HELD_CAPACITY
-    }
-
-    /// Counts a tick against every held proposal and gives up those held too long.
-    fn age_held(&mut self) {
-        let limit = 2 * self.cfg.election_ticks;
-        for held in &mut self.held {
-            held.ticks += 1;
-        }
-        // Held in arrival order, so the oldest are at the front.
-        while self.held.front().is_some_and(|h| h.ticks > limit) {
-            match self.held.pop_front().map(|h| h.proposal) {
-                Some(HeldProposal::Local { reply, .. }) => {
-                    let _ = reply.send(Err(Error::NoLeader));
-                }
-                Some(HeldProposal::Forwarded(_)) => {
-                    tracing::debug!("giving up a forwarded proposal held without a leader");
-                }
-                None => {}
-            }
-        }
     }
 
     /// Proposes `data` and tells the caller whether raft took it.
@@ -242,19 +209,17 @@ impl Node {
         let _ = reply.send(res);
     }
 
-    /// Offers the held proposals to raft, in arrival order, once a leader is known and no
-    /// transfer is under way.
+    /// Offers the held proposals to raft, in arrival order, once no transfer is under way.
     fn offer_held(&mut self) {
-        if self.held.is_empty()
-            || self.raw.raft.lead_transferee.is_some()
-            || self.raw.status().ss.leader_id == raft::INVALID_ID
-        {
+        if self.held.is_empty() || self.raw.raft.lead_transferee.is_some() {
             return;
         }
         for held in std::mem::take(&mut self.held) {
-            match held.proposal {
-                HeldProposal::Local { data, reply } => self.propose(data, reply),
-                HeldProposal::Forwarded(msg) => {
+            match held {
+                Held::Local { data, reply } => {
+                    self.propose(data, reply);
+                }
+                Held::Forwarded(msg) => {
                     if let Err(e) = self.raw.step(*msg) {
                         tracing::debug!(error = %e, "dropping a held forwarded proposal");
                     }
@@ -269,10 +234,7 @@ impl Node {
             Command::Shutdown => return true,
             Command::Propose { data, reply } => {
                 if self.holding() {
-                    self.held.push_back(Held {
-                        proposal: HeldProposal::Local { data, reply },
-                        ticks: 0,
-                    });
+                    self.held.push_back(Held::Local { data, reply });
                     return false;
                 }
                 self.propose(data, reply);
@@ -323,7 +285,7 @@ impl Node {
             Command::TransferLeader(to) => self.raw.transfer_leader(to),
             Command::Step(msg) => {
                 if msg.get_msg_type() == MessageType::MsgPropose && self.holding() {
-                    self.held.push_back(Held { proposal: HeldProposal::Forwarded(msg), ticks: 0 });
+                    self.held.push_back(Held::Forwarded(msg));
                     return false;
                 }
                 if let Err(e) = self.raw.step(*msg) {
