@@ -175,9 +175,6 @@ impl Bed {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--enable-priority-and-fairness=false")
-            // The `kubernetes` Service cannot list 127.0.0.1 as its endpoint (the API refuses
-            // loopback addresses in Endpoints), so do not try.
-            .arg("--endpoint-reconciler-type=none")
             .arg("--profiling=false")
             .arg("--v=1");
         bed.spawn("kube-apiserver", apiserver)?;
@@ -194,10 +191,11 @@ impl Bed {
         let mut controller_manager = Command::new(&controller_manager_bin);
         controller_manager
             .arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
+            .arg(format!("--authentication-kubeconfig={}", bed.kubeconfig.display()))
+            .arg(format!("--authorization-kubeconfig={}", bed.kubeconfig.display()))
             .arg("--leader-elect=false")
-            // No metrics/healthz endpoint: nothing scrapes it, and serving it would need the
-            // API server's request-header (front proxy) CA for delegated authentication.
-            .arg("--secure-port=0")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()?))
             .arg(format!("--service-account-private-key-file={}", pki.sa_key.display()))
             .arg(format!("--root-ca-file={}", pki.ca_crt.display()))
             .arg(format!("--cluster-signing-cert-file={}", pki.ca_crt.display()))
@@ -423,14 +421,6 @@ impl Bed {
         cmd
     }
 
-    /// A new log file `<bed dir>/logs/<name>.log` for a process a test starts (e.g. the
-    /// operator: `cmd.stdout(f.try_clone()?).stderr(f)`); `logs()` includes its tail.
-    #[allow(dead_code)] // for the operator's end-to-end tests (operator.rs)
-    pub fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {
-        let path = self.dir.join("logs").join(format!("{name}.log"));
-        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
-    }
-
     /// The logs of every container in a namespace plus the control plane's last lines.
     pub fn logs(&self, namespace: &str) -> String {
         let mut out = String::new();
@@ -441,15 +431,10 @@ impl Bed {
         names.sort();
         for name in names {
             let name = name.to_string_lossy().into_owned();
-            let control_plane =
-                ["cairn-store.log", "kube-apiserver.log", "kube-controller-manager.log"];
-            let (lines, wanted) = if control_plane.contains(&name.as_str()) {
-                (30, true)
-            } else if name.starts_with(&format!("{namespace}_")) || !name.contains('_') {
-                // The namespace's containers, and processes tests started (log_file).
+            let (lines, wanted) = if name.starts_with(&format!("{namespace}_")) {
                 (200, true)
             } else {
-                (0, false)
+                (30, !name.contains('_'))
             };
             if wanted {
                 let _ = writeln!(out, "----- {name} (last {lines} lines)");
@@ -532,27 +517,17 @@ struct Watchdog {
 }
 
 /// The watchdog's script. `$1` bed dir, `$2` hosts file, `$3` hosts lock, `$4` bed id,
-/// `$5` keep the dir (1) or not, `$6` the group. Containers run in process groups of their
-/// own, listed in `<bed dir>/container-groups` (kubelet.rs). Once stdin closes it becomes (exec) `setsid`, which forks
+/// `$5` keep the dir (1) or not. Once stdin closes it becomes (exec) `setsid`, which forks
 /// a child in a session of its own: outside the group, so it can kill the whole group and
 /// then clean up; /etc/hosts is edited under the same lock the kubelet takes.
 const WATCHDOG: &str = r#"
 cat >/dev/null
 exec setsid sh -c '
-  for round in 1 2; do
-    kill -KILL "-$6" 2>/dev/null
-    if [ -f "$1/container-groups" ]; then
-      while read -r g; do kill -KILL "-$g" 2>/dev/null; done < "$1/container-groups"
-    fi
-    sleep 0.3
-  done
+  kill -KILL "-$6" 2>/dev/null; sleep 0.3; kill -KILL "-$6" 2>/dev/null
   (
     flock 9
-    tmp="$2.cairn-bed.$$"
-    if sed "/^# cairn-bed $4 begin\$/,/^# cairn-bed $4 end\$/d" "$2" > "$tmp"; then
-      chmod --reference="$2" "$tmp" 2>/dev/null
-      mv -f "$tmp" "$2" 2>/dev/null || cat "$tmp" > "$2"
-    fi
+    tmp="$(mktemp)"
+    sed "/^# cairn-bed $4 begin\$/,/^# cairn-bed $4 end\$/d" "$2" > "$tmp" && cat "$tmp" > "$2"
     rm -f "$tmp"
   ) 9>"$3"
   [ "$5" = 1 ] || rm -rf "$1"

@@ -23,9 +23,6 @@
 //!   command, args and env to the host directory;
 //! - probes (httpGet, tcpSocket, exec) decide readiness and restart containers whose
 //!   liveness probe fails; restart policies, restart counts and a short crash backoff;
-//! - each container runs in a process group of its own (its "cgroup"): stopping it sends
-//!   SIGTERM to the main process and, after the grace period or once it has exited,
-//!   SIGKILL to the whole group, so nothing it started outlives it;
 //! - reports Pod status (phase, conditions, container statuses, IPs) through the `status`
 //!   subresource; on deletion sends SIGTERM, waits the grace period, SIGKILLs, cleans up and
 //!   deletes the Pod object with grace period 0.
@@ -41,12 +38,9 @@
 //!   (names come from /etc/hosts: only pod hostname/subdomain names, no Service names),
 //!   no NetworkPolicy, no hostPort;
 //! - no resource limits or requests enforcement (no cgroups), no OOM kills, no eviction,
-//!   no ephemeral-storage accounting; PVC sizes are not enforced; block volumes, CSI and
-//!   volume types other than the ones above are refused (the Pod stays Pending with the
-//!   reason and message in its status);
-//! - Services get no Endpoints/EndpointSlices: the API refuses loopback addresses in them,
-//!   so `kubectl get endpoints` stays empty (pods, the PDB and the StatefulSet work from
-//!   the pods themselves);
+//!   no ephemeral-storage accounting; PVC sizes are not enforced; volume modes other than
+//!   Filesystem, CSI, and volume types other than the ones above are refused (the Pod goes
+//!   Failed... no: it stays Pending with the reason in its status);
 //! - the scheduler is trivial: nodeSelector, affinity, tolerations, topology spread and
 //!   resource fit are not evaluated; everything lands on `bed-node`;
 //! - probes: HTTPS and gRPC probes are treated as TCP connects; readiness and startup
@@ -131,7 +125,7 @@ impl Handle {
             bail!("pod {namespace}/{pod} has no running container");
         }
         for pid in pids {
-            signal_group(pid, "KILL");
+            signal(pid, "KILL");
         }
         Ok(())
     }
@@ -484,8 +478,6 @@ struct PodState {
     message: Option<String>,
     deleting: bool,
     ip_released: bool,
-    /// Set when the pod is going: the status writer writes once more and ends.
-    last_write: bool,
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, Value)>,
 }
@@ -647,7 +639,8 @@ async fn run_pod(
         volumes: Mutex::new(HashMap::new()),
         stop,
     };
-    let writer = tokio::spawn(status_writer(run.ctx.clone(), run.api.clone()));
+    let writer =
+        tokio::spawn(status_writer(run.ctx.clone(), run.api.clone(), run.stop.subscribe()));
 
     if !terminal {
         let lifecycle = run.lifecycle();
@@ -669,14 +662,7 @@ async fn run_pod(
     let _ = run.stop.send(Some(grace));
     run.wait_stopped().await;
     run.teardown();
-    // The last status (containers terminated) goes out before the object is removed.
-    run.ctx.update(|s| s.last_write = true);
-    if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
-        eprintln!(
-            "test kubelet: the final status of {}/{} was not written",
-            run.ctx.namespace, run.ctx.name
-        );
-    }
+    writer.abort();
     let gone = rx.borrow().is_none();
     let _ = std::fs::remove_dir_all(&run.pod_dir);
     shared.done.lock().unwrap().insert(uid.clone());
@@ -729,11 +715,13 @@ async fn wait_deleted(rx: &mut watch::Receiver<Option<Pod>>) -> Duration {
 }
 
 /// Writes the pod status whenever it changes (and retries failed writes every 2 s).
-/// Ends once the status it wrote last is final (`PodState::last_write`).
-async fn status_writer(ctx: Arc<PodCtx>, api: Api<Pod>) {
+async fn status_writer(
+    ctx: Arc<PodCtx>,
+    api: Api<Pod>,
+    mut stop: watch::Receiver<Option<Duration>>,
+) {
     let mut last = Value::Null;
     loop {
-        let last_write = ctx.state.lock().unwrap().last_write;
         let status = ctx.status();
         if status != last {
             match api.patch_status(&ctx.name, &PatchParams::default(), &Patch::Merge(&status)).await
@@ -743,12 +731,10 @@ async fn status_writer(ctx: Arc<PodCtx>, api: Api<Pod>) {
                 Err(e) => eprintln!("test kubelet: status of {}/{}: {e}", ctx.namespace, ctx.name),
             }
         }
-        if last_write && ctx.status() == last {
-            return;
-        }
         tokio::select! {
             () = ctx.changed.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => {}
         }
     }
 }
@@ -920,47 +906,46 @@ impl Run {
         }
         if let Some(cm) = &v.config_map {
             std::fs::create_dir_all(&own)?;
-            self.project_source(
-                &own,
-                Source::ConfigMap,
-                &cm.name,
-                cm.items.as_deref(),
-                cm.optional,
-            )
-            .await?;
+            self.project_config_map(&own, &cm.name, cm.items.as_deref(), cm.optional).await?;
             return Ok(own);
         }
         if let Some(secret) = &v.secret {
             std::fs::create_dir_all(&own)?;
             let name = secret.secret_name.clone().unwrap_or_default();
-            self.project_source(
-                &own,
-                Source::Secret,
-                &name,
-                secret.items.as_deref(),
-                secret.optional,
-            )
-            .await?;
+            self.project_secret(&own, &name, secret.items.as_deref(), secret.optional).await?;
             return Ok(own);
         }
         if let Some(dapi) = &v.downward_api {
             std::fs::create_dir_all(&own)?;
-            self.project_fields(&own, dapi.items.as_deref().unwrap_or_default())?;
+            for item in dapi.items.iter().flatten() {
+                if let Some(f) = &item.field_ref {
+                    write_file(&own, &item.path, self.field(&f.field_path)?.as_bytes())?;
+                }
+            }
             return Ok(own);
         }
         if let Some(projected) = &v.projected {
             std::fs::create_dir_all(&own)?;
             for source in projected.sources.iter().flatten() {
                 if let Some(cm) = &source.config_map {
-                    let (name, items) = (&cm.name, cm.items.as_deref());
-                    self.project_source(&own, Source::ConfigMap, name, items, cm.optional).await?;
+                    self.project_config_map(&own, &cm.name, cm.items.as_deref(), cm.optional)
+                        .await?;
                 }
                 if let Some(secret) = &source.secret {
-                    let (name, items) = (&secret.name, secret.items.as_deref());
-                    self.project_source(&own, Source::Secret, name, items, secret.optional).await?;
+                    self.project_secret(
+                        &own,
+                        &secret.name,
+                        secret.items.as_deref(),
+                        secret.optional,
+                    )
+                    .await?;
                 }
                 if let Some(dapi) = &source.downward_api {
-                    self.project_fields(&own, dapi.items.as_deref().unwrap_or_default())?;
+                    for item in dapi.items.iter().flatten() {
+                        if let Some(f) = &item.field_ref {
+                            write_file(&own, &item.path, self.field(&f.field_path)?.as_bytes())?;
+                        }
+                    }
                 }
                 if let Some(token) = &source.service_account_token {
                     let sa =
@@ -991,77 +976,47 @@ impl Run {
         )
     }
 
-    /// The data of a ConfigMap or Secret in the pod's namespace; `None` when it does not
-    /// exist.
-    async fn source_data(
-        &self,
-        kind: Source,
-        name: &str,
-    ) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
-        let client = self.shared.client.clone();
-        let ns = &self.ctx.namespace;
-        Ok(match kind {
-            Source::ConfigMap => {
-                Api::<ConfigMap>::namespaced(client, ns).get_opt(name).await?.map(|cm| {
-                    cm.data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
-                        .chain(
-                            cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)),
-                        )
-                        .collect()
-                })
-            }
-            Source::Secret => Api::<Secret>::namespaced(client, ns)
-                .get_opt(name)
-                .await?
-                .map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()),
-        })
-    }
-
-    /// Like `source_data`, but a missing source is an error unless `optional`.
-    async fn required_data(
-        &self,
-        kind: Source,
-        name: &str,
-        optional: Option<bool>,
-    ) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
-        match self.source_data(kind, name).await? {
-            Some(data) => Ok(data),
-            None if optional == Some(true) => Ok(BTreeMap::new()),
-            None => bail!("{kind:?} {name} not found"),
-        }
-    }
-
-    /// Writes a ConfigMap's or Secret's keys (or the `items` subset) as files into `dir`.
-    async fn project_source(
+    async fn project_config_map(
         &self,
         dir: &Path,
-        kind: Source,
         name: &str,
         items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
         optional: Option<bool>,
     ) -> anyhow::Result<()> {
-        let data = self.required_data(kind, name, optional).await?;
-        if data.is_empty() && optional == Some(true) {
-            return Ok(());
-        }
+        let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
+        let Some(cm) = api.get_opt(name).await? else {
+            if optional == Some(true) {
+                return Ok(());
+            }
+            bail!("ConfigMap {name} not found");
+        };
+        let data: BTreeMap<String, Vec<u8>> = cm
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .chain(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)))
+            .collect();
         project(dir, &data, items)
     }
 
-    /// Writes downward-API files into `dir`.
-    fn project_fields(
+    async fn project_secret(
         &self,
         dir: &Path,
-        items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile],
+        name: &str,
+        items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+        optional: Option<bool>,
     ) -> anyhow::Result<()> {
-        for item in items {
-            if let Some(f) = &item.field_ref {
-                write_file(dir, &item.path, self.field(&f.field_path)?.as_bytes())?;
+        let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
+        let Some(secret) = api.get_opt(name).await? else {
+            if optional == Some(true) {
+                return Ok(());
             }
-        }
-        Ok(())
+            bail!("Secret {name} not found");
+        };
+        let data: BTreeMap<String, Vec<u8>> =
+            secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        project(dir, &data, items)
     }
 
     /// A downward-API field of the pod.
@@ -1110,15 +1065,35 @@ impl Run {
             env.retain(|(name, _)| *name != k);
             env.push((k, v));
         };
+        let ns = &self.ctx.namespace;
         for from in c.env_from.iter().flatten() {
             let prefix = from.prefix.clone().unwrap_or_default();
-            let sources = [
-                from.config_map_ref.as_ref().map(|r| (Source::ConfigMap, &r.name, r.optional)),
-                from.secret_ref.as_ref().map(|r| (Source::Secret, &r.name, r.optional)),
-            ];
-            for (kind, name, optional) in sources.into_iter().flatten() {
-                for (k, v) in self.required_data(kind, name, optional).await? {
-                    set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+            if let Some(r) = &from.config_map_ref {
+                let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), ns);
+                match api.get_opt(&r.name).await? {
+                    Some(cm) => {
+                        for (k, v) in cm.data.unwrap_or_default() {
+                            set(&mut env, format!("{prefix}{k}"), v);
+                        }
+                    }
+                    None if r.optional == Some(true) => {}
+                    None => bail!("ConfigMap {} (envFrom) not found", r.name),
+                }
+            }
+            if let Some(r) = &from.secret_ref {
+                let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), ns);
+                match api.get_opt(&r.name).await? {
+                    Some(s) => {
+                        for (k, v) in s.data.unwrap_or_default() {
+                            set(
+                                &mut env,
+                                format!("{prefix}{k}"),
+                                String::from_utf8_lossy(&v.0).into_owned(),
+                            );
+                        }
+                    }
+                    None if r.optional == Some(true) => {}
+                    None => bail!("Secret {} (envFrom) not found", r.name),
                 }
             }
         }
@@ -1126,20 +1101,34 @@ impl Run {
             let value = if let Some(from) = &var.value_from {
                 if let Some(f) = &from.field_ref {
                     self.field(&f.field_path)?
-                } else if let Some((kind, name, key, optional)) = from
-                    .secret_key_ref
-                    .as_ref()
-                    .map(|r| (Source::Secret, &r.name, &r.key, r.optional))
-                    .or(from
-                        .config_map_key_ref
-                        .as_ref()
-                        .map(|r| (Source::ConfigMap, &r.name, &r.key, r.optional)))
-                {
-                    let data = self.source_data(kind, name).await?;
-                    match data.as_ref().and_then(|d| d.get(key)) {
-                        Some(v) => String::from_utf8_lossy(v).into_owned(),
-                        None if optional == Some(true) => continue,
-                        None => bail!("env {}: key {key} of {kind:?} {name} not found", var.name),
+                } else if let Some(r) = &from.secret_key_ref {
+                    let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), ns);
+                    let v = api.get_opt(&r.name).await?.and_then(|s| s.data).and_then(|d| {
+                        d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    });
+                    match v {
+                        Some(v) => v,
+                        None if r.optional == Some(true) => continue,
+                        None => {
+                            bail!("env {}: key {} of Secret {} not found", var.name, r.key, r.name)
+                        }
+                    }
+                } else if let Some(r) = &from.config_map_key_ref {
+                    let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), ns);
+                    let v = api
+                        .get_opt(&r.name)
+                        .await?
+                        .and_then(|s| s.data)
+                        .and_then(|d| d.get(&r.key).cloned());
+                    match v {
+                        Some(v) => v,
+                        None if r.optional == Some(true) => continue,
+                        None => bail!(
+                            "env {}: key {} of ConfigMap {} not found",
+                            var.name,
+                            r.key,
+                            r.name
+                        ),
                     }
                 } else {
                     bail!("env {}: this valueFrom is not supported by the test kubelet", var.name)
@@ -1248,13 +1237,6 @@ impl Run {
     }
 }
 
-/// Where a volume or env var takes its data from.
-#[derive(Clone, Copy, Debug)]
-enum Source {
-    ConfigMap,
-    Secret,
-}
-
 /// How a container is started on the host.
 #[derive(Clone, Debug)]
 struct Launch {
@@ -1318,8 +1300,7 @@ struct Supervisor {
     /// The prepared command line (program, args, env), or why it could not be prepared.
     command: Result<Launch, String>,
     log: PathBuf,
-    groups_file: PathBuf,
-    bed_pgid: u32,
+    pgid: u32,
     cwd: PathBuf,
     pod_ip: String,
     /// terminationGracePeriodSeconds, for restarts after failed liveness probes.
@@ -1370,8 +1351,6 @@ impl Supervisor {
                             terminate(&mut child, pid, self.grace).await
                         }
                     };
-                    // Whatever the container's main process left behind goes with it.
-                    signal_group(pid, "KILL");
                     let code = status.map(exit_code).unwrap_or(137);
                     let finished = now();
                     self.set(|c| {
@@ -1455,18 +1434,10 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            // A process group of its own, like a container's cgroup: the kubelet can kill
-            // everything the container started. The bed's watchdog learns the group from
-            // `container-groups` so a crashed test run still kills it.
-            .process_group(0)
+            .process_group(self.pgid as i32)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", program.display()))
-            .inspect(|child| {
-                if let Some(pid) = child.id() {
-                    record_group(&self.groups_file, pid);
-                }
-            })
     }
 
     /// Starts the probe task; it stops when `None` is sent and learns where to ask for
@@ -1479,7 +1450,6 @@ impl Supervisor {
             container: self.container.clone(),
             pod_ip: self.pod_ip.clone(),
             env: self.command.as_ref().map(|c| c.env.clone()).unwrap_or_default(),
-            pgid: self.bed_pgid,
         };
         tokio::spawn(prober.run(rx));
         tx
@@ -1510,8 +1480,7 @@ impl SupervisorBuilder<'_> {
             stop: self.run.stop.subscribe(),
             command,
             log: self.run.log_path(&self.container.name),
-            groups_file: self.run.shared.dir.join(CONTAINER_GROUPS),
-            bed_pgid: self.run.shared.pgid,
+            pgid: self.run.shared.pgid,
             cwd: self.run.pod_dir.clone(),
             pod_ip: self.run.ctx.state.lock().unwrap().ip.clone().unwrap_or_default(),
             grace: Duration::from_secs(
@@ -1534,39 +1503,14 @@ async fn terminate(
             return status.ok();
         }
     }
-    signal_group(pid, "KILL");
     let _ = child.start_kill();
     child.wait().await.ok()
 }
 
-/// The file in the bed directory listing container process groups (one per line).
-pub const CONTAINER_GROUPS: &str = "container-groups";
-
-fn record_group(file: &Path, pgid: u32) {
-    use std::io::Write as _;
-    let appended = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-        .and_then(|mut f| writeln!(f, "{pgid}"));
-    if let Err(e) = appended {
-        eprintln!("test kubelet: recording process group {pgid} in {}: {e}", file.display());
-    }
-}
-
-/// Sends a signal to a process (`kill -SIG pid`).
 fn signal(pid: u32, sig: &str) {
-    kill(&[&format!("-{sig}"), &pid.to_string()]);
-}
-
-/// Sends a signal to a container's whole process group (`kill -SIG -- -pgid`).
-fn signal_group(pgid: u32, sig: &str) {
-    kill(&[&format!("-{sig}"), "--", &format!("-{pgid}")]);
-}
-
-fn kill(args: &[&str]) {
     let _ = std::process::Command::new("kill")
-        .args(args)
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -1584,8 +1528,6 @@ struct Prober {
     container: Container,
     pod_ip: String,
     env: Vec<(String, String)>,
-    /// The bed's process group (exec probes join it).
-    pgid: u32,
 }
 
 impl Prober {
@@ -1733,7 +1675,6 @@ impl Prober {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .process_group(self.pgid as i32)
                 .kill_on_drop(true)
                 .status();
             return matches!(tokio::time::timeout(timeout, out).await, Ok(Ok(s)) if s.success());
@@ -2090,22 +2031,9 @@ impl HostsFile {
             out.push_str(&end);
             out.push('\n');
         }
-        // Replaced atomically (a resolver reading it meanwhile sees the old or the new file,
-        // never a half-written one); in place where it cannot be renamed over (a bind mount).
-        let tmp = self.path.with_file_name(format!(".hosts.cairn-bed.{}", std::process::id()));
-        let renamed = std::fs::write(&tmp, &out)
-            .and_then(|()| {
-                if let Ok(meta) = std::fs::metadata(&self.path) {
-                    std::fs::set_permissions(&tmp, meta.permissions())?;
-                }
-                std::fs::rename(&tmp, &self.path)
-            })
-            .is_ok();
-        if !renamed {
-            let _ = std::fs::remove_file(&tmp);
-            std::fs::write(&self.path, out)
-                .with_context(|| format!("writing {}", self.path.display()))?;
-        }
+        // Written in place: /etc/hosts is often a bind mount that cannot be renamed over.
+        std::fs::write(&self.path, out)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 }
@@ -2123,34 +2051,6 @@ mod tests {
         assert_eq!(expand("http://$(POD_IP):2379", &env), "http://127.0.1.2:2379");
         assert_eq!(expand("$(MISSING)-$(A)", &env), "$(MISSING)-x");
         assert_eq!(expand("$$(A) $$ $x $(A", &env), "$(A) $ $x $(A");
-    }
-
-    #[test]
-    fn projected_files_stay_inside_the_volume() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: BTreeMap<String, Vec<u8>> =
-            [("a".to_owned(), b"1".to_vec()), ("b".to_owned(), b"2".to_vec())].into();
-        project(dir.path(), &data, None).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"2");
-        let items = [k8s_openapi::api::core::v1::KeyToPath {
-            key: "a".into(),
-            path: "sub/x".into(),
-            mode: None,
-        }];
-        project(dir.path(), &data, Some(&items)).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("sub/x")).unwrap(), b"1");
-        let escape = [k8s_openapi::api::core::v1::KeyToPath {
-            key: "a".into(),
-            path: "../x".into(),
-            mode: None,
-        }];
-        assert!(project(dir.path(), &data, Some(&escape)).is_err());
-        let missing = [k8s_openapi::api::core::v1::KeyToPath {
-            key: "zz".into(),
-            path: "z".into(),
-            mode: None,
-        }];
-        assert!(project(dir.path(), &data, Some(&missing)).is_err());
     }
 
     #[test]
