@@ -126,8 +126,8 @@ pub fn start(
 /// A proposal that arrived while this leader hands leadership over. raft-rs refuses
 /// proposals while `lead_transferee` is set (as etcd's raft does); a local one would fail
 /// the client's write and one a follower forwarded would be lost silently, its client timing
-/// out. Instead it is held and offered to raft at the first tick after the transfer ends, in
-/// arrival order: the old leader then either appends it (transfer aborted) or, now a
+/// out. Instead it is held and offered to raft as soon as the transfer has ended (checked
+/// after every batch of commands and every tick), in arrival order: the old leader then either appends it (transfer aborted) or, now a
 /// follower, forwards it to the new leader. A held proposal was appended nowhere, so it can
 /// never apply twice.
 enum Held {
@@ -135,6 +135,14 @@ enum Held {
     Local { data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
     /// A `MsgProp` a follower forwarded.
     Forwarded(Box<Message>),
+}
+
+/// Maps raft's refusal of a proposal: dropped means no leader could take it.
+fn proposal_error(e: raft::Error) -> Error {
+    match e {
+        raft::Error::ProposalDropped => Error::NoLeader,
+        e => Error::Raft(e),
+    }
 }
 
 /// The state owned by the raft task.
@@ -146,7 +154,7 @@ struct Node {
     status: watch::Sender<RaftStatus>,
     /// Read-index requests waiting for raft's answer, by context.
     pending_reads: HashMap<Vec<u8>, oneshot::Sender<Result<u64, Error>>>,
-    /// Proposals refused during a leader transfer, offered again every tick.
+    /// Proposals that arrived during a leader transfer, in arrival order.
     held: VecDeque<Held>,
     cfg: RaftConfig,
 }
@@ -202,11 +210,7 @@ impl Node {
 
     /// Proposes `data` and tells the caller whether raft took it.
     fn propose(&mut self, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>>) {
-        let res = self.raw.propose(vec![], data).map_err(|e| match e {
-            raft::Error::ProposalDropped => Error::NoLeader,
-            e => Error::Raft(e),
-        });
-        let _ = reply.send(res);
+        let _ = reply.send(self.raw.propose(vec![], data).map_err(proposal_error));
     }
 
     /// Offers the held proposals to raft, in arrival order, once no transfer is under way.
@@ -248,11 +252,8 @@ impl Node {
                 self.pending_reads.insert(ctx, reply);
             }
             Command::ProposeConfChange { cc, reply } => {
-                let res = self.raw.propose_conf_change(vec![], cc).map_err(|e| match e {
-                    raft::Error::ProposalDropped => Error::NoLeader,
-                    e => Error::Raft(e),
-                });
-                let _ = reply.send(res);
+                let _ =
+                    reply.send(self.raw.propose_conf_change(vec![], cc).map_err(proposal_error));
             }
             Command::ApplyConfChange(cc) => match self.raw.apply_conf_change(&cc) {
                 Ok(cs) => {

@@ -983,13 +983,7 @@ impl Run {
         items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
         optional: Option<bool>,
     ) -> anyhow::Result<()> {
-        let api: Api<ConfigMap> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
-        let Some(cm) = api.get_opt(name).await? else {
-            if optional == Some(true) {
-                return Ok(());
-            }
-            bail!("ConfigMap {name} not found");
-        };
+        let Some(cm) = self.get_source::<ConfigMap>(name, optional).await? else { return Ok(()) };
         let data: BTreeMap<String, Vec<u8>> = cm
             .data
             .unwrap_or_default()
@@ -1007,16 +1001,28 @@ impl Run {
         items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
         optional: Option<bool>,
     ) -> anyhow::Result<()> {
-        let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
-        let Some(secret) = api.get_opt(name).await? else {
-            if optional == Some(true) {
-                return Ok(());
-            }
-            bail!("Secret {name} not found");
-        };
+        let Some(secret) = self.get_source::<Secret>(name, optional).await? else { return Ok(()) };
         let data: BTreeMap<String, Vec<u8>> =
             secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
         project(dir, &data, items)
+    }
+
+    /// Reads a volume's ConfigMap or Secret from the pod's namespace: None when it is missing
+    /// and the volume says `optional`, an error when it is missing otherwise.
+    async fn get_source<K>(&self, name: &str, optional: Option<bool>) -> anyhow::Result<Option<K>>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.shared.client.clone(), &self.ctx.namespace);
+        match api.get_opt(name).await? {
+            Some(source) => Ok(Some(source)),
+            None if optional == Some(true) => Ok(None),
+            None => bail!("{} {name} not found", K::kind(&K::DynamicType::default())),
+        }
     }
 
     /// A downward-API field of the pod.
