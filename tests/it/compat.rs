@@ -19,16 +19,18 @@ fn etcdctl(args: &[&str]) -> String {
 /// Runs Debian's etcdctl and returns (stdout, stderr), failing the test on an error
 /// (`endpoint health` reports on stderr).
 fn etcdctl_output(args: &[&str]) -> (String, String) {
-    let out = Command::new(etcdctl_binary().expect("etcdctl"))
-        .env("ETCDCTL_API", "3")
-        // etcdctl reads every ETCDCTL_* variable and warns about the harness's ETCDCTL_BIN.
-        .env_remove("ETCDCTL_BIN")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = etcdctl_command().args(args).output().unwrap();
     assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (text(&out.stdout), text(&out.stderr))
+}
+
+/// Debian's etcdctl with the v3 API, without the harness's `ETCDCTL_BIN` (etcdctl reads every
+/// ETCDCTL_* variable and warns about unknown ones).
+fn etcdctl_command() -> Command {
+    let mut cmd = Command::new(etcdctl_binary().expect("etcdctl"));
+    cmd.env("ETCDCTL_API", "3").env_remove("ETCDCTL_BIN");
+    cmd
 }
 
 /// The commands of etcd's guides, each given `--endpoints` with the `http://` scheme.
@@ -53,16 +55,13 @@ fn run_guide_commands(endpoints: &str, cluster: bool) {
     assert_eq!(etcdctl(&[&e, "member", "list"]).lines().count(), members);
 
     // `watch` streams: start it, write, and read the event it prints.
-    let mut watch = Command::new(etcdctl_binary().unwrap())
-        .env("ETCDCTL_API", "3")
-        .env_remove("ETCDCTL_BIN")
+    let mut watch = etcdctl_command()
         .args([e.as_str(), "watch", "greeting"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = String::new();
     let mut stdout = watch.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 256];
@@ -83,11 +82,10 @@ fn run_guide_commands(endpoints: &str, cluster: bool) {
         etcdctl(&[&e, "put", "greeting", "world"]);
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Killing etcdctl closes its stdout, which ends the reader.
     let _ = watch.kill();
     let _ = watch.wait();
-    if reader.is_finished() {
-        seen = reader.join().unwrap();
-    }
+    let seen = reader.join().unwrap();
     assert!(seen.contains("PUT\ngreeting\nworld"), "watch printed {seen:?}");
 }
 
