@@ -5,9 +5,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Picks a free loopback port (bound then released; the OS does not reuse it at once).
+/// Picks a free loopback port for a server to listen on.
+///
+/// Ports come from below Linux's ephemeral range (32768..61000) and are handed out once per
+/// test process: a port bound to 0 and released (the obvious way) can be taken again, before
+/// the server binds it, as the local port of any outgoing connection, which is how a member
+/// once failed to start under CI's load.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Start at a pid-dependent offset so two test processes rarely walk the same ports.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A `cairn` member running as a child process; killed on drop.

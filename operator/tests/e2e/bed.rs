@@ -698,9 +698,20 @@ fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server to listen on, each handed out once.
+///
+/// Taken from 10000..20000, below the ephemeral range: a port bound to 0 and released can be
+/// reused as the local port of an outgoing connection before the server binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    for _ in 0..10_000 {
+        let port = 10_000 + NEXT.fetch_add(1, Ordering::SeqCst) % 10_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in 10000..20000")
 }
 
 /// The last `n` lines of a file (empty when it cannot be read).
