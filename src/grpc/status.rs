@@ -88,6 +88,12 @@ pub fn from_server(e: server::Error) -> Status {
         E::LeaseTtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
         E::InvalidSortOption => Status::new(Code::InvalidArgument, msg::INVALID_SORT_OPTION),
         E::InvalidCompare => Status::new(Code::InvalidArgument, "etcdserver: invalid compare"),
+        // etcd's concurrency services return these as plain Go errors: code Unknown, the
+        // error's text as the message.
+        e @ (E::ElectionNotLeader
+        | E::ElectionNoLeader
+        | E::LockSessionExpired
+        | E::MissingLeaderKey) => Status::new(Code::Unknown, e.to_string()),
         E::Storage(e) => {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))
