@@ -33,7 +33,7 @@ impl ElectionService {
 
 /// The domain leader key of a request's `leader`, which etcd requires.
 fn leader_key(leader: Option<epb::LeaderKey>) -> Result<server::LeaderKey, Status> {
-    let l = leader.ok_or_else(|| status::from_server(server::Error::MissingLeaderKey))?;
+    let l = leader.ok_or_else(|| status::from_concurrency(server::Error::MissingLeaderKey))?;
     Ok(server::LeaderKey { name: l.name, key: l.key, rev: l.rev, lease: l.lease })
 }
 
@@ -45,8 +45,11 @@ impl Election for ElectionService {
     ) -> Result<Response<epb::CampaignResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
-        let won =
-            self.server.campaign(&r.name, r.lease, &r.value).await.map_err(status::from_server)?;
+        let won = self
+            .server
+            .campaign(&r.name, r.lease, &r.value)
+            .await
+            .map_err(status::from_concurrency)?;
         let l = won.leader;
         Ok(Response::new(epb::CampaignResponse {
             header: convert::header(self.server.header(), won.revision),
@@ -61,7 +64,8 @@ impl Election for ElectionService {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
         let leader = leader_key(r.leader)?;
-        let rev = self.server.proclaim(&leader, &r.value).await.map_err(status::from_server)?;
+        let rev =
+            self.server.proclaim(&leader, &r.value).await.map_err(status::from_concurrency)?;
         Ok(Response::new(epb::ProclaimResponse {
             header: convert::header(self.server.header(), rev),
         }))
@@ -73,7 +77,7 @@ impl Election for ElectionService {
     ) -> Result<Response<epb::LeaderResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let name = request.into_inner().name;
-        let state = self.server.election_leader(&name).await.map_err(status::from_server)?;
+        let state = self.server.election_leader(&name).await.map_err(status::from_concurrency)?;
         Ok(Response::new(self.leader_response(state)))
     }
 
@@ -97,7 +101,7 @@ impl Election for ElectionService {
     ) -> Result<Response<epb::ResignResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let leader = leader_key(request.into_inner().leader)?;
-        let rev = self.server.resign(&leader).await.map_err(status::from_server)?;
+        let rev = self.server.resign(&leader).await.map_err(status::from_concurrency)?;
         Ok(Response::new(epb::ResignResponse {
             header: convert::header(self.server.header(), rev),
         }))

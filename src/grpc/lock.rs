@@ -30,7 +30,7 @@ impl Lock for LockService {
     ) -> Result<Response<lockpb::LockResponse>, Status> {
         super::leader::require_leader(&request, &self.server)?;
         let r = request.into_inner();
-        let locked = self.server.lock(&r.name, r.lease).await.map_err(status::from_server)?;
+        let locked = self.server.lock(&r.name, r.lease).await.map_err(status::from_concurrency)?;
         Ok(Response::new(lockpb::LockResponse {
             header: convert::header(self.server.header(), locked.revision),
             key: locked.key,
@@ -44,8 +44,8 @@ impl Lock for LockService {
         super::leader::require_leader(&request, &self.server)?;
         // etcd's Unlock is a plain delete of the key.
         let del = pb::DeleteRangeRequest { key: request.into_inner().key, ..Default::default() };
-        validate::check_delete(&del)?;
-        let res = self.server.delete_range(del).await.map_err(status::from_server)?;
+        validate::check_delete(&del).map_err(|s| Status::unknown(s.message()))?;
+        let res = self.server.delete_range(del).await.map_err(status::from_concurrency)?;
         Ok(Response::new(lockpb::UnlockResponse {
             header: convert::header(self.server.header(), res.revision),
         }))

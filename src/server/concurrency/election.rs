@@ -177,7 +177,7 @@ impl Server {
         tx: &mpsc::Sender<LeaderState>,
     ) -> Result<(), Error> {
         loop {
-            let res = self.range(&by_create(prefix, true, 0)).await?;
+            let res = self.range_retrying(&by_create(prefix, true, 0)).await?;
             let first = match res.kvs.into_iter().next() {
                 Some(kv) => LeaderState { kv, revision: res.revision },
                 None => self.first_put(prefix, res.revision).await?,

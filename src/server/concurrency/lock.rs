@@ -60,7 +60,9 @@ impl Server {
         // From here until ownership, an error or a dropped future withdraws the key.
         let guard = Withdraw::new(self, &key, my_rev);
         self.wait_deletes(&prefix, my_rev - 1).await?;
-        let got = self.range(&pb::RangeRequest { key: key.clone(), ..Default::default() }).await?;
+        let got = self
+            .range_retrying(&pb::RangeRequest { key: key.clone(), ..Default::default() })
+            .await?;
         guard.disarm();
         if got.kvs.is_empty() {
             return Err(Error::LockSessionExpired);

@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{self as pb, compare, range_request, request_op};
 
-use super::types::{CreateRequest, EventKind, KeyValue, ResponseKind, TxnOpResult, TxnResult};
+use super::types::{
+    CreateRequest, EventKind, KeyValue, RangeResult, ResponseKind, TxnOpResult, TxnResult,
+};
 use super::{Error, Server};
 
 pub use self::election::{Campaigned, LeaderKey, LeaderState};
@@ -32,6 +34,9 @@ pub use self::lock::Locked;
 
 /// The TTL of the lease granted for a request naming lease 0 (etcd's session default).
 const SESSION_TTL: i64 = 60;
+
+/// The pause before a read that found no leader is tried again.
+const READ_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The key of the lease `lease` under `prefix`: etcd's `fmt.Sprintf("%s%x", pfx, lease)`.
 fn contender_key(prefix: &[u8], lease: i64) -> Vec<u8> {
@@ -169,13 +174,25 @@ impl Server {
         Ok(self.lease_grant(0, SESSION_TTL).await?.0)
     }
 
+    /// Reads `req`, retrying while no leader is known or the read timed out, as etcd's
+    /// in-process client retries its reads on `Unavailable`: a raft election in the middle
+    /// of a long wait does not fail it. The caller bounds the wait by going away.
+    async fn range_retrying(&self, req: &pb::RangeRequest) -> Result<RangeResult, Error> {
+        loop {
+            match self.range(req).await {
+                Err(Error::NoLeader | Error::Timeout) => tokio::time::sleep(READ_RETRY).await,
+                res => return res,
+            }
+        }
+    }
+
     /// Waits until no key under `prefix` has a create revision at or below
     /// `max_create_rev` (etcd's `waitDeletes`): reads the newest such key, watches it from
     /// the read's revision until it is deleted, and reads again. Returns the revision of
     /// the last read.
     async fn wait_deletes(&self, prefix: &[u8], max_create_rev: i64) -> Result<i64, Error> {
         loop {
-            let res = self.range(&by_create(prefix, false, max_create_rev)).await?;
+            let res = self.range_retrying(&by_create(prefix, false, max_create_rev)).await?;
             let Some(kv) = res.kvs.into_iter().next() else { return Ok(res.revision) };
             self.wait_delete(kv.key, res.revision).await?;
         }
