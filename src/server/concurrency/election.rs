@@ -82,13 +82,13 @@ impl Server {
         if !res.succeeded {
             let kv = range_kvs(&res, 0).and_then(|kvs| kvs.first()).ok_or_else(malformed)?;
             rev = kv.create_revision;
-            if kv.value != value {
-                if let Err(e) = self.proclaim(&leader(rev), value).await {
-                    // etcd resigns and reports the proclaim's error; the resign's own
-                    // outcome is not reported.
-                    let _ = self.resign(&leader(rev)).await;
-                    return Err(e);
-                }
+            if kv.value != value
+                && let Err(e) = self.proclaim(&leader(rev), value).await
+            {
+                // etcd resigns and reports the proclaim's error; the resign's own outcome
+                // is not reported.
+                let _ = self.resign(&leader(rev)).await;
+                return Err(e);
             }
         }
         let guard = Withdraw::new(self, &key, rev);
