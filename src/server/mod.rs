@@ -45,7 +45,7 @@ use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport}
 use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
-pub use self::concurrency::{Campaigned, LeaderKey, LeaderState, Locked};
+pub use self::concurrency::{Campaigned, LeaderKey, LeaderState, Locked, prefix_end};
 pub use self::error::Error;
 pub use self::identity::{Join, Member, MemberError};
 pub use self::lease::TimeToLive;

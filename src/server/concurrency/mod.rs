@@ -50,7 +50,7 @@ fn prefix_of(name: &[u8]) -> Vec<u8> {
 }
 
 /// The end of the range of every key starting with `prefix` (etcd's `GetPrefixRangeEnd`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(contender_key(b"l/", -1), b"l/-1");
         assert_eq!(prefix_end(b"a/"), b"a0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff"), vec![0]);
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
         assert_eq!(prefix_of(b"x"), b"x/");
     }
 }
