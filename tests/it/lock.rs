@@ -102,10 +102,19 @@ async fn lock_and_election_clients_lock_campaign_proclaim_observe_and_resign() {
     assert_eq!(next.leader().unwrap().key(), format!("el/{l2:x}").as_bytes());
     // Resigning a leadership already given up is no error, as in etcd.
     c.resign(Some(ResignOptions::new().with_leader(leader))).await.unwrap();
+    // Revoking the leader's lease hands leadership to the next candidate.
+    let l3 = c.lease_grant(30, None).await.unwrap().id();
+    let mut third = c.clone();
+    let last = tokio::spawn(async move { third.campaign("el", "c", l3).await.unwrap() });
+    wait_keys(&mut c, "el/", 2).await;
+    assert!(!last.is_finished());
+    c.lease_revoke(l2).await.unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(20), last).await.expect("elected").unwrap();
+    assert_eq!(last.leader().unwrap().key(), format!("el/{l3:x}").as_bytes());
 
-    // Observe delivered every change in order: a, a2, then b.
+    // Observe delivered every change in order: a, a2, b, then c.
     let mut seen = Vec::new();
-    while seen.len() < 3 {
+    while seen.len() < 4 {
         let msg = tokio::time::timeout(Duration::from_secs(10), observe.message())
             .await
             .expect("observe delivers")
@@ -113,7 +122,7 @@ async fn lock_and_election_clients_lock_campaign_proclaim_observe_and_resign() {
             .unwrap();
         seen.push(String::from_utf8_lossy(msg.kv().unwrap().value()).into_owned());
     }
-    assert_eq!(seen, ["a", "a2", "b"]);
+    assert_eq!(seen, ["a", "a2", "b", "c"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,6 +343,22 @@ async fn curl_locks_and_campaigns_through_the_gateway_and_observe_streams() {
     assert!(res["header"].is_object(), "{res}");
     let err = curl(&url, "/v3/election/proclaim", r#"{"value":"djI="}"#);
     assert_eq!(err["message"], r#""leader" field must be provided"#, "{err}");
+
+    // A curl waiting for a held lock is killed: its waiter key is withdrawn.
+    let holder = curl(&url, "/v3/lock/lock", &format!(r#"{{"name":"bGs=","lease":"{lease}"}}"#));
+    assert!(holder["key"].is_string(), "{holder}");
+    let other = c.lease_grant(30, None).await.unwrap().id();
+    let mut waiter = std::process::Command::new("curl")
+        .args(["-sS", "-X", "POST", &format!("{url}/v3/lock/lock"), "-d"])
+        .arg(format!(r#"{{"name":"bGs=","lease":"{other}"}}"#))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_keys(&mut c, "lk/", 2).await;
+    waiter.kill().unwrap();
+    waiter.wait().unwrap();
+    assert_eq!(wait_keys(&mut c, "lk/", 1).await, [format!("lk/{id:x}")]);
 }
 
 /// A message's text with the header's member, cluster and term cleared (they differ between
