@@ -66,6 +66,8 @@ declare -A WORKLOADS=(
   [put-64clients]="|--conns 8 --clients 64 --total $((40000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
   [lease-keepalive-64clients]="|--conns 8 --clients 64 --total $((50000 * SCALE)) lease-keepalive"
+  [lock-1client]="|--conns 1 --clients 1 --total $((2000 * SCALE)) lock"
+  [lock-64clients]="|--conns 8 --clients 64 --total $((5000 * SCALE)) lock"
   [range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
   [3m-put-1client]="|--conns 1 --clients 1 --total $((2000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [3m-put-64clients]="|--conns 9 --clients 64 --total $((30000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
@@ -76,7 +78,7 @@ declare -A WORKLOADS=(
   [watch-latency-100watchers]="|--conns 2 watch-latency --watchers 100 --streams 10 --rate 200 --puts $((2000 * SCALE))"
   [watch-memory-100k]="|--conns 10 watch-memory --watchers 100000 --streams 100 --pid @PID@"
 )
-ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients watch-latency-100watchers watch-memory-100k)
+ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients lock-1client lock-64clients watch-latency-100watchers watch-memory-100k)
 CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
 if [ "${1:-}" = cluster ]; then ORDER=("${CLUSTER_ORDER[@]}"); elif [ $# -gt 0 ]; then ORDER=("$@"); fi
 

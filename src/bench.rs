@@ -14,6 +14,7 @@ use cairn_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, kv_client::KvClient,
     lease_client::LeaseClient,
 };
+use cairn_proto::v3lockpb::{LockRequest, UnlockRequest, lock_client::LockClient};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
@@ -78,6 +79,13 @@ pub enum Workload {
     WatchMemory(watch::MemoryArgs),
     /// Lease renewals: each client grants one lease and renews it over a keep-alive stream.
     LeaseKeepalive,
+    /// Lock acquire/release cycles: each client grants a lease, then locks and unlocks one
+    /// shared lock name (etcd's v3lock) in a loop; one request is one full cycle.
+    Lock {
+        /// The lock's name.
+        #[arg(long, default_value = "bench-lock")]
+        name: String,
+    },
     /// Many leases (one key each) expiring together while the clients keep putting; reports
     /// put latency before and during the burst (`--total` is ignored).
     LeaseExpiry {
@@ -212,6 +220,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
             tasks.push(tokio::spawn(keepalive_client(ch, next, errors, total)));
             continue;
         }
+        if let Workload::Lock { name } = &workload {
+            tasks.push(tokio::spawn(lock_client(
+                ch,
+                name.clone().into_bytes(),
+                next,
+                errors,
+                total,
+            )));
+            continue;
+        }
         let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -246,7 +264,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                         .map(|_| ()),
                     // Run above, never per request.
                     Workload::WatchLatency(_) | Workload::WatchMemory(_) => return lat,
-                    Workload::LeaseKeepalive | Workload::LeaseExpiry { .. } => Ok(()),
+                    Workload::LeaseKeepalive
+                    | Workload::LeaseExpiry { .. }
+                    | Workload::Lock { .. } => Ok(()),
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),
@@ -322,6 +342,43 @@ async fn keepalive_client(
         if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
             errors.fetch_add(1, Ordering::Relaxed);
             break;
+        }
+    }
+    lat
+}
+
+/// One lock client: grants a lease, then runs lock/unlock cycles of `name` until the shared
+/// request budget is spent; a cycle's latency includes the wait for the other holders.
+async fn lock_client(
+    ch: Channel,
+    name: Vec<u8>,
+    next: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    total: u64,
+) -> Vec<Duration> {
+    let mut lat = Vec::new();
+    let lease =
+        match LeaseClient::new(ch.clone()).lease_grant(LeaseGrantRequest { ttl: 600, id: 0 }).await
+        {
+            Ok(r) => r.into_inner().id,
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return lat;
+            }
+        };
+    let mut client = LockClient::new(ch);
+    while next.fetch_add(1, Ordering::Relaxed) < total {
+        let t0 = Instant::now();
+        let cycle = async {
+            let key =
+                client.lock(LockRequest { name: name.clone(), lease }).await?.into_inner().key;
+            client.unlock(UnlockRequest { key }).await
+        };
+        match cycle.await {
+            Ok(_) => lat.push(t0.elapsed()),
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     lat

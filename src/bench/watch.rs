@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::{Args, Summary, connect};
+use crate::server::prefix_end;
 
 /// Flags of `watch-latency`.
 #[derive(Debug, Clone, clap::Args)]
@@ -134,18 +135,6 @@ fn create(key: &[u8], range_end: &[u8], watch_id: i64) -> WatchRequest {
             ..Default::default()
         })),
     }
-}
-
-/// The end of the prefix range of `prefix` (etcd's `GetPrefixRangeEnd`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// Waits until `counter` reaches `n`, failing after `limit`.
@@ -365,16 +354,4 @@ pub async fn memory(args: &Args, m: &MemoryArgs) -> anyhow::Result<Summary> {
     }
     print_notes(&notes);
     Ok(Summary { total, ok: latencies.len() as u64, errors: 0, latencies })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_ends_follow_etcds_rule() {
-        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
-    }
 }

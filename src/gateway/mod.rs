@@ -26,7 +26,10 @@ pub use self::json::{Limits, http_status};
 pub use self::ops::{Member, MemberProbe};
 pub use self::routes::Gateway;
 use crate::config::GRPC_OVERHEAD_BYTES;
-use crate::grpc::{ClusterService, KvService, LeaseService, MaintenanceService, WatchService};
+use crate::grpc::{
+    ClusterService, ElectionService, KvService, LeaseService, LockService, MaintenanceService,
+    WatchService,
+};
 use crate::metrics;
 use crate::server::Server;
 
@@ -45,6 +48,8 @@ pub fn router(server: &Arc<Server>) -> axum::Router {
         .watch(WatchService::new(server.clone()))
         .cluster(ClusterService::new(server.clone()))
         .maintenance(MaintenanceService::new(server.clone()))
+        .lock(LockService::new(server.clone()))
+        .election(ElectionService::new(server.clone()))
         .into_router()
         .merge(ops::router(Arc::new(MemberProbe::new(server.clone()))))
         .fallback(fallback)

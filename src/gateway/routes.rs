@@ -4,8 +4,8 @@
 //! `Unimplemented` ("unknown service ...", as grpc-go answers for a service that is not
 //! registered). Each service method (`kv`, `watch`, `lease`, `cluster`, `maintenance`) takes
 //! any impl of the tonic-generated trait and claims that service's paths, so wiring a new
-//! service is one line where the gateway is composed (`gateway::router`). Auth, Lock and
-//! Election get a method of the same shape when Cairn serves them.
+//! service is one line where the gateway is composed (`gateway::router`). Auth gets a
+//! method of the same shape when Cairn serves it.
 //!
 //! Calls go straight to the trait impl, the same code gRPC clients reach, and are counted in
 //! the `grpc_server_*` metrics as etcd counts its gateway's loopback gRPC calls.
@@ -21,6 +21,8 @@ use cairn_proto::etcdserverpb::{
     cluster_server::Cluster, kv_server::Kv, lease_server::Lease, maintenance_server::Maintenance,
     watch_server::Watch,
 };
+use cairn_proto::v3electionpb::election_server::Election;
+use cairn_proto::v3lockpb::lock_server::Lock;
 use futures::Stream;
 use futures::future::BoxFuture;
 use http::{HeaderMap, Response};
@@ -339,6 +341,25 @@ impl Gateway {
             |s, r| async move { s.move_leader(r).await },
         );
         self.unary("/maintenance/downgrade", &s, |s, r| async move { s.downgrade(r).await });
+        self
+    }
+
+    /// Serves etcd's lock paths with `svc`.
+    pub fn lock<S: Lock>(mut self, svc: S) -> Self {
+        let s = Arc::new(svc);
+        self.unary("/lock/lock", &s, |s, r| async move { s.lock(r).await });
+        self.unary("/lock/unlock", &s, |s, r| async move { s.unlock(r).await });
+        self
+    }
+
+    /// Serves etcd's election paths with `svc` (`/v3/election/observe` streams).
+    pub fn election<S: Election>(mut self, svc: S) -> Self {
+        let s = Arc::new(svc);
+        self.unary("/election/campaign", &s, |s, r| async move { s.campaign(r).await });
+        self.unary("/election/proclaim", &s, |s, r| async move { s.proclaim(r).await });
+        self.unary("/election/leader", &s, |s, r| async move { s.leader(r).await });
+        self.server_stream("/election/observe", &s, |s, r| async move { s.observe(r).await });
+        self.unary("/election/resign", &s, |s, r| async move { s.resign(r).await });
         self
     }
 

@@ -6,15 +6,18 @@
 //! the domain types it re-exports); `tests/layering.rs` holds them to it. The peer port
 //! (`peer/`) is the exception DESIGN names: it implements raft's `Transport` and steps
 //! inbound messages into raft. DESIGN's single `peer.rs` is the `peer/` folder: transport
-//! client, peer service, leader forwarding and join calls, one file each. Services Cairn does not serve
-//! yet (Auth, Lock, Election) are not registered, so clients get gRPC's
-//! `Unimplemented` for them rather than a fake answer.
+//! client, peer service, leader forwarding and join calls, one file each. Lock and Election
+//! (`lock.rs`, `election.rs`) are thin shells over the server's concurrency recipes. The
+//! service Cairn does not serve yet (Auth) is not registered, so clients get gRPC's
+//! `Unimplemented` for it rather than a fake answer.
 
 mod cluster;
 pub mod convert;
+mod election;
 mod kv;
 mod leader;
 mod lease;
+mod lock;
 mod maintenance;
 mod metered;
 pub mod peer;
@@ -29,14 +32,18 @@ use cairn_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use cairn_proto::v3electionpb::election_server::ElectionServer;
+use cairn_proto::v3lockpb::lock_server::LockServer;
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use self::cluster::ClusterService;
+pub use self::election::ElectionService;
 pub use self::kv::KvService;
 pub use self::lease::LeaseService;
+pub use self::lock::LockService;
 pub use self::maintenance::MaintenanceService;
 pub use self::metered::MetricsLayer;
 pub use self::watch::WatchService;
@@ -146,6 +153,13 @@ pub async fn serve(
             WatchServer::new(WatchService::new(server.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
+        ))
+        .add_service(metered(
+            LockServer::new(LockService::new(server.clone())).max_decoding_message_size(max_recv),
+        ))
+        .add_service(metered(
+            ElectionServer::new(ElectionService::new(server.clone()))
+                .max_decoding_message_size(max_recv),
         ))
         .add_service(metered(
             ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),

@@ -88,6 +88,11 @@ pub fn from_server(e: server::Error) -> Status {
         E::LeaseTtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
         E::InvalidSortOption => Status::new(Code::InvalidArgument, msg::INVALID_SORT_OPTION),
         E::InvalidCompare => Status::new(Code::InvalidArgument, "etcdserver: invalid compare"),
+        // etcd's concurrency services return these as plain Go errors (`from_concurrency`).
+        e @ (E::ElectionNotLeader
+        | E::ElectionNoLeader
+        | E::LockSessionExpired
+        | E::MissingLeaderKey) => Status::new(Code::Unknown, e.to_string()),
         E::Storage(e) => {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))
@@ -96,6 +101,13 @@ pub fn from_server(e: server::Error) -> Status {
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
     }
+}
+
+/// Maps an error of etcd's concurrency services (Lock, Election). etcd serves them through
+/// an in-process client that turns the KV errors into plain Go errors, so every failure
+/// reaches their callers with code Unknown and etcd's message.
+pub fn from_concurrency(e: server::Error) -> Status {
+    Status::new(Code::Unknown, from_server(e).message())
 }
 
 /// Maps a membership error to etcd's status (code as v3rpc's toGRPCErrorMap).

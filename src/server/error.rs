@@ -81,6 +81,19 @@ pub enum Error {
     /// The state machine's storage failed or holds corrupt data.
     #[error("{0}")]
     Storage(String),
+    /// Proclaim by a caller that no longer leads (etcd's concurrency `ErrElectionNotLeader`).
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    /// Leader of an election nobody leads (`ErrElectionNoLeader`).
+    #[error("election: no leader")]
+    ElectionNoLeader,
+    /// A lock waiter's key vanished (its lease ended) before it owned the lock (etcd's
+    /// concurrency `ErrSessionExpired`).
+    #[error("mutex: session is expired")]
+    LockSessionExpired,
+    /// Proclaim or Resign without a leader key (etcd's v3election `ErrMissingLeaderKey`).
+    #[error("\"leader\" field must be provided")]
+    MissingLeaderKey,
     /// A failure that is a bug or a damaged entry, not the client's doing.
     #[error("{0}")]
     Internal(String),

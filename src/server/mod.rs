@@ -3,7 +3,7 @@
 //!
 //! The edge (`grpc/`, `gateway/`) calls typed methods, each returning its own result type
 //! and the one [`Error`]: key-value reads and writes and the watch entry point (`kv.rs`),
-//! leases (`lease.rs`), membership changes and MoveLeader (`reconfigure.rs`), status and
+//! leases (`lease.rs`), etcd's lock and election recipes (`concurrency/`), membership changes and MoveLeader (`reconfigure.rs`), status and
 //! header facts (here). The domain types of those answers are re-exported in [`types`], so
 //! the edge converts them to etcd's messages without importing the state machines; apply's
 //! result enum never leaves this module. Inside, a write is proposed under a unique id and
@@ -20,6 +20,7 @@
 //! rather than letting the edge import `mvcc` and `watch`.
 
 mod compactor;
+mod concurrency;
 mod datadir;
 mod error;
 pub mod identity;
@@ -44,6 +45,7 @@ use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport}
 use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
+pub use self::concurrency::{Campaigned, LeaderKey, LeaderState, Locked, prefix_end};
 pub use self::error::Error;
 pub use self::identity::{Join, Member, MemberError};
 pub use self::lease::TimeToLive;

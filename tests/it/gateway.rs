@@ -265,8 +265,6 @@ async fn maintenance_and_cluster_paths_answer_or_say_unimplemented_as_etcd_would
         "/v3/maintenance/snapshot",
         "/v3/auth/status",
         "/v3/auth/user/list",
-        "/v3/lock/lock",
-        "/v3/election/leader",
     ] {
         let a = post(url, path, json!({})).await;
         assert_error(&a, 501, 12, "");
