@@ -82,6 +82,19 @@ pub struct Config {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
     pub initial_cluster_token: String,
 
+    /// Force to create a new one member cluster: restart this member from its data dir as
+    /// the only member, keeping its data and dropping every other member (disaster recovery
+    /// after a quorum loss). Ignored when the data dir holds no member yet.
+    #[arg(
+        long,
+        env = "ETCD_FORCE_NEW_CLUSTER",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub force_new_cluster: bool,
+
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
@@ -574,6 +587,14 @@ mod tests {
             let argv = ["cairn", "--watch-progress-notify-interval", bad];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn force_new_cluster_is_a_go_style_bool_flag() {
+        assert!(!parse(&[]).unwrap().raw.force_new_cluster);
+        assert!(parse(&["--force-new-cluster"]).unwrap().raw.force_new_cluster);
+        assert!(parse(&["--force-new-cluster=true"]).unwrap().raw.force_new_cluster);
+        assert!(!parse(&["--force-new-cluster=false"]).unwrap().raw.force_new_cluster);
     }
 
     #[test]

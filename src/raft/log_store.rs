@@ -523,6 +523,85 @@ impl LogStore {
         Ok(())
     }
 
+    /// Rewrites the log so this member restarts as the only voter of its cluster (etcd's
+    /// `--force-new-cluster`), keeping everything committed.
+    ///
+    /// As etcd does: entries after the commit index (raised to `applied`, which the state
+    /// machine holds and was therefore committed) are discarded, since no quorum can decide
+    /// them any more; then one committed `RemoveNode` conf change follows per other member
+    /// (those in `remove`, the conf state's and those added by kept conf changes),
+    /// so the state machine drops those members' records as it applies them; the conf state
+    /// becomes `self_id` alone, so the member can elect itself at once. The new state is
+    /// written as a fresh segment (durable when it returns). The removals carry an empty
+    /// context: no client waits for them.
+    ///
+    /// # Errors
+    ///
+    /// Write errors as for [`LogStore::append`].
+    pub fn force_new_cluster(
+        &self,
+        self_id: u64,
+        applied: u64,
+        remove: &[u64],
+    ) -> Result<(), Error> {
+        use protobuf::Message as _;
+        let mut wal = self.lock_wal();
+        let (hard_state, conf_state, entries) = {
+            let state = self.read();
+            let commit = state.hard_state.commit.max(applied).min(state.last_index());
+            let keep = state.position(commit + 1);
+            let mut entries: Vec<Entry> = state.entries.get(..keep).unwrap_or_default().to_vec();
+            let term = state.hard_state.term.max(state.term(commit).unwrap_or(0));
+            // Every member the log still knows: the conf state's, and those that kept but
+            // not yet applied conf changes add.
+            let mut ids: Vec<u64> = remove.to_vec();
+            let cs = &state.conf_state;
+            ids.extend(cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing));
+            ids.extend(cs.learners_next.iter());
+            for e in entries.iter().filter(|e| e.index > applied) {
+                if e.get_entry_type() == raft::prelude::EntryType::EntryConfChange {
+                    if let Ok(cc) = raft::prelude::ConfChange::parse_from_bytes(&e.data) {
+                        ids.push(cc.node_id);
+                    }
+                }
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            let mut index = commit;
+            for &id in ids.iter().filter(|&&id| id != self_id && id != 0) {
+                let mut cc = raft::prelude::ConfChange::default();
+                cc.set_change_type(raft::prelude::ConfChangeType::RemoveNode);
+                cc.node_id = id;
+                let data =
+                    cc.write_to_bytes().map_err(|e| Error::Encode { reason: e.to_string() })?;
+                index += 1;
+                let mut entry = Entry::default();
+                entry.set_entry_type(raft::prelude::EntryType::EntryConfChange);
+                entry.term = term;
+                entry.index = index;
+                entry.data = data.into();
+                entries.push(entry);
+            }
+            let hard_state = HardState { term, vote: 0, commit: index, ..HardState::default() };
+            let conf_state = ConfState { voters: vec![self_id], ..ConfState::default() };
+            let content = wal::encode_state(
+                &hard_state,
+                &conf_state,
+                state.compact_index,
+                state.compact_term,
+                &entries,
+            )?;
+            wal.rotate(&content)?;
+            (hard_state, conf_state, entries)
+        };
+        let mut state = self.write();
+        state.hard_state = hard_state;
+        state.conf_state = conf_state;
+        state.entries = entries;
+        state.snapshot = None;
+        Ok(())
+    }
+
     /// Records a snapshot produced by the state machine, to be served by `Storage::snapshot`.
     ///
     /// Memory only: the snapshot's data belongs to the state machine, which keeps it durable.
@@ -873,6 +952,48 @@ mod tests {
         let store = open(dir.path());
         check(&store);
         assert!(matches!(store.initialize(conf_state.clone()), Err(Error::AlreadyInitialized)));
+    }
+
+    #[test]
+    fn force_new_cluster_drops_uncommitted_entries_and_commits_removals_of_the_others() {
+        use protobuf::Message as _;
+        use raft::prelude::{ConfChange, ConfChangeType, EntryType};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.initialize(ConfState { voters: vec![1, 2, 3], ..ConfState::default() }).unwrap();
+        // Index 5 adds member 4 (committed, not yet applied); 6..=8 were never committed.
+        let mut log = entries(2..=8, 2);
+        let mut add = ConfChange::default();
+        add.set_change_type(ConfChangeType::AddLearnerNode);
+        add.node_id = 4;
+        log[3].set_entry_type(EntryType::EntryConfChange);
+        log[3].data = add.write_to_bytes().unwrap().into();
+        store.append(&log, Some(&hard_state(2, 1, 5))).unwrap();
+
+        store.force_new_cluster(2, 4, &[3, 9]).unwrap();
+        let check = |store: &LogStore| {
+            let hs = store.hard_state();
+            assert_eq!((hs.term, hs.vote, hs.commit), (2, 0, 9));
+            assert_eq!(store.conf_state().voters, vec![2]);
+            let all = all(store);
+            let indexes: Vec<u64> = all.iter().map(|e| e.index).collect();
+            assert_eq!(indexes, (2..=9).collect::<Vec<_>>());
+            let removed: Vec<u64> = all
+                .iter()
+                .filter(|e| e.index > 5)
+                .map(|e| {
+                    assert_eq!(e.get_entry_type(), EntryType::EntryConfChange);
+                    let cc = ConfChange::parse_from_bytes(&e.data).unwrap();
+                    assert_eq!(cc.get_change_type(), ConfChangeType::RemoveNode);
+                    cc.node_id
+                })
+                .collect();
+            // 1 and 3 from the conf state, 4 from the kept entry, 9 from the caller.
+            assert_eq!(removed, vec![1, 3, 4, 9]);
+        };
+        check(&store);
+        drop(store);
+        check(&open(dir.path()));
     }
 
     #[test]

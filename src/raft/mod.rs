@@ -261,6 +261,12 @@ impl RaftHandle {
         self.status.borrow().commit
     }
 
+    /// Waits until this member knows a leader, at most `limit`; true when it does.
+    pub async fn wait_for_leader(&self, limit: Duration) -> bool {
+        let mut status = self.status.clone();
+        matches!(tokio::time::timeout(limit, status.wait_for(|s| s.leader != 0)).await, Ok(Ok(_)))
+    }
+
     /// Returns a receiver that sees every status change.
     pub fn subscribe(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()

@@ -115,6 +115,9 @@ pub struct Server {
     ids: IdGen,
     reads: read::ReadHandle,
     request_timeout: Duration,
+    /// How long a request waits for a leader when none is known (an election in progress:
+    /// after a leader was killed, removed or handed leadership on) before "no leader".
+    leader_wait: Duration,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -123,6 +126,37 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server").field("member_id", &self.header.member_id).finish()
     }
+}
+
+/// etcd's `--force-new-cluster` on a member restarting from its data dir: the raft log is
+/// rewritten so this member is the only voter and the other members' removals are committed
+/// entries (apply deletes their records as it replays them); this member's own record stops
+/// being a learner's. A fresh data dir has nothing to rewrite.
+fn force_new_cluster(
+    log: &LogStore,
+    engine: &dyn Engine,
+    records: &mut [Member],
+    identity: &datadir::Identity,
+    applied_index: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if log.is_empty() {
+        return Ok(());
+    }
+    let others: Vec<u64> =
+        records.iter().map(|m| m.id).filter(|id| *id != identity.member_id).collect();
+    log.force_new_cluster(identity.member_id, applied_index, &others)?;
+    if let Some(me) = records.iter_mut().find(|m| m.id == identity.member_id && m.is_learner) {
+        me.is_learner = false;
+        let mut batch = crate::storage::Batch::new();
+        apply::members::put(&mut batch, me);
+        engine.write(batch)?;
+    }
+    tracing::warn!(
+        member_id = %format!("{:x}", identity.member_id),
+        removed = ?others,
+        "--force-new-cluster: restarting as the only member of the cluster, data kept"
+    );
+    Ok(())
 }
 
 impl Server {
@@ -207,6 +241,13 @@ impl Server {
                 applied_index = 0;
             }
         }
+        if cfg.raw.force_new_cluster {
+            force_new_cluster(&log, engine.as_ref(), &mut member_records, &identity, applied_index)
+                .map_err(|e| startup(&e))?;
+            if fresh {
+                tracing::warn!("--force-new-cluster ignored: the data dir held no member yet");
+            }
+        }
         member_records.sort_by_key(|m| m.id);
         let initial_voters: Vec<u64> = if cfg.new_cluster && join.is_none() {
             let mut v: Vec<u64> = founders.iter().map(|m| m.id).collect();
@@ -278,7 +319,10 @@ impl Server {
         // etcd's request timeout: 5 s plus two election timeouts.
         let election = cfg.heartbeat * u32::try_from(cfg.election_ticks).unwrap_or(10);
         let request_timeout = Duration::from_secs(5) + 2 * election;
-        let (reads, read_task) = read::start(raft.clone(), applied_rx.clone(), request_timeout);
+        // A follower elects after one to two election timeouts (PreVote adds a round).
+        let leader_wait = (3 * election).min(request_timeout);
+        let (reads, read_task) =
+            read::start(raft.clone(), applied_rx.clone(), request_timeout, leader_wait);
 
         let server = Arc::new(Server {
             header: HeaderInfo {
@@ -301,6 +345,7 @@ impl Server {
             applied: applied_rx,
             reads,
             request_timeout,
+            leader_wait,
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
         });

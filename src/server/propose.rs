@@ -54,6 +54,11 @@ impl Server {
         // Pending from registration until this call returns, whatever the outcome.
         let _pending = crate::metrics::get()
             .map(|m| crate::metrics::GaugeGuard::new(&m.server.proposals_pending));
+        // During an election the proposal waits for the new leader rather than failing at
+        // once: raft would drop it, and etcd's clients do not retry a failed Put.
+        if self.raft.leader() == 0 {
+            self.raft.wait_for_leader(self.leader_wait).await;
+        }
         if let Err(e) = self.raft.propose(data).await {
             self.wait.cancel(id);
             count_failed_proposal();

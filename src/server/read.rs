@@ -56,9 +56,10 @@ pub(super) fn start(
     raft: RaftHandle,
     applied: watch::Receiver<u64>,
     timeout: Duration,
+    leader_wait: Duration,
 ) -> (ReadHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4096);
-    let task = tokio::spawn(run(raft, applied, rx, timeout));
+    let task = tokio::spawn(run(raft, applied, rx, timeout, leader_wait));
     (ReadHandle { tx }, task)
 }
 
@@ -67,6 +68,7 @@ async fn run(
     mut applied: watch::Receiver<u64>,
     mut rx: mpsc::Receiver<Waiter>,
     timeout: Duration,
+    leader_wait: Duration,
 ) {
     let mut seq: u64 = 0;
     while let Some(first) = rx.recv().await {
@@ -75,13 +77,24 @@ async fn run(
             batch.push(w);
         }
         let deadline = Instant::now() + timeout;
+        // An election in progress is waited out (once, up to `leader_wait`), not reported.
+        let mut leader_deadline = Some(Instant::now() + leader_wait);
         let result = async {
             let index = loop {
                 seq += 1;
                 let ctx = seq.to_be_bytes().to_vec();
                 match tokio::time::timeout(ATTEMPT_TIMEOUT, raft.read_index(ctx)).await {
                     Ok(Ok(index)) => break index,
-                    Ok(Err(raft::Error::NoLeader)) => return Err(Failure::NoLeader),
+                    Ok(Err(raft::Error::NoLeader)) => match leader_deadline.take() {
+                        Some(until) => {
+                            let limit =
+                                until.min(deadline).saturating_duration_since(Instant::now());
+                            if !raft.wait_for_leader(limit).await {
+                                return Err(Failure::NoLeader);
+                            }
+                        }
+                        None => return Err(Failure::NoLeader),
+                    },
                     Ok(Err(_)) => return Err(Failure::Stopped),
                     Err(_) if Instant::now() >= deadline => return Err(Failure::Timeout),
                     Err(_) => continue,

@@ -52,7 +52,11 @@ impl Server {
                 return Err(MemberError::TooManyLearners.into());
             }
         } else {
-            self.check_quorum_after(|voters, active| (voters + 1, active))?;
+            // etcd's one exception: a voter may join a one-member cluster (how a cluster
+            // restored from a snapshot or `--force-new-cluster` grows back).
+            if self.raft.status().voters.len() != 1 {
+                self.check_quorum_after(|voters, active| (voters + 1, active))?;
+            }
         }
         // etcd derives an added member's id from its URLs and the time of the request.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);

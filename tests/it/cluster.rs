@@ -487,6 +487,58 @@ async fn a_wiped_member_is_replaced_and_catches_up_while_writers_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_restarts_a_survivor_of_a_lost_quorum_alone_with_its_data() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let acked: Acked = Arc::default();
+    let (stop, handles) = writers(&cluster.endpoints(), 4, &acked);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await.unwrap();
+    }
+    cluster.assert_hashes_equal().await;
+
+    // The two followers are lost for good; a write the leader accepts now never commits.
+    let survivor = cluster.leader().await;
+    let survivor_id = {
+        let mut c = cluster.members[survivor].client().await;
+        c.status().await.unwrap().header().unwrap().member_id()
+    };
+    let survivor = cluster.members.remove(survivor);
+    cluster.members = vec![survivor]; // the others are killed and gone with their data
+    let mut c = cluster.members[0].client().await;
+    let put = c.put("uncommitted", "x", None);
+    let answer = tokio::time::timeout(Duration::from_secs(3), put).await;
+    assert!(!matches!(answer, Ok(Ok(_))), "a write succeeded without a quorum");
+    drop(c);
+
+    let m = &mut cluster.members[0];
+    m.kill9();
+    m.add_flags(&["--force-new-cluster"]);
+    m.spawn().await;
+    let mut c = m.client().await;
+    let list = c.member_list().await.unwrap();
+    let ids: Vec<u64> = list.members().iter().map(|m| m.id()).collect();
+    assert_eq!(ids, [survivor_id], "only the survivor is left");
+    assert!(!list.members()[0].is_learner());
+    let gone = c.get("uncommitted", None).await.unwrap();
+    assert!(gone.kvs().is_empty(), "an entry no quorum committed was kept");
+    assert_acked_readable(&mut cluster, &acked).await;
+
+    // The one-member cluster grows again.
+    let m = &cluster.members[0];
+    let mut new = Cairn::new("m3", tempfile::tempdir().unwrap(), &[]);
+    let mut c = m.client().await;
+    c.member_add([new.peer_url.as_str()], None).await.unwrap();
+    new.initial_cluster = format!("{}={},m3={}", m.name, m.peer_url, new.peer_url);
+    new.cluster_state = "existing".into();
+    new.spawn().await;
+    cluster.members.push(new);
+    c.put("after-recovery", "y", None).await.unwrap();
+    cluster.assert_hashes_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_keep_serving_with_two_down_including_the_leader() {
     let mut cluster = Cluster::start(5, &[]).await;
     let mut c = Client::connect(cluster.endpoints(), None).await.unwrap();

@@ -112,6 +112,11 @@ impl Cairn {
         cmd
     }
 
+    /// Adds flags for the next start.
+    pub fn add_flags(&mut self, flags: &[&str]) {
+        self.extra.extend(flags.iter().map(|s| s.to_string()));
+    }
+
     /// Spawns the process and waits until it answers `Status`.
     pub async fn spawn(&mut self) {
         self.spawn_only();
