@@ -559,10 +559,10 @@ impl LogStore {
             ids.extend(cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing));
             ids.extend(cs.learners_next.iter());
             for e in entries.iter().filter(|e| e.index > applied) {
-                if e.get_entry_type() == raft::prelude::EntryType::EntryConfChange {
-                    if let Ok(cc) = raft::prelude::ConfChange::parse_from_bytes(&e.data) {
-                        ids.push(cc.node_id);
-                    }
+                if e.get_entry_type() == raft::prelude::EntryType::EntryConfChange
+                    && let Ok(cc) = raft::prelude::ConfChange::parse_from_bytes(&e.data)
+                {
+                    ids.push(cc.node_id);
                 }
             }
             ids.sort_unstable();
