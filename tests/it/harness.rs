@@ -145,6 +145,18 @@ impl Cairn {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to the process, as `kill -SIGNAL pid` does.
+    pub fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(c.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{signal} failed");
+        }
+    }
+
     /// `kill -9`s the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

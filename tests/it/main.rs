@@ -15,6 +15,7 @@ mod gateway;
 mod harness;
 mod kv;
 mod lease;
+mod linearizability;
 mod lock;
 mod metrics;
 mod server;

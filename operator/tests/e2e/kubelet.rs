@@ -178,7 +178,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         dir: config.dir,
         images: config.images,
         net: config.net,
-        ips: Mutex::new(BTreeSet::new()),
+        ips: Mutex::new((BTreeSet::new(), 254)),
         hosts: config.hosts,
         pgid: config.pgid,
         apiserver_port: config.apiserver_port,
@@ -228,7 +228,8 @@ struct Shared {
     dir: PathBuf,
     images: ImageMap,
     net: NetBlock,
-    ips: Mutex<BTreeSet<u8>>,
+    /// Pod IPs in use (last octet), and the last one handed out.
+    ips: Mutex<(BTreeSet<u8>, u8)>,
     hosts: HostsFile,
     pgid: u32,
     apiserver_port: u16,
@@ -253,16 +254,24 @@ impl Shared {
             .find(|ctx| !ctx.state.lock().unwrap().deleting)
     }
 
+    /// Hands out the next free pod IP after the last one, round robin (as a CNI's IPAM does):
+    /// an address freed by a deleted pod is not reused at once, so a name that still
+    /// resolves to it for a moment never reaches another pod.
     fn allocate_ip(&self) -> anyhow::Result<String> {
-        let mut used = self.ips.lock().unwrap();
-        let n = (2..=254u8).find(|n| !used.contains(n)).ok_or_else(|| anyhow!("out of pod IPs"))?;
+        let mut ips = self.ips.lock().unwrap();
+        let (used, last) = &mut *ips;
+        let n = (1..=253u16)
+            .map(|step| 2 + ((u16::from(*last) - 2 + step) % 253) as u8)
+            .find(|n| !used.contains(n))
+            .ok_or_else(|| anyhow!("out of pod IPs"))?;
         used.insert(n);
+        *last = n;
         Ok(format!("127.0.{}.{n}", self.net.octet()))
     }
 
     fn release_ip(&self, ip: &str) {
         if let Some(n) = ip.rsplit('.').next().and_then(|n| n.parse::<u8>().ok()) {
-            self.ips.lock().unwrap().remove(&n);
+            self.ips.lock().unwrap().0.remove(&n);
         }
     }
 }
