@@ -122,14 +122,16 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             let _ = peer_stop_rx.await;
         }));
         let mut removed = server.removed();
+        let mut raft_failed = false;
         tokio::select! {
             () = shutdown_signal() => {}
             _ = removed.wait_for(|r| *r) => {}
             _ = told_removed.wait_for(|r| *r) => {}
+            () = server.raft().stopped() => raft_failed = true,
         }
         let _ = peer_stop_tx.send(());
         peers.abort();
-        tracing::info!("received signal; shutting down");
+        tracing::info!("shutting down");
         let _ = stop_tx.send(());
         if let Some(task) = metrics_serving {
             // Scrapes hold no state worth draining.
@@ -139,6 +141,8 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serving).await;
         server.shutdown().await;
         tracing::info!("stopped");
+        // A member whose raft task died cannot serve: exit non-zero, so a supervisor sees it.
+        anyhow::ensure!(!raft_failed, "raft stopped on a fatal error (see the log above)");
         anyhow::Ok(())
     })
 }

@@ -1171,6 +1171,46 @@ mod tests {
     }
 
     #[test]
+    fn a_last_record_torn_at_any_offset_is_dropped_and_the_log_before_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.append(&entries(1..=5, 1), Some(&hard_state(1, 1, 3))).unwrap();
+        store.append(&entries(6..=8, 1), Some(&hard_state(1, 1, 7))).unwrap();
+        drop(store);
+        let path = only_segment(dir.path());
+        let original = fs::read(&path).unwrap();
+        // Records are an 8-byte header (length, crc) and a body: find the last one.
+        let frames = {
+            let mut starts = Vec::new();
+            let mut at = 0;
+            loop {
+                let len = u32::from_le_bytes(original[at..at + 4].try_into().unwrap()) as usize;
+                if len == 0 {
+                    break starts;
+                }
+                starts.push((at, at + 8 + len));
+                at += 8 + len;
+            }
+        };
+        let &(last_start, last_end) = frames.last().unwrap();
+        for cut in last_start + 1..last_end {
+            // A crash mid-write: the record's first `cut - last_start` bytes reached the disk.
+            let mut torn = original.clone();
+            torn[cut..last_end].fill(0);
+            fs::write(&path, &torn).unwrap();
+            let store = open(dir.path());
+            assert_eq!(store.last_index(), 5, "cut at {cut}");
+            assert_eq!(store.hard_state(), hard_state(1, 1, 3), "cut at {cut}");
+            drop(store);
+        }
+        // After the last cut the log takes appends again where the torn record began.
+        let store = open(dir.path());
+        store.append(&entries(6..=6, 2), None).unwrap();
+        drop(store);
+        assert_eq!(index_terms(&open(dir.path())).last(), Some(&(6, 2)));
+    }
+
+    #[test]
     fn corruption_before_the_last_record_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());

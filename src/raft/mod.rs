@@ -267,6 +267,13 @@ impl RaftHandle {
         matches!(tokio::time::timeout(limit, status.wait_for(|s| s.leader != 0)).await, Ok(Ok(_)))
     }
 
+    /// Resolves once the raft task has ended: at shutdown, or on a fatal error it logged
+    /// (a failed log write, a log that lost acknowledged entries).
+    pub async fn stopped(&self) {
+        let mut status = self.status.clone();
+        while status.changed().await.is_ok() {}
+    }
+
     /// Returns a receiver that sees every status change.
     pub fn subscribe(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()

@@ -289,6 +289,20 @@ impl Node {
                     self.held.push_back(Held::Forwarded(msg));
                     return false;
                 }
+                if msg.get_msg_type() == MessageType::MsgHeartbeat
+                    && msg.commit > self.raw.raft.raft_log.last_index()
+                {
+                    // The leader only marks committed what this member acknowledged as
+                    // durable, so its log lost entries it once had: the data dir was wiped
+                    // or restored from an old copy. raft-rs would panic; stop instead.
+                    tracing::error!(
+                        commit = msg.commit,
+                        last_index = self.raw.raft.raft_log.last_index(),
+                        leader = %format!("{:x}", msg.from),
+                        "this member's raft log lost entries it had acknowledged (data dir wiped or restored from an old copy): remove the member (MemberRemove) and add it again"
+                    );
+                    return true;
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "dropping raft message");
                 }

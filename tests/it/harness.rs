@@ -135,6 +135,26 @@ impl Cairn {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// Runs the member in the foreground for at most `limit`; returns its exit status (None
+    /// when it was still running and was killed) and its stderr.
+    pub fn run_for(&self, limit: Duration) -> (Option<bool>, String) {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = self.command().stderr(log.reopen().unwrap()).spawn().expect("run cairn");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status.success());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, std::fs::read_to_string(log.path()).unwrap_or_default())
+    }
+
     /// Deletes the data dir (the member must be stopped).
     pub fn wipe(&mut self) {
         let _ = std::fs::remove_dir_all(&self.data_dir);
