@@ -26,7 +26,7 @@ use cairn_operator::crd::Cluster;
 use kube::api::Api;
 use serde_json::Value;
 
-use crate::bed::{self, Bed, wait_for};
+use crate::bed::{Bed, wait_for};
 
 /// The helm version scripts/helm.sh builds by default.
 const DEFAULT_HELM_VERSION: &str = "v4.3.2";
@@ -170,9 +170,30 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
             _ => flat.push(c),
         }
     }
-    const GROUPING: &[&str] =
-        &["by", "without", "on", "ignoring", "group_left", "group_right"];
-    const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "inf", "nan"];
+    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    const KEYWORDS: &[&str] = &[
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan", // operators and literals
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio", // aggregations: `max by (x) (...)`
+    ];
     let mut names = BTreeSet::new();
     let bytes: Vec<char> = flat.chars().collect();
     let mut i = 0;
@@ -190,7 +211,9 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
             continue;
         }
         let start = i;
-        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == '_' || bytes[i] == ':') {
+        while i < bytes.len()
+            && (bytes[i].is_ascii_alphanumeric() || bytes[i] == '_' || bytes[i] == ':')
+        {
             i += 1;
         }
         let word: String = bytes[start..i].iter().collect();
@@ -220,10 +243,12 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
 #[test]
 fn promql_metric_names_are_found() {
     let names = promql_metrics(
-        r#"histogram_quantile(0.99, sum(rate(grpc_server_handling_seconds_bucket{job=~".*", grpc_type="unary"}[5m])) without(grpc_type)) > 0.15 and on (namespace) up == bool 0 or 0*absent(etcd_x{a="b"})[15m:1m]"#,
+        r#"histogram_quantile(0.99, sum(rate(grpc_server_handling_seconds_bucket{job=~".*", grpc_type="unary"}[5m])) without(grpc_type)) > 0.15 and on (namespace) up == bool 0 or 0*absent(etcd_x{a="b"})[15m:1m] or max without (endpoint) (count by (To) (etcd_y))"#,
     );
-    let want: BTreeSet<String> =
-        ["grpc_server_handling_seconds_bucket", "up", "etcd_x"].iter().map(|s| s.to_string()).collect();
+    let want: BTreeSet<String> = ["grpc_server_handling_seconds_bucket", "up", "etcd_x", "etcd_y"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(names, want);
 }
 
@@ -359,7 +384,15 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
         .unwrap();
     assert!(managers.contains("cairn-operator"), "CRD managers: {managers}");
     let holder = bed
-        .kubectl(&["-n", &ns, "get", "lease", "cairn-cairn-operator", "-o", "jsonpath={.spec.holderIdentity}"])
+        .kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "lease",
+            "cairn-cairn-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
         .await
         .unwrap();
     assert!(holder.starts_with("cairn-cairn-operator-"), "Lease holder {holder:?}");
@@ -368,6 +401,11 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
     let test = helm(&bed, &["test", "cairn", "--namespace", &ns, "--timeout=5m"]).await.unwrap();
     eprintln!("chart: helm test:\n{test}");
     assert!(test.contains("Succeeded"), "helm test did not report success: {test}");
+    let test_log = std::fs::read_to_string(
+        bed.dir().join("logs").join(format!("{ns}_cairn-cairn-operator-test_put-get.log")),
+    )
+    .unwrap();
+    assert!(test_log.contains("wrote and read back a key through"), "helm test pod: {test_log}");
 
     // Metrics: every series an alert or a panel reads is exported. The backup gauges need a
     // recorded backup; the day-two backup controller does not exist yet, so the test writes
@@ -386,20 +424,31 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
     .await
     .unwrap();
     let pods = bed
-        .kubectl(&["-n", &ns, "get", "pods", "-l", "app.kubernetes.io/name=cairn-operator", "-o", "jsonpath={.items[*].metadata.name}"])
+        .kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=cairn-operator",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
         .await
         .unwrap();
     let operator_pod = holder.clone();
     assert!(pods.split_whitespace().any(|p| p == operator_pod), "{operator_pod} not in {pods}");
     let operator_ip = bed.pod_ip(&ns, &operator_pod).unwrap();
-    let operator_text = wait_for("the operator to export the backup gauge", Duration::from_secs(90), || async {
-        let text = scrape(&format!("http://{operator_ip}:8080/metrics")).await?;
-        Ok(text.contains("cairn_operator_backup_last_success_timestamp{").then_some(text))
-    })
-    .await
-    .unwrap();
+    let operator_text =
+        wait_for("the operator to export the backup gauge", Duration::from_secs(90), || async {
+            let text = scrape(&format!("http://{operator_ip}:8080/metrics")).await?;
+            Ok(text.contains("cairn_operator_backup_last_success_timestamp{").then_some(text))
+        })
+        .await
+        .unwrap();
     assert!(
-        operator_text.contains(r#"cairn_operator_backup_last_success_timestamp{cluster="main",namespace=""#)
+        operator_text
+            .contains(r#"cairn_operator_backup_last_success_timestamp{cluster="main",namespace=""#)
             && operator_text.contains("1796083200"),
         "backup gauge not from status.lastBackup:\n{operator_text}"
     );
@@ -438,9 +487,19 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
             }
         }
         if release == "all-on" {
-            assert_eq!(skipped, ["ServiceMonitor", "PodMonitor", "PrometheusRule"]);
+            skipped.sort();
+            assert_eq!(skipped, ["PodMonitor", "PrometheusRule", "ServiceMonitor"]);
             let kinds: Vec<&str> = kept.iter().filter_map(|d| d["kind"].as_str()).collect();
-            for kind in ["Deployment", "ClusterRole", "Role", "ServiceAccount", "Service", "ConfigMap", "Cluster", "Pod"] {
+            for kind in [
+                "Deployment",
+                "ClusterRole",
+                "Role",
+                "ServiceAccount",
+                "Service",
+                "ConfigMap",
+                "Cluster",
+                "Pod",
+            ] {
                 assert!(kinds.contains(&kind), "{kind} not rendered: {kinds:?}");
             }
         }
@@ -453,14 +512,19 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
     }
 
     // Uninstall keeps the Cluster (helm.sh/resource-policy: keep) and the CRDs (crds/).
-    helm(&bed, &["uninstall", "cairn", "--namespace", &ns, "--wait", "--timeout=2m"]).await.unwrap();
+    helm(&bed, &["uninstall", "cairn", "--namespace", &ns, "--wait", "--timeout=2m"])
+        .await
+        .unwrap();
     wait_for("the operator Deployment to go", Duration::from_secs(60), || async {
         let out = bed.kubectl(&["-n", &ns, "get", "deploy", "-o", "name"]).await?;
         Ok(out.trim().is_empty().then_some(()))
     })
     .await
     .unwrap();
-    assert!(clusters.get_opt("main").await.unwrap().is_some(), "helm uninstall deleted the Cluster");
+    assert!(
+        clusters.get_opt("main").await.unwrap().is_some(),
+        "helm uninstall deleted the Cluster"
+    );
     bed.kubectl(&["get", "crd", "clusters.cairn.dev", "backups.cairn.dev"]).await.unwrap();
     drop(_dump);
 }
