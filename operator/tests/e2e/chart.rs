@@ -100,6 +100,106 @@ async fn helm(bed: &Bed, args: &[&str]) -> anyhow::Result<String> {
     }
 }
 
+/// `helm template` of the chart with `args` (no cluster needed), as YAML documents.
+fn render(args: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(helm_bin().unwrap())
+        .args(["template", "t", chart_dir().to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    yaml_docs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// promtool from `CAIRN_PROMTOOL_BIN` or the scripts/helm.sh cache, if built.
+fn promtool_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CAIRN_PROMTOOL_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("CAIRN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/cairn")
+    });
+    let path = cache.join("promtool/v0.316.0/promtool");
+    path.is_file().then_some(path)
+}
+
+#[test]
+fn rendered_prometheus_rule_takes_the_selector_and_leaves_out_disabled_alerts() {
+    let file: Value =
+        serde_saphyr::from_str(&read(&chart_dir().join("files/monitoring/alerts.yaml"))).unwrap();
+    let in_file: usize = file["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["rules"].as_array().unwrap().len())
+        .sum();
+    let docs = render(&[
+        "--set=metrics.prometheusRule.enabled=true",
+        r#"--set=metrics.prometheusRule.storeSelector=job="etcd-main""#,
+        "--set=metrics.prometheusRule.disabled={etcdNoLeader}",
+        "--set=metrics.prometheusRule.additionalRules[0].alert=Extra",
+        "--set=metrics.prometheusRule.additionalRules[0].expr=vector(1)",
+    ]);
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").expect("no PrometheusRule");
+    let groups = rule["spec"]["groups"].as_array().unwrap();
+    let alerts: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert_eq!(alerts.len(), in_file, "one disabled, one added: {alerts:?}");
+    assert!(!alerts.contains(&"etcdNoLeader") && alerts.contains(&"Extra"), "{alerts:?}");
+    let text = serde_json::to_string(&rule["spec"]).unwrap();
+    assert!(!text.contains(".*cairn.*") && text.contains(r#"job=\"etcd-main\""#), "{text}");
+
+    // The rendered groups are a valid Prometheus rule file (JSON is YAML).
+    match promtool_bin() {
+        Some(promtool) => {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("rules.yaml");
+            std::fs::write(&path, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+            let out = std::process::Command::new(promtool)
+                .arg("check")
+                .arg("rules")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check rules: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        None => eprintln!(
+            "promtool not built (scripts/helm.sh build-promtool): rendered rules not checked by promtool"
+        ),
+    }
+}
+
+#[test]
+fn defaults_render_only_the_operator() {
+    let kinds: BTreeSet<String> =
+        render(&[]).iter().filter_map(|d| d["kind"].as_str().map(str::to_owned)).collect();
+    let want: BTreeSet<String> = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(kinds, want);
+}
+
 /// Every optional part of the chart switched on.
 const ALL_ON: &[&str] = &[
     "--set=metrics.serviceMonitor.enabled=true",
