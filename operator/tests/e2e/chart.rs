@@ -9,8 +9,10 @@
 //!   gets) applies its CRDs and reconciles the Cluster to Available; `helm test` writes and
 //!   reads a key through the Cluster (its pod run by the test kubelet); every metric an
 //!   alert or a dashboard panel uses is in what the running stores and operator export;
-//!   the chart rendered with defaults and with every optional part on passes the API
-//!   server's dry run; `helm uninstall` leaves the Cluster and the CRDs in place.
+//!   `helm upgrade` to a new operator tag makes a stale CRD current again (the new operator
+//!   pods apply their CRDs; Helm never upgrades `crds/`); the chart rendered with defaults
+//!   and with every optional part on passes the API server's dry run; `helm uninstall`
+//!   leaves the Cluster and the CRDs in place.
 //!
 //! What the bed cannot check: the monitoring.coreos.com objects (ServiceMonitor, PodMonitor,
 //! PrometheusRule) are left out of the dry run, since no prometheus-operator CRDs can be
@@ -567,6 +569,80 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
         }
     }
     assert!(missing.is_empty(), "metrics used but not exported:\n{}", missing.join("\n"));
+
+    // helm upgrade brings the CRDs along: a stale CRD (printer columns removed by someone
+    // else) is made current again by the new operator pods (--apply-crds), since Helm itself
+    // never upgrades crds/. The new tag maps to the same binary on the bed.
+    bed.kubectl(&[
+        "patch",
+        "crd",
+        "clusters.cairn.dev",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/versions/0/additionalPrinterColumns"}]"#,
+    ])
+    .await
+    .unwrap();
+    let columns = || async {
+        bed.kubectl(&[
+            "get",
+            "crd",
+            "clusters.cairn.dev",
+            "-o",
+            "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}",
+        ])
+        .await
+    };
+    assert_eq!(columns().await.unwrap().trim(), "", "the CRD was not made stale");
+    helm(
+        &bed,
+        &[
+            "upgrade",
+            "cairn",
+            chart,
+            "--namespace",
+            &ns,
+            "--reuse-values",
+            "--set=image.tag=0.1.0-upgrade",
+        ],
+    )
+    .await
+    .unwrap();
+    wait_for("the upgraded operator to re-apply the CRD", Duration::from_secs(120), || async {
+        let names = columns().await?;
+        Ok(names.contains("Phase").then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_for("the upgraded operator to hold the Lease", Duration::from_secs(120), || async {
+        let holder = bed
+            .kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                "lease",
+                "cairn-cairn-operator",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await?;
+        let image = bed
+            .kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                "pod",
+                holder.trim(),
+                "-o",
+                "jsonpath={.spec.containers[0].image}",
+            ])
+            .await
+            .unwrap_or_default();
+        Ok(image.ends_with(":0.1.0-upgrade").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(condition_true(&clusters.get("main").await.unwrap(), "Available"));
 
     // The chart rendered with defaults and with every optional part on passes the API
     // server's dry run (under other release names and namespaces, so nothing clashes with
