@@ -28,17 +28,8 @@ PROMTOOL_DIR="$CACHE_ROOT/promtool/$PROMTOOL_VERSION"
 log() { printf '==> helm.sh: %s\n' "$*" >&2; }
 die() { printf 'helm.sh: %s\n' "$*" >&2; exit 1; }
 
-find_go() {
-  if [ -n "${GO:-}" ]; then
-    printf '%s\n' "$GO"
-  elif command -v go >/dev/null 2>&1; then
-    command -v go
-  elif [ -x /usr/local/go/bin/go ]; then
-    printf '%s\n' /usr/local/go/bin/go
-  else
-    die "no Go toolchain found (set GO=/path/to/go or put go on PATH); Go >= 1.24 is needed"
-  fi
-}
+# find_go
+. "$(dirname "${BASH_SOURCE[0]}")/go-tool.sh"
 
 # go_build MODULE VERSION PACKAGE BINARY OUT_DIR [LDFLAGS]: builds PACKAGE of MODULE@VERSION
 # into OUT_DIR/BINARY unless it is there already, and prints OUT_DIR.

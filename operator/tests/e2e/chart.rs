@@ -428,6 +428,13 @@ fn condition_true(c: &Cluster, type_: &str) -> bool {
         .is_some_and(|s| s.conditions.iter().any(|x| x.type_ == type_ && x.status == "True"))
 }
 
+/// The holder of the chart's leader-election Lease (release `cairn`).
+async fn lease_holder(bed: &Bed, ns: &str) -> anyhow::Result<String> {
+    let args =
+        ["-n", ns, "get", "lease", "cairn-cairn-operator", "-o", "jsonpath={.spec.holderIdentity}"];
+    Ok(bed.kubectl(&args).await?.trim().to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
     let helm_path = helm_bin().unwrap();
@@ -485,18 +492,7 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
         .await
         .unwrap();
     assert!(managers.contains("cairn-operator"), "CRD managers: {managers}");
-    let holder = bed
-        .kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "lease",
-            "cairn-cairn-operator",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-        .await
-        .unwrap();
+    let holder = lease_holder(&bed, &ns).await.unwrap();
     assert!(holder.starts_with("cairn-cairn-operator-"), "Lease holder {holder:?}");
 
     // helm test: the hook pod writes and reads a key through the Cluster.
@@ -615,24 +611,14 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
     .await
     .unwrap();
     wait_for("the upgraded operator to hold the Lease", Duration::from_secs(120), || async {
-        let holder = bed
-            .kubectl(&[
-                "-n",
-                &ns,
-                "get",
-                "lease",
-                "cairn-cairn-operator",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .await?;
+        let holder = lease_holder(&bed, &ns).await?;
         let image = bed
             .kubectl(&[
                 "-n",
                 &ns,
                 "get",
                 "pod",
-                holder.trim(),
+                &holder,
                 "-o",
                 "jsonpath={.spec.containers[0].image}",
             ])
