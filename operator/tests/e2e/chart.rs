@@ -183,6 +183,38 @@ fn rendered_prometheus_rule_takes_the_selector_and_leaves_out_disabled_alerts() 
     }
 }
 
+/// Every key of `values.yaml` is typed by `values.schema.json` (down to where the schema
+/// deliberately leaves an object free-form, such as `resources` or `cluster.spec`'s
+/// Kubernetes fields).
+#[test]
+fn values_schema_types_every_value() {
+    fn walk(path: &str, value: &Value, schema: &Value, missing: &mut Vec<String>) {
+        let Some(map) = value.as_object() else { return };
+        let Some(props) = schema.get("properties").and_then(Value::as_object) else { return };
+        for (k, v) in map {
+            let here = format!("{path}.{k}");
+            match props.get(k) {
+                Some(sub) => {
+                    assert!(sub.get("type").is_some(), "{here} has no type in values.schema.json");
+                    walk(&here, v, sub, missing);
+                }
+                None => missing.push(here),
+            }
+        }
+    }
+    let values: Value = serde_saphyr::from_str(&read(&chart_dir().join("values.yaml"))).unwrap();
+    let schema: Value =
+        serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).unwrap();
+    assert_eq!(
+        schema["additionalProperties"],
+        Value::Bool(false),
+        "unknown top-level keys must fail"
+    );
+    let mut missing = Vec::new();
+    walk("", &values, &schema, &mut missing);
+    assert!(missing.is_empty(), "values without a schema entry: {missing:?}");
+}
+
 #[test]
 fn defaults_render_only_the_operator() {
     let kinds: BTreeSet<String> =
