@@ -216,9 +216,10 @@ fn values_schema_types_every_value() {
 }
 
 #[test]
-fn defaults_render_only_the_operator() {
+fn defaults_render_only_the_operator_hardened_and_electing_a_leader() {
+    let docs = render(&[]);
     let kinds: BTreeSet<String> =
-        render(&[]).iter().filter_map(|d| d["kind"].as_str().map(str::to_owned)).collect();
+        docs.iter().filter_map(|d| d["kind"].as_str().map(str::to_owned)).collect();
     let want: BTreeSet<String> = [
         "ClusterRole",
         "ClusterRoleBinding",
@@ -232,6 +233,32 @@ fn defaults_render_only_the_operator() {
     .map(|s| s.to_string())
     .collect();
     assert_eq!(kinds, want);
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    for want in [
+        "--leader-election=true",
+        "--apply-crds=true",
+        "--default-repository=ghcr.io/cairn-dev/cairn",
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    assert_eq!(
+        c["image"],
+        format!("ghcr.io/cairn-dev/cairn-operator:{}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 /// Every optional part of the chart switched on.
