@@ -56,6 +56,14 @@ fn yaml_docs(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The cache of scripts/k8s.sh and scripts/helm.sh: `CAIRN_CACHE_DIR`, else ~/.cache/cairn.
+fn cache_root() -> PathBuf {
+    std::env::var_os("CAIRN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/cairn")
+    })
+}
+
 /// `CAIRN_HELM_BIN`, else the scripts/helm.sh cache.
 fn helm_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("CAIRN_HELM_BIN") {
@@ -63,10 +71,7 @@ fn helm_bin() -> anyhow::Result<PathBuf> {
     }
     let version =
         std::env::var("CAIRN_HELM_VERSION").unwrap_or_else(|_| DEFAULT_HELM_VERSION.to_owned());
-    let cache = std::env::var_os("CAIRN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-            .join(".cache/cairn")
-    });
+    let cache = cache_root();
     let path = cache.join("helm").join(version).join("helm");
     if path.is_file() {
         Ok(path)
@@ -122,10 +127,7 @@ fn promtool_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CAIRN_PROMTOOL_BIN") {
         return Some(PathBuf::from(p));
     }
-    let cache = std::env::var_os("CAIRN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-            .join(".cache/cairn")
-    });
+    let cache = cache_root();
     let path = cache.join("promtool/v0.316.0/promtool");
     path.is_file().then_some(path)
 }
