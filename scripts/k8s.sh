@@ -37,17 +37,8 @@ have_all() {
   done
 }
 
-find_go() {
-  if [ -n "${GO:-}" ]; then
-    printf '%s\n' "$GO"
-  elif command -v go >/dev/null 2>&1; then
-    command -v go
-  elif [ -x /usr/local/go/bin/go ]; then
-    printf '%s\n' /usr/local/go/bin/go
-  else
-    die "no Go toolchain found (set GO=/path/to/go or put go on PATH); Go >= 1.24 is needed"
-  fi
-}
+# find_go
+. "$(dirname "${BASH_SOURCE[0]}")/go-tool.sh"
 
 build() {
   if have_all; then

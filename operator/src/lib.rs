@@ -62,6 +62,26 @@ impl Error {
 /// The operator's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Server-side applies the CRDs this operator serves (the same objects `crd_yaml` renders),
+/// so that a new operator version brings its schema along (`--apply-crds`; Helm never
+/// upgrades a chart's `crds/`).
+///
+/// # Errors
+/// The first API error (for example no `patch` permission on the CRD).
+pub async fn apply_crds(client: &kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{Api, Patch, PatchParams};
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    for crd in [crd::Cluster::crd(), crd::Backup::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &pp, &Patch::Apply(&crd)).await?;
+        tracing::info!(crd = %name, "CRD applied");
+    }
+    Ok(())
+}
+
 /// Renders the CRDs this operator serves as one multi-document YAML, `kind` selecting one
 /// (`cluster` or `backup`) or all.
 ///

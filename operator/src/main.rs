@@ -56,6 +56,10 @@ struct Args {
     /// Log format: `json` (one object per line) or `text`.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
+    /// Server-side apply the Cluster and Backup CRDs at start (keeps them current on upgrade;
+    /// needs get and patch on those two CRDs).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    apply_crds: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `cairn_operator=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -164,6 +168,13 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("building the Kubernetes client (KUBECONFIG or in-cluster)")?;
     client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    if args.apply_crds {
+        // A failure is reported, not fatal: the CRDs may be current already, and the wait
+        // below tells the user what is missing.
+        if let Err(e) = cairn_operator::apply_crds(&client).await {
+            tracing::error!(error = %e, "applying the CRDs failed (--apply-crds)");
+        }
+    }
     // A missing CRD is the user's to fix: report it and wait, never exit into a crash loop.
     let clusters = Api::<cairn_operator::crd::Cluster>::all(client.clone());
     let mut stop = stop_rx.clone();

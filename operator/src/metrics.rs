@@ -1,5 +1,6 @@
 //! The operator's Prometheus metrics: reconcile outcomes and durations, and per-Cluster
-//! member, ready-member and quorum gauges. One registry, rendered by `/metrics`.
+//! member, ready-member and quorum gauges, and per-Cluster backup gauges (scheduled, time of
+//! the last success recorded in `status.lastBackup`). One registry, rendered by `/metrics`.
 
 use std::time::Instant;
 
@@ -21,6 +22,11 @@ pub struct Metrics {
     pub ready_members: IntGaugeVec,
     /// `cairn_operator_cluster_has_quorum{namespace,cluster}`: 1 while a quorum of voters is healthy.
     pub has_quorum: IntGaugeVec,
+    /// `cairn_operator_cluster_backup_scheduled{namespace,cluster}`: 1 when `spec.backup` is set.
+    pub backup_scheduled: IntGaugeVec,
+    /// `cairn_operator_backup_last_success_timestamp{namespace,cluster}`: Unix seconds of
+    /// `status.lastBackup.time`; absent until a backup succeeded.
+    pub backup_last_success: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -57,12 +63,31 @@ impl Metrics {
             gauge("cairn_operator_cluster_ready_members", "Members answering Status.")?;
         let has_quorum =
             gauge("cairn_operator_cluster_has_quorum", "1 while a quorum of voters answers.")?;
+        let backup_scheduled = gauge(
+            "cairn_operator_cluster_backup_scheduled",
+            "1 when the Cluster schedules backups (spec.backup).",
+        )?;
+        let backup_last_success = gauge(
+            "cairn_operator_backup_last_success_timestamp",
+            "Unix time in seconds of the Cluster's last successful backup (status.lastBackup).",
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(members.clone()))?;
         registry.register(Box::new(ready_members.clone()))?;
         registry.register(Box::new(has_quorum.clone()))?;
-        Ok(Self { registry, reconciles, duration, members, ready_members, has_quorum })
+        registry.register(Box::new(backup_scheduled.clone()))?;
+        registry.register(Box::new(backup_last_success.clone()))?;
+        Ok(Self {
+            registry,
+            reconciles,
+            duration,
+            members,
+            ready_members,
+            has_quorum,
+            backup_scheduled,
+            backup_last_success,
+        })
     }
 
     /// Starts timing a pass; the duration is observed when the guard drops.
@@ -72,7 +97,13 @@ impl Metrics {
 
     /// Removes a deleted Cluster's gauges.
     pub fn forget(&self, namespace: &str, cluster: &str) {
-        for g in [&self.members, &self.ready_members, &self.has_quorum] {
+        for g in [
+            &self.members,
+            &self.ready_members,
+            &self.has_quorum,
+            &self.backup_scheduled,
+            &self.backup_last_success,
+        ] {
             let _ = g.remove_label_values(&[namespace, cluster]);
         }
     }
@@ -112,6 +143,8 @@ mod tests {
         m.members.with_label_values(&["ns", "a"]).set(3);
         m.ready_members.with_label_values(&["ns", "a"]).set(3);
         m.has_quorum.with_label_values(&["ns", "a"]).set(1);
+        m.backup_scheduled.with_label_values(&["ns", "a"]).set(1);
+        m.backup_last_success.with_label_values(&["ns", "a"]).set(1_700_000_000);
         drop(m.timer());
         let text = m.render();
         for name in [
@@ -119,6 +152,8 @@ mod tests {
             "cairn_operator_reconcile_duration_seconds_count 1",
             "cairn_operator_cluster_members{cluster=\"a\",namespace=\"ns\"} 3",
             "cairn_operator_cluster_has_quorum{cluster=\"a\",namespace=\"ns\"} 1",
+            "cairn_operator_cluster_backup_scheduled{cluster=\"a\",namespace=\"ns\"} 1",
+            "cairn_operator_backup_last_success_timestamp{cluster=\"a\",namespace=\"ns\"} 1700000000",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -487,6 +487,13 @@ impl<'a> Pass<'a> {
         m.has_quorum
             .with_label_values(&labels)
             .set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
+        m.backup_scheduled.with_label_values(&labels).set(i64::from(c.spec.backup.is_some()));
+        match self.old.last_backup.as_ref().and_then(|b| parse_time(&b.time)) {
+            Some(t) => m.backup_last_success.with_label_values(&labels).set(t.as_second()),
+            None => {
+                let _ = m.backup_last_success.remove_label_values(&labels);
+            }
+        }
         let now = self.now.to_string();
         let ready = i32::try_from(healthy_voters).unwrap_or(0);
         let new = ClusterStatus {

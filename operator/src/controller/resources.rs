@@ -16,10 +16,11 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -303,6 +304,38 @@ pub fn store_args(c: &Cluster) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// The user and group of the store image (`Dockerfile`: distroless `nonroot`, 65532).
+pub const STORE_UID: i64 = 65532;
+
+/// The store pod's security context: non-root as the image's user, the data volume made
+/// writable for its group (`fsGroup`), seccomp RuntimeDefault.
+fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(STORE_UID),
+        run_as_group: Some(STORE_UID),
+        fs_group: Some(STORE_UID),
+        // Re-own a volume only when its root does not match already (large data dirs).
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The store container's security context: read-only root file system (it writes only
+/// its data volume), no privilege escalation, no capabilities.
+fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        ..Default::default()
+    }
+}
+
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -355,6 +388,7 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
         readiness_probe: Some(probe("/readyz", 2, 3)),
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..probe("/livez", 10, 6) }),
         resources: spec.resources.clone(),
+        security_context: Some(container_security_context()),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
             mount_path: DATA_MOUNT.into(),
@@ -442,6 +476,7 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty())
                         .then(|| spec.image_pull_secrets.clone()),
                     termination_grace_period_seconds: Some(30),
+                    security_context: Some(pod_security_context()),
                     ..Default::default()
                 }),
             },
@@ -500,6 +535,20 @@ mod tests {
         let mut no_uid = a.clone();
         no_uid.metadata.uid = None;
         assert!(matches!(token(&no_uid), Err(Error::MissingObjectKey(_))));
+    }
+
+    #[test]
+    fn store_pods_run_non_root_with_a_read_only_root_and_a_group_writable_volume() {
+        let s = stateful_set(&cluster(ClusterSpec::default()), 1, "cairn").unwrap();
+        let pod = pod_spec(&s).security_context.as_ref().unwrap();
+        assert_eq!(pod.run_as_non_root, Some(true));
+        assert_eq!(pod.run_as_user, Some(STORE_UID));
+        assert_eq!(pod.fs_group, Some(STORE_UID));
+        assert_eq!(pod.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let c = pod_spec(&s).containers[0].security_context.as_ref().unwrap();
+        assert_eq!(c.read_only_root_filesystem, Some(true));
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        assert_eq!(c.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
     }
 
     #[test]
