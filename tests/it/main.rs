@@ -11,6 +11,7 @@ mod compat;
 mod crash;
 mod diff;
 mod etcdctl;
+mod garbage;
 mod gateway;
 mod harness;
 mod kv;
