@@ -118,7 +118,13 @@ else
   log "SKIPPED: promtool is not cached, so the alert unit tests (charts/monitoring-tests) do not run; run scripts/helm.sh build-promtool once, or CAIRN_BUILD_PROMTOOL=1"
 fi
 
-for tool in unshare flock setsid; do
+if ! command -v ip >/dev/null 2>&1; then
+  log "installing iproute2 (the partition tests put members in network namespaces)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 >/dev/null
+fi
+for tool in unshare flock setsid ip; do
   command -v "$tool" >/dev/null 2>&1 || { echo "the test bed needs $tool" >&2; exit 1; }
 done
 

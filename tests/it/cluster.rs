@@ -128,7 +128,7 @@ impl Cluster {
 }
 
 /// key → (value, revision) of every acknowledged write.
-type Acked = Arc<Mutex<HashMap<String, (String, i64)>>>;
+pub type Acked = Arc<Mutex<HashMap<String, (String, i64)>>>;
 
 /// Writes unique keys through a client that knows every endpoint, recording each
 /// acknowledged write, until told to stop. Failed writes are retried with new keys.
@@ -152,7 +152,7 @@ async fn writer(endpoints: Vec<String>, id: usize, acked: Acked, stop: Arc<Atomi
 }
 
 /// Starts `n` writers; returns the stop flag and their handles.
-fn writers(
+pub fn writers(
     endpoints: &[String],
     n: usize,
     acked: &Acked,
@@ -166,7 +166,7 @@ fn writers(
 
 /// Asserts that every acknowledged write reads back with its value and revision from every
 /// running member (linearizable reads).
-async fn assert_acked_readable(cluster: &mut Cluster, acked: &Acked) {
+pub async fn assert_acked_readable(cluster: &mut Cluster, acked: &Acked) {
     let snapshot = acked.lock().unwrap().clone();
     assert!(snapshot.len() > 20, "writers made too little progress: {}", snapshot.len());
     for m in cluster.members.iter_mut() {
@@ -197,7 +197,7 @@ async fn assert_acked_readable(cluster: &mut Cluster, acked: &Acked) {
 }
 
 /// Puts until one succeeds; returns how long that took.
-async fn time_until_writable(endpoints: &[String]) -> Duration {
+pub async fn time_until_writable(endpoints: &[String]) -> Duration {
     let start = Instant::now();
     let mut c = Client::connect(endpoints.to_vec(), None).await.unwrap();
     loop {

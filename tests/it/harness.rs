@@ -45,6 +45,8 @@ pub struct Cairn {
     /// Where the member listens for peers when that differs from its advertised peer URL
     /// (a fault-injecting proxy sits between them).
     pub listen_peer_url: Option<String>,
+    /// The network namespace the member runs in (`ip netns exec`), if not the test's own.
+    pub netns: Option<String>,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -76,13 +78,22 @@ impl Cairn {
             initial_cluster: String::new(),
             cluster_state: "new".to_owned(),
             listen_peer_url: None,
+            netns: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         }
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the program, so the child's pid is cairn's own.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), env!("CARGO_BIN_EXE_cairn")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_cairn")),
+        };
         let initial_cluster = if self.initial_cluster.is_empty() {
             format!("{}={}", self.name, self.peer_url)
         } else {

@@ -228,7 +228,7 @@ const KEYS: u64 = 4;
 /// How long a client waits for an answer before the operation counts as unanswered.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-type History = Arc<Mutex<Vec<(u64, Op)>>>;
+pub type History = Arc<Mutex<Vec<(u64, Op)>>>;
 
 fn key(k: u64) -> String {
     format!("lin/{k}")
@@ -257,7 +257,7 @@ fn value_of(resp: &etcd_client::GetResponse) -> u64 {
 
 /// One client on one member: random reads (linearizable), writes of unique values and
 /// swaps from the last value it saw, recorded with their times until `stop`.
-async fn client(endpoint: String, id: u64, start: Instant, stop: Arc<AtomicBool>, h: History) {
+pub async fn client(endpoint: String, id: u64, start: Instant, stop: Arc<AtomicBool>, h: History) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id << 17) ^ id);
     let mut seq = 0u64;
     let mut last_seen: HashMap<u64, u64> = HashMap::new();
@@ -373,7 +373,7 @@ fn prune(ops: Vec<Op>) -> Vec<Op> {
 }
 
 /// Checks every key's history; returns how many operations were answered.
-fn check(history: &[(u64, Op)]) -> usize {
+pub fn check(history: &[(u64, Op)]) -> usize {
     for k in 0..KEYS {
         let ops: Vec<Op> = history.iter().filter(|(key, _)| *key == k).map(|(_, op)| *op).collect();
         let ops = prune(ops);

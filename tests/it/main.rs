@@ -19,6 +19,7 @@ mod lease;
 mod linearizability;
 mod lock;
 mod metrics;
+mod partition;
 mod server;
 mod watch;
 mod watch_cli;
