@@ -10,6 +10,7 @@ mod cluster;
 mod compat;
 mod crash;
 mod diff;
+mod disk;
 mod etcdctl;
 mod garbage;
 mod gateway;
