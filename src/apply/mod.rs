@@ -107,6 +107,16 @@ pub enum Response {
 /// What the proposer of an entry receives.
 pub type ApplyResult = Result<Response, Error>;
 
+/// The `Keyspace::Meta` key prefix of the raised alarms (`alarm.rs`).
+pub(crate) const ALARM_KEY_PREFIX: &[u8] = b"alarm/";
+
+/// True for the meta records that belong to one member rather than to the replicated
+/// history: the applied raft index and the raised alarms. A restored member starts
+/// without them.
+pub fn is_member_local_meta(key: &[u8]) -> bool {
+    key == APPLIED_INDEX_KEY || key.starts_with(ALARM_KEY_PREFIX)
+}
+
 /// Reads the applied index recorded in `engine` (0 for a new state machine).
 ///
 /// # Errors
@@ -307,6 +317,8 @@ impl Applier {
             return;
         }
         let sm = &self.state;
+        // Pinned readers (snapshot streams) must not read across the replacement.
+        sm.kv.invalidate_pins();
         let installed = sm
             .engine
             .import(snapshot.get_data())

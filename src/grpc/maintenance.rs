@@ -24,6 +24,19 @@ impl MaintenanceService {
     }
 }
 
+/// A stream fed by a task through a small channel (the task stops when the client leaves).
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::SnapshotResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 fn unimplemented(method: &str) -> Status {
     Status::unimplemented(format!(
         "etcdserverpb.Maintenance/{method} is not implemented by Cairn yet"
@@ -82,7 +95,11 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        Err(unimplemented("Hash"))
+        let (hash, revision) = self.server.hash().await.map_err(super::status::from_server)?;
+        Ok(Response::new(pb::HashResponse {
+            header: convert::header(self.server.header(), revision),
+            hash,
+        }))
     }
 
     async fn hash_kv(
@@ -102,11 +119,34 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream =
         Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static>>;
 
+    /// Streams the image in chunks, then its SHA-256 as the last chunk (etcd's v3rpc
+    /// maintenance.go does the same; clients concatenate every blob into the file). The
+    /// first response's header carries the snapshot's revision.
     async fn snapshot(
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
+        let mut snap = self.server.snapshot().await.map_err(super::status::from_server)?;
+        let mut header = convert::header(self.server.header(), snap.header.revision);
+        let mut remaining = snap.size_hint;
+        let stream = async_stream(move |tx| async move {
+            while let Some(chunk) = snap.next().await {
+                let msg = chunk.map_err(super::status::from_server).map(|blob| {
+                    remaining = remaining.saturating_sub(blob.len() as u64);
+                    pb::SnapshotResponse {
+                        header: header.take(),
+                        remaining_bytes: remaining,
+                        blob,
+                        version: STORAGE_VERSION.to_owned(),
+                    }
+                });
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn move_leader(

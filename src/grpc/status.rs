@@ -33,6 +33,8 @@ pub mod msg {
     pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
     /// Apply lagging commit.
     pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
+    /// Backend quota exhausted (a NOSPACE alarm is raised).
+    pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
     /// Unknown lease.
     pub const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
     /// Duplicate lease id.
@@ -88,6 +90,8 @@ pub fn from_server(e: server::Error) -> Status {
         E::LeaseTtlTooLarge => Status::new(Code::OutOfRange, msg::LEASE_TTL_TOO_LARGE),
         E::InvalidSortOption => Status::new(Code::InvalidArgument, msg::INVALID_SORT_OPTION),
         E::InvalidCompare => Status::new(Code::InvalidArgument, "etcdserver: invalid compare"),
+        E::Interrupted(e) => Status::new(Code::Unavailable, format!("etcdserver: {e}")),
+        E::NoSpace => Status::new(Code::ResourceExhausted, msg::NO_SPACE),
         E::Storage(e) => {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))

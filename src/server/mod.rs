@@ -28,6 +28,7 @@ mod lease;
 mod propose;
 mod read;
 mod reconfigure;
+mod snapshot;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -44,10 +45,12 @@ use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport}
 use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
+pub use self::datadir::{Error as DataDirError, Identity, create_restored};
 pub use self::error::Error;
 pub use self::identity::{Join, Member, MemberError};
 pub use self::lease::TimeToLive;
 pub use self::propose::IdGen;
+pub use self::snapshot::SnapshotStream;
 
 /// The etcd version Cairn reports in `Status` and `/version`: the etcd API level whose
 /// behaviour it matches (clients such as Kubernetes gate features on it).

@@ -53,6 +53,15 @@ pub enum Keyspace {
 }
 
 impl Keyspace {
+    /// Every keyspace, in a fixed order.
+    pub const ALL: [Keyspace; 5] =
+        [Keyspace::Kv, Keyspace::Meta, Keyspace::Lease, Keyspace::Auth, Keyspace::Members];
+
+    /// The keyspace stored under `prefix`, if any.
+    pub fn from_prefix(prefix: u8) -> Option<Keyspace> {
+        Keyspace::ALL.into_iter().find(|k| k.prefix() == prefix)
+    }
+
     /// The one-byte prefix under which this keyspace's keys are stored.
     pub const fn prefix(self) -> u8 {
         match self {
