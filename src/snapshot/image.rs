@@ -20,6 +20,10 @@ const HEADER_LEN: u32 = 40;
 const TAG_RECORD: u8 = 1;
 /// Tag of the end marker.
 const TAG_END: u8 = 0;
+/// The image is padded to a multiple of this, because etcd's clients accept a snapshot
+/// stream only when its size modulo 512 is the 32 bytes of the trailer (bbolt files are
+/// whole pages; client/v3/snapshot `hasChecksum`).
+const ALIGN: u64 = 512;
 /// Length of the SHA-256 trailer.
 pub(super) const SHA_LEN: usize = 32;
 
@@ -43,6 +47,8 @@ pub struct ImageWriter {
     buf: Vec<u8>,
     sha: Sha256,
     records: u64,
+    /// Bytes handed out so far.
+    written: u64,
 }
 
 impl std::fmt::Debug for ImageWriter {
@@ -63,7 +69,7 @@ impl ImageWriter {
         buf.extend_from_slice(&header.applied_index.to_be_bytes());
         buf.extend_from_slice(&header.cluster_id.to_be_bytes());
         buf.extend_from_slice(&header.member_id.to_be_bytes());
-        Self { buf, sha: Sha256::new(), records: 0 }
+        Self { buf, sha: Sha256::new(), records: 0, written: 0 }
     }
 
     /// Appends one storage record.
@@ -87,6 +93,7 @@ impl ImageWriter {
     pub fn take(&mut self) -> Vec<u8> {
         let out = std::mem::take(&mut self.buf);
         self.sha.update(&out);
+        self.written += out.len() as u64;
         out
     }
 
@@ -95,6 +102,9 @@ impl ImageWriter {
     pub fn finish(mut self) -> (Vec<u8>, [u8; SHA_LEN]) {
         self.buf.push(TAG_END);
         self.buf.extend_from_slice(&self.records.to_be_bytes());
+        let len = self.written + self.buf.len() as u64;
+        let pad = (ALIGN - len % ALIGN) % ALIGN;
+        self.buf.resize(self.buf.len() + usize::try_from(pad).unwrap_or(0), 0);
         let last = self.take();
         (last, self.sha.finalize().into())
     }
@@ -240,6 +250,12 @@ pub fn read_image(
     if count != records {
         return Err(invalid(format!("end marker counts {count} records, the file holds {records}")));
     }
+    let pad = (ALIGN - r.read % ALIGN) % ALIGN;
+    let mut padding = vec![0u8; usize::try_from(pad).unwrap_or(0)];
+    r.exact(&mut padding).map_err(cut)?;
+    if padding.iter().any(|b| *b != 0) {
+        return Err(invalid("non-zero padding after the end marker".into()));
+    }
     let actual: [u8; SHA_LEN] = r.sha.clone().finalize().into();
     let mut rest = Vec::new();
     r.inner.read_to_end(&mut rest).map_err(|source| Error::Io { path: path.to_owned(), source })?;
@@ -311,6 +327,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = image(dir.path());
         let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() % 512, SHA_LEN, "etcd clients need size % 512 == 32");
         let none = &mut |_: Keyspace, _: &[u8], _: &[u8]| Ok(());
         for cut in [5, 30, bytes.len() - 40, bytes.len() - 33, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..cut]).unwrap();

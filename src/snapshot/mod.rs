@@ -17,6 +17,9 @@
 //! record*    tag u8 = 1, keyspace u8 (the storage prefix: 'k' mvcc, 'm' meta, 'l' leases,
 //!            'a' auth, 'b' members), key_len u32, key, value_len u32, value
 //! end        tag u8 = 0, record_count u64 (records above; a cut file never ends right)
+//! padding    zero bytes up to a multiple of 512 bytes: etcd's clients (`etcdctl
+//!            snapshot save`) accept a stream only when its size modulo 512 is 32
+//!            (`hasChecksum`, made for bbolt's whole pages)
 //! sha256     32 bytes over every byte before it (etcd's trailer, also sent by the server
 //!            as the last chunk of `Maintenance.Snapshot`)
 //! ```
