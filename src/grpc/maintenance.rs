@@ -1,5 +1,6 @@
-//! etcd's `Maintenance` service: `Status`, `Alarm` (list), `HashKV` and `MoveLeader` are
-//! served; the rest answer `Unimplemented` until the features behind them exist.
+//! etcd's `Maintenance` service: `Status`, `Alarm`, `Hash`, `HashKV`, `Snapshot` and
+//! `MoveLeader` are served; the rest answer `Unimplemented` until the features behind them
+//! exist.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,20 +46,25 @@ fn unimplemented(method: &str) -> Status {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    /// Lists alarms. No alarm is ever raised yet (quota enforcement and corruption checks
-    /// arrive later), so the list is truthfully empty; raising or clearing one by hand is
-    /// not served.
+    /// Raises, clears or lists alarms, through raft (etcd proposes every action, GET
+    /// included).
     async fn alarm(
         &self,
         request: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
-        match pb::alarm_request::AlarmAction::try_from(request.get_ref().action) {
-            Ok(pb::alarm_request::AlarmAction::Get) => Ok(Response::new(pb::AlarmResponse {
-                header: convert::current_header(&self.server),
-                alarms: Vec::new(),
-            })),
-            _ => Err(unimplemented("Alarm (activate/deactivate)")),
-        }
+        let r = request.into_inner();
+        let alarms = self
+            .server
+            .alarm(r.action, r.member_id, r.alarm)
+            .await
+            .map_err(super::status::from_server)?;
+        Ok(Response::new(pb::AlarmResponse {
+            header: convert::current_header(&self.server),
+            alarms: alarms
+                .into_iter()
+                .map(|(member_id, alarm)| pb::AlarmMember { member_id, alarm })
+                .collect(),
+        }))
     }
 
     async fn status(
@@ -75,7 +81,17 @@ impl Maintenance for MaintenanceService {
             raft_index: s.raft.commit,
             raft_term: s.raft.term,
             raft_applied_index: s.applied,
-            errors: Vec::new(),
+            // etcd lists each raised alarm as its protobuf text form.
+            errors: self
+                .server
+                .alarms()
+                .into_iter()
+                .map(|(member_id, alarm)| {
+                    let name = pb::AlarmType::try_from(alarm)
+                        .map_or_else(|_| alarm.to_string(), |a| a.as_str_name().to_owned());
+                    format!("memberID:{member_id} alarm:{name} ")
+                })
+                .collect(),
             db_size_in_use: db_size,
             is_learner: self.server.is_learner(),
             storage_version: STORAGE_VERSION.to_owned(),

@@ -35,6 +35,8 @@ pub mod msg {
     pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
     /// Backend quota exhausted (a NOSPACE alarm is raised).
     pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+    /// A CORRUPT alarm is raised.
+    pub const CORRUPT: &str = "etcdserver: corrupt cluster";
     /// Unknown lease.
     pub const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
     /// Duplicate lease id.
@@ -92,6 +94,7 @@ pub fn from_server(e: server::Error) -> Status {
         E::InvalidCompare => Status::new(Code::InvalidArgument, "etcdserver: invalid compare"),
         E::Interrupted(e) => Status::new(Code::Unavailable, format!("etcdserver: {e}")),
         E::NoSpace => Status::new(Code::ResourceExhausted, msg::NO_SPACE),
+        E::Corrupt => Status::new(Code::DataLoss, msg::CORRUPT),
         E::Storage(e) => {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))

@@ -85,6 +85,9 @@ pub enum Error {
     /// The backend quota is exhausted (a NOSPACE alarm is raised).
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    /// A CORRUPT alarm is raised: the cluster refuses writes.
+    #[error("corrupt cluster")]
+    Corrupt,
     /// The state machine's storage failed or holds corrupt data.
     #[error("{0}")]
     Storage(String),
@@ -138,7 +141,11 @@ impl From<apply::Error> for Error {
             apply::Error::Lease(e) => e.into(),
             apply::Error::Convert(e) => e.into(),
             apply::Error::Membership { id, reason } => Error::MemberRefused { id, reason },
-            e @ apply::Error::Decode { .. } => Error::Internal(e.to_string()),
+            apply::Error::NoSpace => Error::NoSpace,
+            apply::Error::Corrupt => Error::Corrupt,
+            e @ (apply::Error::Decode { .. } | apply::Error::NoApplier { .. }) => {
+                Error::Internal(e.to_string())
+            }
         }
     }
 }
