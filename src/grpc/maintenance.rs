@@ -1,5 +1,5 @@
-//! etcd's `Maintenance` service: `Status`, `Alarm`, `Hash`, `HashKV`, `Snapshot` and
-//! `MoveLeader` are served; the rest answer `Unimplemented` until the features behind them
+//! etcd's `Maintenance` service: `Status`, `Alarm`, `Defragment`, `Hash`, `HashKV`,
+//! `Snapshot` and `MoveLeader` are served; the rest answer `Unimplemented` until the features behind them
 //! exist.
 
 use std::pin::Pin;
@@ -100,11 +100,15 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
+    /// Member-local and blocking, as etcd's: answers once the new files are live.
     async fn defragment(
         &self,
         _: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        Err(unimplemented("Defragment"))
+        self.server.defragment().await.map_err(super::status::from_server)?;
+        Ok(Response::new(pb::DefragmentResponse {
+            header: convert::current_header(&self.server),
+        }))
     }
 
     async fn hash(

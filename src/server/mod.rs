@@ -21,6 +21,7 @@
 
 mod compactor;
 mod datadir;
+mod defrag;
 mod error;
 pub mod identity;
 mod kv;
@@ -119,6 +120,8 @@ pub struct Server {
     ids: IdGen,
     reads: read::ReadHandle,
     request_timeout: Duration,
+    /// Held while a defragmentation runs.
+    maintenance: Mutex<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -313,6 +316,7 @@ impl Server {
             applied: applied_rx,
             reads,
             request_timeout,
+            maintenance: Mutex::new(()),
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
         });
