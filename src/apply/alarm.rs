@@ -19,7 +19,9 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use cairn_proto::etcdserverpb::{AlarmType, RequestOp, TxnRequest, alarm_request::AlarmAction, request_op};
+use cairn_proto::etcdserverpb::{
+    AlarmType, RequestOp, TxnRequest, alarm_request::AlarmAction, request_op,
+};
 use cairn_proto::internal::InternalRequest;
 use cairn_proto::internal::internal_request::Op;
 
@@ -136,7 +138,12 @@ impl Wrapper for AlarmWrapper {
         "alarm"
     }
 
-    fn apply(&mut self, ctx: &mut Ctx<'_, '_>, req: InternalRequest, next: Next<'_>) -> ApplyResult {
+    fn apply(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        req: InternalRequest,
+        next: Next<'_>,
+    ) -> ApplyResult {
         match &req.op {
             Some(Op::Alarm(a)) => {
                 let alarm = (a.member_id, a.alarm);
@@ -161,10 +168,14 @@ impl Wrapper for AlarmWrapper {
                     _ => Ok(Response::Alarms(self.alarms.list())),
                 }
             }
-            Some(op) if self.alarms.has(AlarmType::Corrupt) && !matches!(op, Op::LeaseCheckpoint(_)) => {
+            Some(op)
+                if self.alarms.has(AlarmType::Corrupt) && !matches!(op, Op::LeaseCheckpoint(_)) =>
+            {
                 Err(Error::Corrupt)
             }
-            Some(op) if self.alarms.has(AlarmType::Nospace) && grows_database(op) => Err(Error::NoSpace),
+            Some(op) if self.alarms.has(AlarmType::Nospace) && grows_database(op) => {
+                Err(Error::NoSpace)
+            }
             _ => next.run(ctx, req),
         }
     }

@@ -532,7 +532,11 @@ mod tests {
             on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
             on_snapshot: Box::new(|_, _| {}),
         };
-        let a = Applier::new(StateMachine { kv, leases, engine: engine.clone(), alarms: Alarms::default() }, 1000, hooks);
+        let a = Applier::new(
+            StateMachine { kv, leases, engine: engine.clone(), alarms: Alarms::default() },
+            1000,
+            hooks,
+        );
         (a, Seen { conf_changes: handed, engine, members: members_rx, wait })
     }
 

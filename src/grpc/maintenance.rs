@@ -106,9 +106,7 @@ impl Maintenance for MaintenanceService {
         _: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         self.server.defragment().await.map_err(super::status::from_server)?;
-        Ok(Response::new(pb::DefragmentResponse {
-            header: convert::current_header(&self.server),
-        }))
+        Ok(Response::new(pb::DefragmentResponse { header: convert::current_header(&self.server) }))
     }
 
     async fn hash(

@@ -588,6 +588,9 @@ mod tests {
         fn import(&self, image: &[u8]) -> crate::storage::Result<()> {
             self.mem.import(image)
         }
+        fn rewrite(&self) -> crate::storage::Result<Box<dyn crate::storage::Rewrite + '_>> {
+            self.mem.rewrite()
+        }
     }
 
     #[test]

@@ -63,7 +63,11 @@ impl Server {
         if size.saturating_add(cost) < self.cfg.quota_backend_bytes {
             return Ok(());
         }
-        tracing::warn!(size, quota = self.cfg.quota_backend_bytes, "backend quota exceeded; raising NOSPACE");
+        tracing::warn!(
+            size,
+            quota = self.cfg.quota_backend_bytes,
+            "backend quota exceeded; raising NOSPACE"
+        );
         let raise = Op::Alarm(AlarmRequest {
             action: AlarmAction::Activate as i32,
             member_id: self.header.member_id,
@@ -81,7 +85,12 @@ impl Server {
     ///
     /// # Errors
     /// The proposal's errors.
-    pub async fn alarm(&self, action: i32, member_id: u64, alarm: i32) -> Result<Vec<Alarm>, Error> {
+    pub async fn alarm(
+        &self,
+        action: i32,
+        member_id: u64,
+        alarm: i32,
+    ) -> Result<Vec<Alarm>, Error> {
         match self.propose(Op::Alarm(AlarmRequest { action, member_id, alarm })).await? {
             Response::Alarms(list) => Ok(list),
             other => Err(Error::Internal(format!("alarm request answered with {other:?}"))),
@@ -107,8 +116,19 @@ mod tests {
                 ..Default::default()
             })),
         };
-        assert_eq!(cost(&Op::Put(PutRequest { key: b"k".to_vec(), value: b"vv".to_vec(), ..Default::default() })), 259);
-        let txn = TxnRequest { compare: vec![], success: vec![put("a", "1")], failure: vec![put("a", "1"), put("b", "2")] };
+        assert_eq!(
+            cost(&Op::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"vv".to_vec(),
+                ..Default::default()
+            })),
+            259
+        );
+        let txn = TxnRequest {
+            compare: vec![],
+            success: vec![put("a", "1")],
+            failure: vec![put("a", "1"), put("b", "2")],
+        };
         assert_eq!(cost(&Op::Txn(txn)), 2 * 258, "the larger branch counts");
         assert_eq!(cost(&Op::Txn(TxnRequest::default())), 0);
         assert_eq!(cost(&Op::LeaseGrant(Default::default())), 64);

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use super::Error;
 use super::cli::Status;
-use crate::storage::Keyspace;
 
 fn unsupported(path: &Path) -> Error {
     Error::Invalid {
@@ -25,7 +24,7 @@ pub(super) fn check(path: &Path, _skip_hash_check: bool) -> Result<i64, Error> {
 pub(super) fn read(
     path: &Path,
     _skip_hash_check: bool,
-    _visit: &mut dyn FnMut(Keyspace, &[u8], &[u8]) -> Result<(), Error>,
+    _visit: super::Visit<'_>,
 ) -> Result<(), Error> {
     Err(unsupported(path))
 }

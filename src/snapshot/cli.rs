@@ -89,7 +89,8 @@ pub fn run(args: &Args) -> Result<(), Error> {
             initial_advertise_peer_urls,
             skip_hash_check,
         } => {
-            let data_dir = data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{name}.etcd")));
+            let data_dir =
+                data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{name}.etcd")));
             let restored = super::restore(&RestoreOptions {
                 snapshot: path.clone(),
                 name: name.clone(),
@@ -115,7 +116,8 @@ pub fn run(args: &Args) -> Result<(), Error> {
 /// Streams a snapshot from `endpoint` into `path` (through `path.part`, renamed when the
 /// trailer checked out and the file is fsynced, as etcdctl does).
 async fn save(endpoint: &str, path: &Path) -> Result<(), Error> {
-    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let url =
+        if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
     let remote = |e: &dyn std::fmt::Display| Error::Remote(format!("{endpoint}: {e}"));
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| remote(&e))?
@@ -197,7 +199,12 @@ pub(super) struct Status {
 fn status(path: &Path) -> Result<Status, Error> {
     if image::is_cairn_image(path)? {
         let s = image::read_image(path, true, &mut |_, _, _| Ok(()))?;
-        Ok(Status { hash: s.hash, revision: s.header.revision, total_key: s.records, total_size: s.size })
+        Ok(Status {
+            hash: s.hash,
+            revision: s.header.revision,
+            total_key: s.records,
+            total_size: s.size,
+        })
     } else {
         super::bbolt::status(path)
     }
@@ -208,7 +215,9 @@ impl Status {
     fn render(&self, format: &str) -> Result<String, Error> {
         let size = humanize_bytes(self.total_size);
         match format {
-            "simple" => Ok(format!("{:x}, {}, {}, {size}", self.hash, self.revision, self.total_key)),
+            "simple" => {
+                Ok(format!("{:x}, {}, {}, {size}", self.hash, self.revision, self.total_key))
+            }
             "json" => Ok(serde_json::json!({
                 "hash": self.hash,
                 "revision": self.revision,
@@ -225,7 +234,9 @@ impl Status {
                     size,
                 ],
             )),
-            other => Err(Error::Config(format!("unknown output format {other:?} (simple, table, json)"))),
+            other => {
+                Err(Error::Config(format!("unknown output format {other:?} (simple, table, json)")))
+            }
         }
     }
 }
@@ -245,9 +256,12 @@ fn table(headers: &[&str], row: &[String]) -> String {
         })
         .collect::<String>()
         + "|";
-    let cells: String =
-        row.iter().zip(&widths).map(|(c, w)| format!("|{c:>width$} ", width = w - 1)).collect::<String>()
-            + "|";
+    let cells: String = row
+        .iter()
+        .zip(&widths)
+        .map(|(c, w)| format!("|{c:>width$} ", width = w - 1))
+        .collect::<String>()
+        + "|";
     [rule.clone(), head, rule.clone(), cells, rule].join("\n")
 }
 

@@ -78,7 +78,8 @@ impl ImageWriter {
         self.buf.push(keyspace.prefix());
         for part in [key, value] {
             // Engine keys and values are far below 4 GiB (requests are capped at MiBs).
-            self.buf.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+            self.buf
+                .extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
             self.buf.extend_from_slice(part);
         }
         self.records += 1;
@@ -184,12 +185,14 @@ pub(super) fn is_cairn_image(path: &Path) -> Result<bool, Error> {
 pub fn read_image(
     path: &Path,
     skip_hash_check: bool,
-    visit: &mut dyn FnMut(Keyspace, &[u8], &[u8]) -> Result<(), Error>,
+    visit: super::Visit<'_>,
 ) -> Result<Summary, Error> {
     let invalid = |reason: String| Error::Invalid { path: path.to_owned(), reason };
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let file =
+        std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let size = file.metadata().map_err(|source| Error::Io { path: path.to_owned(), source })?.len();
-    let mut r = Hashing { inner: BufReader::with_capacity(256 * 1024, file), sha: Sha256::new(), read: 0 };
+    let mut r =
+        Hashing { inner: BufReader::with_capacity(256 * 1024, file), sha: Sha256::new(), read: 0 };
     let cut = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::Invalid { path: path.to_owned(), reason: "the file is truncated".into() }
@@ -248,7 +251,9 @@ pub fn read_image(
     }
     let count = r.u64().map_err(cut)?;
     if count != records {
-        return Err(invalid(format!("end marker counts {count} records, the file holds {records}")));
+        return Err(invalid(format!(
+            "end marker counts {count} records, the file holds {records}"
+        )));
     }
     let pad = (ALIGN - r.read % ALIGN) % ALIGN;
     let mut padding = vec![0u8; usize::try_from(pad).unwrap_or(0)];
@@ -262,9 +267,7 @@ pub fn read_image(
     let has_trailer = match rest.len() {
         0 if skip_hash_check => false,
         0 => {
-            return Err(invalid(
-                "snapshot missing hash but --skip-hash-check=false".into(),
-            ));
+            return Err(invalid("snapshot missing hash but --skip-hash-check=false".into()));
         }
         SHA_LEN => {
             if !skip_hash_check && rest != actual {
@@ -291,7 +294,13 @@ mod tests {
     use super::*;
 
     fn image(dir: &Path) -> std::path::PathBuf {
-        let header = Header { revision: 7, compact_revision: 3, applied_index: 12, cluster_id: 1, member_id: 2 };
+        let header = Header {
+            revision: 7,
+            compact_revision: 3,
+            applied_index: 12,
+            cluster_id: 1,
+            member_id: 2,
+        };
         let mut w = ImageWriter::new(&header);
         let mut bytes = Vec::new();
         w.record(Keyspace::Meta, b"m", b"1");

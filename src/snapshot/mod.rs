@@ -46,6 +46,9 @@ pub use self::cli::{Args, run};
 pub use self::image::{Header, ImageWriter, Summary, read_image};
 pub use self::restore::{RestoreOptions, Restored, restore};
 
+/// Receives each record of a snapshot in file order: keyspace, key, value.
+pub type Visit<'a> = &'a mut dyn FnMut(crate::storage::Keyspace, &[u8], &[u8]) -> Result<(), Error>;
+
 /// Errors of reading, checking or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -154,11 +154,7 @@ enum Source {
 
 impl Source {
     fn detect(path: &Path) -> Result<Self, Error> {
-        if image::is_cairn_image(path)? {
-            Ok(Source::Cairn)
-        } else {
-            Ok(Source::Etcd)
-        }
+        if image::is_cairn_image(path)? { Ok(Source::Cairn) } else { Ok(Source::Etcd) }
     }
 
     /// Checks the whole file, returning its revision.
@@ -176,7 +172,7 @@ impl Source {
         self,
         path: &Path,
         skip_hash_check: bool,
-        visit: &mut dyn FnMut(Keyspace, &[u8], &[u8]) -> Result<(), Error>,
+        visit: super::Visit<'_>,
     ) -> Result<(), Error> {
         match self {
             Source::Cairn => image::read_image(path, skip_hash_check, visit).map(|_| ()),

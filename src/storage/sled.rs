@@ -73,7 +73,8 @@ impl SledEngine {
         // files after the switch.
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let stale = if live_dir == dir {
                 name.starts_with(GEN_PREFIX)
             } else {
@@ -252,11 +253,8 @@ impl Rewrite for SledRewrite<'_> {
         // The new generation is durable before CURRENT names it.
         self.db.flush().map_err(engine_err)?;
         SledEngine::fsync_tree(&self.dir)?;
-        let name = self
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name =
+            self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = root.join(format!("{CURRENT}.tmp"));
         std::fs::write(&tmp, name.as_bytes()).map_err(io(&tmp))?;
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
@@ -272,7 +270,8 @@ impl Rewrite for SledRewrite<'_> {
         if old_dir == *root {
             for entry in std::fs::read_dir(root).map_err(io(root))? {
                 let path = entry.map_err(io(root))?.path();
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name =
+                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with(GEN_PREFIX) || name.starts_with(CURRENT) {
                     continue;
                 }
@@ -343,7 +342,8 @@ mod tests {
             .unwrap();
         assert_eq!(n, 100);
         assert_eq!(engine.get(Keyspace::Kv, b"k000000").unwrap(), Some(b"after".to_vec()));
-        let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let entries: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(entries.len(), 2, "only CURRENT and the live generation remain: {entries:?}");
     }
 }
