@@ -198,7 +198,14 @@ pub(super) struct Status {
 /// Reads the status of a snapshot file (Cairn's image or etcd's database).
 fn status(path: &Path) -> Result<Status, Error> {
     if image::is_cairn_image(path)? {
-        let s = image::read_image(path, true, &mut |_, _, _| Ok(()))?;
+        // A present trailer is checked; a missing one is accepted (a data file copied
+        // directly has none, and etcdutl's status reads those too).
+        let s = match image::read_image(path, false, &mut |_, _, _| Ok(())) {
+            Err(Error::Invalid { reason, .. }) if reason.starts_with(image::MISSING_HASH) => {
+                image::read_image(path, true, &mut |_, _, _| Ok(()))?
+            }
+            other => other?,
+        };
         Ok(Status {
             hash: s.hash,
             revision: s.header.revision,

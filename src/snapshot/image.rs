@@ -24,6 +24,8 @@ const TAG_END: u8 = 0;
 /// stream only when its size modulo 512 is the 32 bytes of the trailer (bbolt files are
 /// whole pages; client/v3/snapshot `hasChecksum`).
 const ALIGN: u64 = 512;
+/// The start of the error for an image without its trailer (etcdutl's wording).
+pub(super) const MISSING_HASH: &str = "snapshot missing hash";
 /// Length of the SHA-256 trailer.
 pub(super) const SHA_LEN: usize = 32;
 

@@ -15,6 +15,7 @@ mod gateway;
 mod harness;
 mod kv;
 mod lease;
+mod maintenance;
 mod metrics;
 mod server;
 mod watch;
