@@ -278,6 +278,22 @@ impl KvStore {
     }
 }
 
+/// The `Kv` keyspace record of one change at revision `(main, sub)`, for tools that write
+/// a store's records directly (restoring a snapshot taken from etcd). A tombstone's `kv`
+/// holds the key and, as its mod revision, the deletion's main revision.
+pub fn storage_record(main: i64, sub: i64, tombstone: bool, kv: &KeyValue) -> (Vec<u8>, Vec<u8>) {
+    (Revision::new(main, sub).to_key(tombstone), codec::encode(kv))
+}
+
+/// The `Meta` keyspace records that give a store written with [`storage_record`] its
+/// current and compaction revisions.
+pub fn revision_records(current: i64, compacted: i64) -> [(Vec<u8>, Vec<u8>); 2] {
+    [
+        (META_CURRENT_REVISION.to_vec(), current.to_be_bytes().to_vec()),
+        (META_COMPACT_REVISION.to_vec(), compacted.to_be_bytes().to_vec()),
+    ]
+}
+
 /// Loads the key index and revisions kept in `engine`.
 fn load_state(engine: &dyn Engine) -> Result<State> {
     let compact_rev = read_meta(engine, META_COMPACT_REVISION)?.unwrap_or(0);
