@@ -381,3 +381,86 @@ async fn the_nospace_sequence_matches_etcd_step_by_step() {
     step.1 = "ok".into();
     assert_eq!(ours, theirs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_restores_into_cairn_with_every_key_and_revision() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let mut e = Client::connect([etcd.client_url.as_str()], None).await.unwrap();
+    let lease = workload(&mut e).await;
+    // Enough keys for bbolt to split the key bucket over many branch and leaf pages, and
+    // values past one page (overflow pages).
+    for i in 0..3000 {
+        e.put(format!("many/{i:05}"), format!("v{i}"), None).await.unwrap();
+    }
+    e.put("large", vec![b'L'; 20_000], None).await.unwrap();
+    e.delete("many/0", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let rev = e.status().await.unwrap().header().unwrap().revision();
+    let compacted = rev - 2000;
+    e.compact(compacted, None).await.unwrap();
+    let rev = e.put("final", "f", None).await.unwrap().header().unwrap().revision();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("etcd.db");
+    let ctl = etcdctls().pop().expect("etcdctl");
+    let (ok, _, err) = run(
+        &ctl,
+        &[&format!("--endpoints={}", etcd.client_url), "snapshot", "save", snap.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) =
+        run(&cairn_bin(), &["snapshot", "status", snap.to_str().unwrap(), "-w", "json"]);
+    assert!(ok, "{err}");
+    let js: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(js["revision"], rev);
+
+    let mut m = Cairn::new("migrated", tempfile::tempdir().unwrap(), &[]);
+    let (ok, out, err) = run(
+        &cairn_bin(),
+        &[
+            "snapshot",
+            "restore",
+            snap.to_str().unwrap(),
+            "--name",
+            &m.name,
+            "--data-dir",
+            m.data_dir.to_str().unwrap(),
+            "--initial-cluster",
+            &format!("{}={}", m.name, m.peer_url),
+            "--initial-advertise-peer-urls",
+            &m.peer_url,
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    m.spawn().await;
+    let mut c = m.client().await;
+    assert_eq!(c.status().await.unwrap().header().unwrap().revision(), rev);
+    // Every key with its revisions, value and lease, now and at revisions back to the
+    // compaction point; below it both refuse.
+    for at in [0, rev, rev - 1, rev - 500, compacted + 1, compacted] {
+        assert_eq!(dump(&mut c, at).await, dump(&mut e, at).await, "at revision {at}");
+    }
+    let below = GetOptions::new().with_revision(compacted - 1);
+    assert_eq!(
+        outcome(c.get("final", Some(below.clone())).await),
+        outcome(e.get("final", Some(below)).await)
+    );
+    let theirs = e.lease_time_to_live(lease, None).await.unwrap();
+    let ours = c.lease_time_to_live(lease, None).await.unwrap();
+    assert_eq!(ours.granted_ttl(), theirs.granted_ttl());
+    assert!(ours.ttl() > 0);
+    // The migrated member goes on from etcd's revision.
+    let next = c.put("after", "x", None).await.unwrap().header().unwrap().revision();
+    assert_eq!(next, rev + 1);
+    // A damaged etcd snapshot is refused and writes nothing.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&snap, &bytes).unwrap();
+    let target = tmp.path().join("never");
+    let (ok, _, err) = run(
+        &cairn_bin(),
+        &["snapshot", "restore", snap.to_str().unwrap(), "--data-dir", target.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("sha256"), "{err}");
+    assert!(!target.exists());
+}
