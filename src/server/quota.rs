@@ -63,6 +63,11 @@ impl Server {
         if size.saturating_add(cost) < self.cfg.quota_backend_bytes {
             return Ok(());
         }
+        let mine = (self.header.member_id, AlarmType::Nospace as i32);
+        if self.alarms.list().contains(&mine) {
+            // Already raised (etcd proposes it again on every refusal; once is enough).
+            return Err(Error::NoSpace);
+        }
         tracing::warn!(
             size,
             quota = self.cfg.quota_backend_bytes,

@@ -65,6 +65,9 @@ struct LeasePb {
     remaining_ttl: i64,
 }
 
+/// Receives each `(key, value, is_bucket)` of a bbolt tree in key order.
+type Entries<'a> = &'a mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), Error>;
+
 /// Where a tree's root lives: a page of the file, or inline in a bucket value.
 enum Root {
     Page(u64),
@@ -208,12 +211,7 @@ impl<'p> Bolt<'p> {
     }
 
     /// Visits every `(key, value, is_bucket)` of the tree at `root`, in key order.
-    fn walk(
-        &self,
-        root: &Root,
-        depth: usize,
-        visit: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    fn walk(&self, root: &Root, depth: usize, visit: Entries<'_>) -> Result<(), Error> {
         if depth > MAX_DEPTH {
             return Err(self.invalid("bbolt tree too deep (damaged)"));
         }
