@@ -19,13 +19,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use cairn_proto::etcdserverpb::{
-    AlarmType, RequestOp, TxnRequest, alarm_request::AlarmAction, request_op,
-};
+use cairn_proto::etcdserverpb::{AlarmType, alarm_request::AlarmAction};
 use cairn_proto::internal::InternalRequest;
-use cairn_proto::internal::internal_request::Op;
 
-use super::dispatch::{Ctx, Next, Wrapper};
+use super::dispatch::{self, Ctx, Kind, Next, Wrapper};
 use super::{ALARM_KEY_PREFIX, ApplyResult, Error, Response};
 use crate::storage::{Engine, Keyspace, Scan};
 
@@ -98,28 +95,6 @@ impl Alarms {
     }
 }
 
-/// True when `txn` puts a key in either branch, nested txns included (etcd's `costTxn`
-/// is then above zero).
-pub fn txn_puts(txn: &TxnRequest) -> bool {
-    let puts = |ops: &[RequestOp]| {
-        ops.iter().any(|op| match &op.request {
-            Some(request_op::Request::RequestPut(_)) => true,
-            Some(request_op::Request::RequestTxn(t)) => txn_puts(t),
-            _ => false,
-        })
-    };
-    puts(&txn.success) || puts(&txn.failure)
-}
-
-/// True when `op` may grow the database: what a NOSPACE alarm refuses.
-pub fn grows_database(op: &Op) -> bool {
-    match op {
-        Op::Put(_) | Op::LeaseGrant(_) => true,
-        Op::Txn(t) => txn_puts(t),
-        _ => false,
-    }
-}
-
 /// The wrapper applier that applies alarm requests and enforces raised alarms.
 #[derive(Debug)]
 pub struct AlarmWrapper {
@@ -144,8 +119,8 @@ impl Wrapper for AlarmWrapper {
         req: InternalRequest,
         next: Next<'_>,
     ) -> ApplyResult {
-        match &req.op {
-            Some(Op::Alarm(a)) => {
+        match dispatch::kind(&req) {
+            Kind::Alarm(a) => {
                 let alarm = (a.member_id, a.alarm);
                 match AlarmAction::try_from(a.action) {
                     Ok(AlarmAction::Activate) if a.alarm != AlarmType::None as i32 => {
@@ -168,14 +143,10 @@ impl Wrapper for AlarmWrapper {
                     _ => Ok(Response::Alarms(self.alarms.list())),
                 }
             }
-            Some(op)
-                if self.alarms.has(AlarmType::Corrupt) && !matches!(op, Op::LeaseCheckpoint(_)) =>
-            {
-                Err(Error::Corrupt)
-            }
-            Some(op) if self.alarms.has(AlarmType::Nospace) && grows_database(op) => {
-                Err(Error::NoSpace)
-            }
+            // A checkpoint only records remaining TTLs the leader already counts down.
+            Kind::LeaseCheckpoint => next.run(ctx, req),
+            _ if self.alarms.has(AlarmType::Corrupt) => Err(Error::Corrupt),
+            Kind::GrowsDatabase if self.alarms.has(AlarmType::Nospace) => Err(Error::NoSpace),
             _ => next.run(ctx, req),
         }
     }

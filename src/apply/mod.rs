@@ -43,7 +43,7 @@ use crate::watch::WatchHub;
 
 pub use self::alarm::{AlarmWrapper, Alarms};
 pub use self::convert::ConvertError;
-pub use self::dispatch::{Ctx, Next, Wrapper};
+pub use self::dispatch::{Ctx, Kind, Next, Wrapper};
 pub use self::members::{Member, Members};
 pub use self::wait::Wait;
 
@@ -684,6 +684,50 @@ mod tests {
         let keys: Vec<_> = all.kvs.iter().map(|k| k.key.clone()).collect();
         assert_eq!(keys, [b"ok".to_vec()]);
         assert_eq!(applied_index(seen.engine.as_ref()).unwrap(), 4);
+    }
+
+    fn alarm(index: u64, id: u64, action: i32) -> Entry {
+        let op = Op::Alarm(cairn_proto::etcdserverpb::AlarmRequest {
+            action,
+            member_id: 7,
+            alarm: cairn_proto::etcdserverpb::AlarmType::Nospace as i32,
+        });
+        request(index, id, op)
+    }
+
+    #[test]
+    fn a_nospace_alarm_refuses_growing_writes_until_cleared_and_survives_a_reload() {
+        let (a, seen) = applier(vec![]);
+        let alarms = a.state.alarms.clone();
+        let mut a = a.with_wrapper(Box::new(AlarmWrapper::new(alarms.clone())));
+        let del = Op::DeleteRange(cairn_proto::etcdserverpb::DeleteRangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        });
+        let results: Vec<_> = (1..=5).map(|id| seen.wait.register(id)).collect();
+        a.apply_entries(vec![
+            request(2, 1, put("a")),
+            alarm(3, 2, 1),
+            request(4, 3, put("b")),
+            request(5, 4, del),
+            alarm(6, 5, 0),
+        ]);
+        let mut results = results.into_iter().map(|mut rx| rx.try_recv().unwrap());
+        assert!(matches!(results.next(), Some(Ok(Response::Put(_)))));
+        assert!(matches!(results.next(), Some(Ok(Response::Alarms(v))) if v == [(7, 1)]));
+        assert!(matches!(results.next(), Some(Err(Error::NoSpace))));
+        assert!(matches!(results.next(), Some(Ok(Response::DeleteRange(_)))));
+        assert!(matches!(results.next(), Some(Ok(Response::Alarms(v))) if v.len() == 1));
+        assert!(
+            alarms.has(cairn_proto::etcdserverpb::AlarmType::Nospace),
+            "GET lists and leaves the alarm"
+        );
+        // Deactivate (action 2) clears it, in memory and in storage.
+        let mut cleared = seen.wait.register(6);
+        a.apply_entries(vec![alarm(7, 6, 2), request(8, 7, put("b"))]);
+        assert!(matches!(cleared.try_recv(), Ok(Ok(Response::Alarms(v))) if v == [(7, 1)]));
+        assert!(Alarms::load(seen.engine.as_ref()).unwrap().list().is_empty());
+        assert!(alarms.list().is_empty());
     }
 
     #[test]
