@@ -51,6 +51,26 @@ fn engine_err(e: sled::Error) -> Error {
     Error::Engine(e.to_string())
 }
 
+/// Converts a batch into sled's, prefixing each key with its keyspace.
+fn sled_batch(batch: Batch) -> sled::Batch {
+    let mut b = sled::Batch::default();
+    for op in batch.into_ops() {
+        let key = op.keyspace.encode(&op.key);
+        match op.value {
+            Some(v) => b.insert(key, v),
+            None => b.remove(key),
+        }
+    }
+    b
+}
+
+/// Removes a file or a directory tree.
+fn remove_path(path: &Path) -> Result<()> {
+    let removed =
+        if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    removed.map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
 impl SledEngine {
     /// Opens (creating if needed) the sled database in `dir`.
     ///
@@ -81,12 +101,7 @@ impl SledEngine {
                 path != live_dir && name != CURRENT
             };
             if stale {
-                let removed = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                removed.map_err(io(&path))?;
+                remove_path(&path)?;
             }
         }
         let db = Self::open_db(&live_dir)?;
@@ -157,14 +172,7 @@ impl Engine for SledEngine {
     }
 
     fn write(&self, batch: Batch) -> Result<()> {
-        let mut b = sled::Batch::default();
-        for op in batch.into_ops() {
-            let key = op.keyspace.encode(&op.key);
-            match op.value {
-                Some(v) => b.insert(key, v),
-                None => b.remove(key),
-            }
-        }
+        let b = sled_batch(batch);
         let start = Instant::now();
         let result = self.db().apply_batch(b).map_err(engine_err);
         if let Some(m) = crate::metrics::get() {
@@ -233,14 +241,7 @@ struct SledRewrite<'a> {
 
 impl Rewrite for SledRewrite<'_> {
     fn write(&mut self, batch: Batch) -> Result<()> {
-        let mut b = sled::Batch::default();
-        for op in batch.into_ops() {
-            let key = op.keyspace.encode(&op.key);
-            match op.value {
-                Some(v) => b.insert(key, v),
-                None => b.remove(key),
-            }
-        }
+        let b = sled_batch(batch);
         self.db.apply_batch(b).map_err(engine_err)
     }
 
@@ -275,12 +276,7 @@ impl Rewrite for SledRewrite<'_> {
                 if name.starts_with(GEN_PREFIX) || name.starts_with(CURRENT) {
                     continue;
                 }
-                let removed = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                removed.map_err(io(&path))?;
+                remove_path(&path)?;
             }
         } else {
             std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;

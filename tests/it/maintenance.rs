@@ -29,6 +29,30 @@ fn cairn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cairn"))
 }
 
+/// Restores `snapshot` into `m`'s data dir as a member of `initial_cluster` (`m` alone
+/// when empty), with `cairn snapshot restore`.
+fn restore_into(snapshot: &Path, m: &Cairn, initial_cluster: &str) {
+    let single = format!("{}={}", m.name, m.peer_url);
+    let initial = if initial_cluster.is_empty() { single.as_str() } else { initial_cluster };
+    let (ok, out, err) = run(
+        &cairn_bin(),
+        &[
+            "snapshot",
+            "restore",
+            snapshot.to_str().unwrap(),
+            "--name",
+            &m.name,
+            "--data-dir",
+            m.data_dir.to_str().unwrap(),
+            "--initial-cluster",
+            initial,
+            "--initial-advertise-peer-urls",
+            &m.peer_url,
+        ],
+    );
+    assert!(ok, "restore failed: {out} {err}");
+}
+
 /// Every key with its revisions, value and lease, read at `revision` (0 = newest).
 async fn dump(c: &mut Client, revision: i64) -> Vec<(Vec<u8>, i64, i64, i64, Vec<u8>, i64)> {
     let opts = GetOptions::new().with_all_keys().with_revision(revision).with_serializable();
@@ -130,23 +154,7 @@ async fn etcdctl_snapshots_restore_into_a_new_three_member_cluster_with_equal_ha
     let initial = initial.join(",");
     for m in &mut members {
         m.initial_cluster = initial.clone();
-        let (ok, out, err) = run(
-            &cairn_bin(),
-            &[
-                "snapshot",
-                "restore",
-                files[0].to_str().unwrap(),
-                "--name",
-                &m.name,
-                "--data-dir",
-                m.data_dir.to_str().unwrap(),
-                "--initial-cluster",
-                &initial,
-                "--initial-advertise-peer-urls",
-                &m.peer_url,
-            ],
-        );
-        assert!(ok, "restore failed: {out} {err}");
+        restore_into(&files[0], m, &initial);
     }
     for m in &mut members {
         m.spawn_only();
@@ -414,23 +422,7 @@ async fn an_etcd_snapshot_restores_into_cairn_with_every_key_and_revision() {
     assert_eq!(js["revision"], rev);
 
     let mut m = Cairn::new("migrated", tempfile::tempdir().unwrap(), &[]);
-    let (ok, out, err) = run(
-        &cairn_bin(),
-        &[
-            "snapshot",
-            "restore",
-            snap.to_str().unwrap(),
-            "--name",
-            &m.name,
-            "--data-dir",
-            m.data_dir.to_str().unwrap(),
-            "--initial-cluster",
-            &format!("{}={}", m.name, m.peer_url),
-            "--initial-advertise-peer-urls",
-            &m.peer_url,
-        ],
-    );
-    assert!(ok, "{out} {err}");
+    restore_into(&snap, &m, "");
     m.spawn().await;
     let mut c = m.client().await;
     assert_eq!(c.status().await.unwrap().header().unwrap().revision(), rev);
@@ -551,23 +543,7 @@ async fn a_snapshot_is_a_point_in_time_image_while_writes_go_on() {
     // The image holds exactly the state at its revision: restore it and compare with the
     // source read at that revision.
     let mut r = Cairn::new("pit", tempfile::tempdir().unwrap(), &[]);
-    let (ok, out, err) = run(
-        &cairn_bin(),
-        &[
-            "snapshot",
-            "restore",
-            path.to_str().unwrap(),
-            "--name",
-            "pit",
-            "--data-dir",
-            r.data_dir.to_str().unwrap(),
-            "--initial-cluster",
-            &format!("pit={}", r.peer_url),
-            "--initial-advertise-peer-urls",
-            &r.peer_url,
-        ],
-    );
-    assert!(ok, "{out} {err}");
+    restore_into(&path, &r, "");
     r.spawn().await;
     let mut rc = r.client().await;
     assert_eq!(rc.status().await.unwrap().header().unwrap().revision(), revision);
