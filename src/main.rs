@@ -102,6 +102,7 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
                 tracing::info!(%addr, "serving client traffic");
             }
         }
+        let corrupt_check = cairn::grpc::corrupt::spawn(server.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = cairn::gateway::router(&server);
         let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
@@ -129,6 +130,9 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             () = shutdown_signal() => {}
             _ = removed.wait_for(|r| *r) => {}
             _ = told_removed.wait_for(|r| *r) => {}
+        }
+        if let Some(task) = corrupt_check {
+            task.abort();
         }
         let _ = peer_stop_tx.send(());
         peers.abort();

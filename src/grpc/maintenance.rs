@@ -46,8 +46,7 @@ fn unimplemented(method: &str) -> Status {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    /// Raises, clears or lists alarms, through raft (etcd proposes every action, GET
-    /// included).
+    /// Raises or clears alarms through raft; lists them from the applied state.
     async fn alarm(
         &self,
         request: Request<pb::AlarmRequest>,

@@ -12,6 +12,7 @@
 
 mod cluster;
 pub mod convert;
+pub mod corrupt;
 mod kv;
 mod leader;
 mod lease;

@@ -274,7 +274,8 @@ async fn defrag_after_compaction_returns_space_and_keeps_every_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_defrag_cluster_alarm_and_hash_work_on_three_members() {
-    let mut cluster = Cluster::start(3, &[]).await;
+    // The corruption check runs all along and must find nothing on a healthy cluster.
+    let mut cluster = Cluster::start(3, &["--experimental-corrupt-check-time=1s"]).await;
     let mut c = cluster.members[0].client().await;
     for i in 0..2000 {
         c.put(format!("k{}", i % 20), vec![b'v'; 1024], None).await.unwrap();
@@ -548,4 +549,57 @@ async fn a_snapshot_is_a_point_in_time_image_while_writes_go_on() {
     let mut rc = r.client().await;
     assert_eq!(rc.status().await.unwrap().header().unwrap().revision(), revision);
     assert_eq!(dump(&mut rc, 0).await, dump(&mut c, revision).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_diverged_data_raises_a_corrupt_alarm_and_writes_stop() {
+    // Two sources at the same revision with one value different; two members restored
+    // from one, the third from the other.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut snaps = Vec::new();
+    for (i, odd) in ["same", "different"].into_iter().enumerate() {
+        let src = Cairn::start().await;
+        let mut c = src.client().await;
+        for k in 0..50 {
+            c.put(format!("k{k}"), "v", None).await.unwrap();
+        }
+        c.put("odd", odd, None).await.unwrap();
+        let path = tmp.path().join(format!("src{i}.db"));
+        let (ok, _, err) = run(
+            &cairn_bin(),
+            &["snapshot", "save", path.to_str().unwrap(), "--endpoints", &src.endpoint()],
+        );
+        assert!(ok, "{err}");
+        snaps.push(path);
+    }
+    let flags = ["--experimental-corrupt-check-time=1s"];
+    let mut members: Vec<Cairn> = (0..3)
+        .map(|i| Cairn::new(&format!("c{i}"), tempfile::tempdir().unwrap(), &flags))
+        .collect();
+    let initial: Vec<String> =
+        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    let initial = initial.join(",");
+    for (i, m) in members.iter_mut().enumerate() {
+        m.initial_cluster = initial.clone();
+        restore_into(&snaps[usize::from(i == 2)], m, &initial);
+        m.spawn_only();
+    }
+    for m in &members {
+        wait_ready(&m.client_url).await;
+    }
+    let cluster = Cluster { members, proxies: Vec::new() };
+    cluster.wait_published(3).await;
+    let mut c = cluster.members[0].client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let alarms = c.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
+        if alarms.alarms().iter().any(|a| a.alarm() == AlarmType::Corrupt) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no CORRUPT alarm was raised");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(outcome(c.put("x", "y", None).await), "DataLoss: etcdserver: corrupt cluster");
+    // Reads still work.
+    assert_eq!(outcome(c.get("odd", None).await), "ok");
 }
