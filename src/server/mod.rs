@@ -120,6 +120,8 @@ pub struct Server {
     ids: IdGen,
     reads: read::ReadHandle,
     request_timeout: Duration,
+    /// The size on disk the quota check last read, and when.
+    quota_size: Mutex<(Option<std::time::Instant>, u64)>,
     /// Held while a defragmentation runs.
     maintenance: Mutex<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -316,6 +318,7 @@ impl Server {
             applied: applied_rx,
             reads,
             request_timeout,
+            quota_size: Mutex::new((None, 0)),
             maintenance: Mutex::new(()),
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),

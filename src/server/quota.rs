@@ -17,6 +17,9 @@ const KV_OVERHEAD: u64 = 256;
 /// etcd's cost of a lease grant.
 const LEASE_OVERHEAD: u64 = 64;
 
+/// How stale the size the quota check compares may be.
+const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// One raised alarm: the member and etcd's `AlarmType` number.
 pub type Alarm = (u64, i32);
 
@@ -59,7 +62,7 @@ impl Server {
         if cost == 0 {
             return Ok(());
         }
-        let size = self.engine.size_on_disk().unwrap_or(0);
+        let size = self.db_size_for_quota();
         if size.saturating_add(cost) < self.cfg.quota_backend_bytes {
             return Ok(());
         }
@@ -83,6 +86,19 @@ impl Server {
             tracing::warn!(error = %e, "cannot raise the NOSPACE alarm");
         }
         Err(Error::NoSpace)
+    }
+
+    /// The state machine's size on disk, re-read at most every [`SIZE_REFRESH`] (sled
+    /// stats its file and lists its blob directory for it, too much for every write).
+    fn db_size_for_quota(&self) -> u64 {
+        let mut cached = self.quota_size.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at, size) = *cached;
+        if at.is_some_and(|at| at.elapsed() < SIZE_REFRESH) {
+            return size;
+        }
+        let size = self.engine.size_on_disk().unwrap_or(size);
+        *cached = (Some(std::time::Instant::now()), size);
+        size
     }
 
     /// etcd's `Alarm`: `action` (etcd's `AlarmAction` number) raises or clears an alarm
