@@ -146,6 +146,11 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m")]
     pub experimental_lease_checkpoint_interval: String,
 
+    /// Duration between corruption checks: the leader compares its HashKV with every
+    /// member's and raises a CORRUPT alarm on a mismatch (a Go duration; 0 disables).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s")]
+    pub experimental_corrupt_check_time: String,
+
     /// Sets the maximum number of learners that can be available in the cluster membership.
     #[arg(
         long,
@@ -298,6 +303,8 @@ pub struct Validated {
     pub log_filter: String,
     /// How often remaining lease TTLs are checkpointed through raft; `None` = never.
     pub lease_checkpoint_interval: Option<Duration>,
+    /// How often the leader compares members' HashKV (`None` = never).
+    pub corrupt_check_interval: Option<Duration>,
     /// `--metrics extensive`: export the gRPC handling-time histogram.
     pub metrics_extensive: bool,
     /// Extra listeners for `/metrics` and the health endpoints (empty: client URLs only).
@@ -437,6 +444,18 @@ impl Config {
         let lease_checkpoint_interval =
             self.experimental_enable_lease_checkpoint.then_some(interval);
 
+        let corrupt_check_interval = parse_go_duration(&self.experimental_corrupt_check_time)
+            .or((self.experimental_corrupt_check_time == "0").then_some(Duration::ZERO))
+            .ok_or_else(|| {
+                bad(
+                    "experimental-corrupt-check-time",
+                    &self.experimental_corrupt_check_time,
+                    "must be a Go duration such as 5m (0 disables)",
+                )
+            })?;
+        let corrupt_check_interval =
+            (!corrupt_check_interval.is_zero()).then_some(corrupt_check_interval);
+
         let data_dir =
             self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
         Ok(Validated {
@@ -455,13 +474,18 @@ impl Config {
             quota_backend_bytes,
             log_filter: log_filter.to_owned(),
             lease_checkpoint_interval,
+            corrupt_check_interval,
             metrics_extensive,
             listen_metrics_urls,
         })
     }
 }
 
-fn parse_initial_cluster(raw: &str) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
+/// Parses `--initial-cluster` (`name=url,...`) into each name's peer URLs.
+///
+/// # Errors
+/// [`ConfigError::BadValue`] for an empty list or a part that is not `name=URL`.
+pub fn parse_initial_cluster(raw: &str) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, url) = part.split_once('=').ok_or_else(|| ConfigError::BadValue {

@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Load-test an etcd-compatible endpoint (modeled on etcd's benchmark tool).
     Bench(cairn::bench::Args),
+    /// Save, inspect and restore snapshots (etcdutl's `snapshot` commands).
+    Snapshot(cairn::snapshot::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Some(Command::Bench(args)) => run_bench(&args),
+        Some(Command::Snapshot(args)) => cairn::snapshot::run(&args).map_err(anyhow::Error::from),
         None => run_server(&cli.config),
     };
     match result {
@@ -99,6 +102,7 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
                 tracing::info!(%addr, "serving client traffic");
             }
         }
+        let corrupt_check = cairn::grpc::corrupt::spawn(server.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = cairn::gateway::router(&server);
         let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
@@ -128,6 +132,9 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             _ = removed.wait_for(|r| *r) => {}
             _ = told_removed.wait_for(|r| *r) => {}
             () = server.raft().stopped() => raft_failed = true,
+        }
+        if let Some(task) = corrupt_check {
+            task.abort();
         }
         let _ = peer_stop_tx.send(());
         peers.abort();

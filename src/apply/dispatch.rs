@@ -30,6 +30,7 @@
 //! A wrapper that must switch on and off (etcd swaps the capped applier in while a NOSPACE
 //! alarm is raised) stays installed and consults the replicated alarm state itself.
 
+use cairn_proto::etcdserverpb::{AlarmRequest, RequestOp, TxnRequest, request_op};
 use cairn_proto::internal::InternalRequest;
 use cairn_proto::internal::internal_request::Op;
 
@@ -106,6 +107,43 @@ pub(super) fn needs_fresh_group(req: &InternalRequest) -> bool {
     matches!(req.op, Some(Op::LeaseRevoke(_)))
 }
 
+/// What a wrapper needs to know of a request's op (ops are matched only in this file).
+#[derive(Debug)]
+pub enum Kind<'a> {
+    /// An alarm request (served by the alarm wrapper).
+    Alarm(&'a AlarmRequest),
+    /// A lease checkpoint (records remaining TTLs; never refused).
+    LeaseCheckpoint,
+    /// A request that may grow the database: a put, a txn with a put in either branch
+    /// (nested txns included), a lease grant (what etcd's quota cost counts).
+    GrowsDatabase,
+    /// Any other request.
+    Other,
+}
+
+/// Classifies `req`'s op for the wrappers.
+pub fn kind(req: &InternalRequest) -> Kind<'_> {
+    match &req.op {
+        Some(Op::Alarm(a)) => Kind::Alarm(a),
+        Some(Op::LeaseCheckpoint(_)) => Kind::LeaseCheckpoint,
+        Some(Op::Put(_) | Op::LeaseGrant(_)) => Kind::GrowsDatabase,
+        Some(Op::Txn(t)) if txn_puts(t) => Kind::GrowsDatabase,
+        _ => Kind::Other,
+    }
+}
+
+/// True when `txn` puts a key in either branch, nested txns included.
+fn txn_puts(txn: &TxnRequest) -> bool {
+    let puts = |ops: &[RequestOp]| {
+        ops.iter().any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(t)) => txn_puts(t),
+            _ => false,
+        })
+    };
+    puts(&txn.success) || puts(&txn.failure)
+}
+
 /// The base applier: routes `req`'s op to the state machine that owns it.
 ///
 /// # Errors
@@ -151,6 +189,8 @@ pub fn base(ctx: &mut Ctx<'_, '_>, req: InternalRequest) -> ApplyResult {
         }
         Some(Op::MemberPublish(m)) => members.publish_member(txn.batch_mut(), m.into()),
         Some(Op::MemberUpdate(u)) => members.update_member(txn.batch_mut(), u.id, u.peer_ur_ls),
+        // Alarm requests belong to the alarm wrapper (`alarm.rs`), which never hands them on.
+        Some(Op::Alarm(_)) => Err(Error::NoApplier { op: "alarm" }),
         None => Err(Error::Convert(convert::ConvertError::EmptyOp)),
     }
 }

@@ -14,6 +14,7 @@
 mod cluster;
 pub mod convert;
 mod election;
+pub mod corrupt;
 mod kv;
 mod leader;
 mod lease;

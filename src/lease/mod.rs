@@ -114,6 +114,14 @@ fn encode(l: &Lease) -> Vec<u8> {
     v
 }
 
+/// The `Keyspace::Lease` record of lease `id` granted with `ttl` seconds and `remaining`
+/// checkpointed seconds (0 = the full TTL), for tools that write records directly
+/// (restoring a snapshot taken from etcd).
+pub fn storage_record(id: LeaseId, ttl: i64, remaining: i64) -> (Vec<u8>, Vec<u8>) {
+    let lease = Lease { ttl, remaining: remaining.max(0), keys: BTreeSet::new() };
+    (id.to_be_bytes().to_vec(), encode(&lease))
+}
+
 fn decode_i64(b: &[u8]) -> Result<i64, Error> {
     let arr: [u8; 8] = b.try_into().map_err(|_| Error::Corrupt(format!("{} bytes", b.len())))?;
     Ok(i64::from_be_bytes(arr))

@@ -264,6 +264,16 @@ impl Etcd {
     /// Starts an `n`-member etcd cluster on fresh ports and waits until every member serves;
     /// None as [`Etcd::start`] says.
     pub async fn cluster(n: usize) -> Option<Vec<Etcd>> {
+        Self::cluster_with(n, &[]).await
+    }
+
+    /// Starts etcd with extra flags; None as [`Etcd::start`] says.
+    pub async fn start_with(extra: &[&str]) -> Option<Etcd> {
+        Some(Self::cluster_with(1, extra).await?.remove(0))
+    }
+
+    /// Starts an `n`-member etcd cluster with extra flags on every member.
+    pub async fn cluster_with(n: usize, extra: &[&str]) -> Option<Vec<Etcd>> {
         let Some(bin) = etcd_binary() else {
             assert!(
                 std::env::var_os("CAIRN_REQUIRE_ETCD").is_none(),
@@ -300,6 +310,7 @@ impl Etcd {
                 .arg(initial.join(","))
                 .arg("--log-level")
                 .arg("error")
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -19,6 +19,7 @@ mod kv;
 mod lease;
 mod linearizability;
 mod lock;
+mod maintenance;
 mod metrics;
 mod partition;
 mod server;
