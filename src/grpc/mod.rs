@@ -13,8 +13,8 @@
 
 mod cluster;
 pub mod convert;
-mod election;
 pub mod corrupt;
+mod election;
 mod kv;
 mod leader;
 mod lease;

@@ -597,7 +597,11 @@ impl<'a> Pass<'a> {
         } else {
             (res::initial_cluster(&self.name, &self.ns, &[0]), "new")
         };
-        self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
+        // No member list this pass (no member answered): keep the ConfigMap as it is rather
+        // than hand a starting pod an empty `--initial-cluster`.
+        if !initial.is_empty() {
+            self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
+        }
         let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
         if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
             spec.volume_claim_templates = Some(existing.clone());
