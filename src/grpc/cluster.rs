@@ -32,7 +32,7 @@ impl ClusterService {
     /// the leader; `None` on the leader. Membership changes run on the leader: only it knows
     /// which members are active (the strict reconfiguration check) and how far a learner is.
     async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
-        let leader = self.server.leader();
+        let leader = self.server.await_leader().await;
         if self.server.is_leader() || leader == 0 {
             return Ok(None);
         }

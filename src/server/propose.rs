@@ -36,6 +36,15 @@ impl IdGen {
 }
 
 impl Server {
+    /// The leader's id, waiting out an election in progress (up to three election timeouts)
+    /// when none is known; 0 when still none is.
+    pub async fn await_leader(&self) -> u64 {
+        if self.raft.leader() == 0 {
+            self.raft.wait_for_leader(self.leader_wait).await;
+        }
+        self.raft.leader()
+    }
+
     /// Replicates `op` through raft and returns its apply result.
     ///
     /// # Errors
@@ -58,9 +67,7 @@ impl Server {
             .map(|m| crate::metrics::GaugeGuard::new(&m.server.proposals_pending));
         // During an election the proposal waits for the new leader rather than failing at
         // once: raft would drop it, and etcd's clients do not retry a failed Put.
-        if self.raft.leader() == 0 {
-            self.raft.wait_for_leader(self.leader_wait).await;
-        }
+        self.await_leader().await;
         if let Err(e) = self.raft.propose(data).await {
             self.wait.cancel(id);
             count_failed_proposal();

@@ -52,10 +52,10 @@ impl Server {
                 return Err(MemberError::TooManyLearners.into());
             }
         } else {
-            // etcd's one exception: a voter may join a one-member cluster (how a cluster
-            // restored from a snapshot or `--force-new-cluster` grows back).
-            if self.raft.status().voters.len() != 1 {
-                self.check_quorum_after(|voters, active| (voters + 1, active))?;
+            ready_to_add_voter(&members, false)?;
+            // A voter may join a one-member cluster whatever it hears (etcd's exception).
+            if members.iter().filter(|m| !m.is_learner).count() > 1 {
+                self.quorum_stays_after(|voters, active| (voters + 1, active)).await?;
             }
         }
         // etcd derives an added member's id from its URLs and the time of the request.
@@ -82,9 +82,10 @@ impl Server {
         if !target.is_learner {
             let status = self.raft.status();
             let target_active = status.active.contains(&id) || id == status.id;
-            self.check_quorum_after(|voters, active| {
+            self.quorum_stays_after(|voters, active| {
                 (voters.saturating_sub(1), active.saturating_sub(usize::from(target_active)))
-            })?;
+            })
+            .await?;
         }
         self.conf_change(ConfChangeType::RemoveNode, id, None).await
     }
@@ -111,9 +112,11 @@ impl Server {
         if !ready {
             return Err(MemberError::LearnerNotReady.into());
         }
-        self.check_quorum_after(|voters, active| {
+        ready_to_add_voter(&members, true)?;
+        self.quorum_stays_after(|voters, active| {
             (voters + 1, active + usize::from(status.active.contains(&id)))
-        })?;
+        })
+        .await?;
         self.conf_change(ConfChangeType::AddNode, id, Some(target)).await
     }
 
@@ -174,10 +177,26 @@ impl Server {
         }
     }
 
+    /// [`Server::check_quorum_after`], given a second chance: a member whose heartbeat
+    /// answer is merely late (a loaded machine) is not taken for a dead one. etcd looks at
+    /// five seconds of connectivity; this re-checks for up to two seconds before refusing.
+    async fn quorum_stays_after(
+        &self,
+        f: impl Fn(usize, usize) -> (usize, usize),
+    ) -> Result<(), Error> {
+        for _ in 0..4 {
+            if self.check_quorum_after(&f).is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.check_quorum_after(&f)
+    }
+
     /// etcd's strict reconfiguration check: after the change (`f` maps the current voter
     /// count and started voters to the new ones), the started voters must still form a
     /// quorum. Only the leader sees which peers are active; a follower skips the check.
-    fn check_quorum_after(&self, f: impl Fn(usize, usize) -> (usize, usize)) -> Result<(), Error> {
+    fn check_quorum_after(&self, f: &impl Fn(usize, usize) -> (usize, usize)) -> Result<(), Error> {
         let status = self.raft.status();
         if !status.is_leader() {
             return Ok(());
@@ -204,6 +223,7 @@ impl Server {
         cc.set_change_type(kind);
         cc.node_id = id;
         cc.set_context(ctx.encode_to_vec().into());
+        self.await_leader().await;
         let rx = self.wait.register(wait_id);
         if let Err(e) = self.raft.propose_conf_change(cc).await {
             self.wait.cancel(wait_id);
@@ -314,4 +334,23 @@ async fn publish(server: Arc<Server>) {
         }
         tokio::time::sleep(PUBLISH_RETRY).await;
     }
+}
+
+/// etcd's check before a voter joins (`IsReadyToAddVotingMember`, or with `promoting`
+/// `IsReadyToPromoteMember`): the started voters (those that published their name), counting
+/// a promoted learner as started, must be a quorum of the voters after the change. A voter
+/// may always join a one-member cluster (how a cluster restored from a snapshot or
+/// `--force-new-cluster` grows back). Counting started members, not recently heard ones, as
+/// etcd does, keeps a loaded but healthy cluster from refusing a change.
+fn ready_to_add_voter(members: &[Member], promoting: bool) -> Result<(), Error> {
+    let voters: Vec<&Member> = members.iter().filter(|m| !m.is_learner).collect();
+    let started = voters.iter().filter(|m| !m.name.is_empty()).count() + usize::from(promoting);
+    let after = voters.len() + 1;
+    if !promoting && started == 1 && after == 2 {
+        return Ok(());
+    }
+    if started < after / 2 + 1 {
+        return Err(MemberError::NotEnoughStarted.into());
+    }
+    Ok(())
 }
