@@ -245,6 +245,11 @@ impl Rewrite for SledRewrite<'_> {
         self.db.apply_batch(b).map_err(engine_err)
     }
 
+    fn sync(&mut self) -> Result<()> {
+        self.db.flush().map_err(engine_err)?;
+        SledEngine::fsync_tree(&self.dir)
+    }
+
     fn commit(self: Box<Self>) -> Result<()> {
         let root = &self.engine.dir;
         let io = |path: &Path| {
