@@ -374,7 +374,7 @@ mod tests {
             let engine = SledEngine::open(dir.path()).unwrap();
             engine_contract(&engine);
         }
-        let engine = SledEngine::open(dir.path()).unwrap();
+        let engine = super::sled::tests::reopen(dir.path());
         assert_eq!(engine.get(Keyspace::Kv, b"b").unwrap(), Some(b"2".to_vec()));
         assert!(engine.size_on_disk().unwrap() > 0);
     }
