@@ -631,3 +631,27 @@ async fn a_member_with_diverged_data_raises_a_corrupt_alarm_and_writes_stop() {
     // Reads still work.
     assert_eq!(outcome(c.get("odd", None).await), "ok");
 }
+
+#[tokio::test]
+async fn etcdctl_alarm_list_and_disarm_work() {
+    for ctl in etcdctls() {
+        let m = Cairn::start_with(&["--quota-backend-bytes=1000000"]).await;
+        let mut c = m.client().await;
+        let big = vec![b'a'; 100 * 1024];
+        let mut refused = false;
+        for i in 0..100 {
+            if c.put(format!("big/{i}"), big.clone(), None).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the quota was never reached");
+        let ep = format!("--endpoints={}", m.endpoint());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "list"]);
+        assert!(ok && out.contains("alarm:NOSPACE"), "{}: {out} {err}", ctl.display());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "disarm"]);
+        assert!(ok && out.contains("alarm:NOSPACE"), "{}: {out} {err}", ctl.display());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "list"]);
+        assert!(ok && out.trim().is_empty(), "{}: {out} {err}", ctl.display());
+    }
+}
