@@ -283,7 +283,7 @@ impl Server {
                 },
                 on_snapshot: {
                     let raft = raft.clone();
-                    Box::new(move |index, data| raft.snapshot_ready(index, data))
+                    Arc::new(move |index, data| raft.snapshot_ready(index, data))
                 },
             },
         )
