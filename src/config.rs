@@ -622,6 +622,18 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_check_time_is_off_by_default_and_takes_a_go_duration() {
+        assert_eq!(parse(&[]).unwrap().corrupt_check_interval, None);
+        for off in ["0", "0s"] {
+            let v = parse(&["--experimental-corrupt-check-time", off]).unwrap();
+            assert_eq!(v.corrupt_check_interval, None, "{off}");
+        }
+        let v = parse(&["--experimental-corrupt-check-time", "5m"]).unwrap();
+        assert_eq!(v.corrupt_check_interval, Some(Duration::from_secs(300)));
+        assert!(parse(&["--experimental-corrupt-check-time", "soon"]).is_err());
+    }
+
+    #[test]
     fn election_timeout_must_be_five_heartbeats() {
         let err = parse(&["--heartbeat-interval", "100", "--election-timeout", "400"]).unwrap_err();
         assert!(err.to_string().contains("should be at least as 5 times"));

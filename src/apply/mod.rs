@@ -217,7 +217,7 @@ pub struct Hooks {
     /// etcd). Must not be lost: raft's configuration depends on it.
     pub on_conf_change: Box<dyn Fn(ConfChange) + Send>,
     /// Hands a state image at an applied index to raft, to serve as a raft snapshot.
-    pub on_snapshot: Box<dyn Fn(u64, Vec<u8>) + Send>,
+    pub on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
 }
 
 /// The apply task's state.
@@ -235,7 +235,7 @@ pub struct Applier {
     checkpointed: u64,
     on_durable: Box<dyn Fn(u64) + Send>,
     on_conf_change: Box<dyn Fn(ConfChange) + Send>,
-    on_snapshot: Box<dyn Fn(u64, Vec<u8>) + Send>,
+    on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
     watch: Option<WatchHub>,
 }
@@ -317,13 +317,52 @@ impl Applier {
     }
 
     /// Exports the state machine at the applied index for raft to send to a member that
-    /// fell behind the compacted log. Runs between write groups, so the image is consistent
-    /// with the applied index recorded inside it.
+    /// fell behind the compacted log, without stalling apply: between two write groups it
+    /// pins the mvcc revision and copies the small keyspaces (meta with the applied index,
+    /// leases, auth, members); a thread then reads the mvcc records up to the pin and hands
+    /// the image to raft. A compaction or snapshot install meanwhile invalidates the pin;
+    /// the image is then dropped and raft asks again. (The image is still built in memory,
+    /// in `Engine::export`'s format.)
     fn make_snapshot(&mut self) {
         let index = *self.applied.borrow();
-        match self.state.engine.export() {
-            Ok(image) => (self.on_snapshot)(index, image),
-            Err(e) => tracing::warn!(error = %e, "cannot export the state for a raft snapshot"),
+        let engine = self.state.engine.clone();
+        let (pin, small) = self.state.kv.pin(|| {
+            let mut out = Vec::new();
+            for ks in Keyspace::ALL.into_iter().filter(|k| *k != Keyspace::Kv) {
+                engine.scan(ks, b"", None, &mut |k, v| {
+                    crate::storage::image_push(&mut out, &ks.encode(k), v);
+                    crate::storage::Scan::Continue
+                })?;
+            }
+            Ok::<_, crate::storage::Error>(out)
+        });
+        let mut image = match small {
+            Ok(image) => image,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot export the state for a raft snapshot");
+                return;
+            }
+        };
+        let on_snapshot = self.on_snapshot.clone();
+        let spawned = std::thread::Builder::new().name("cairn-raft-snapshot".into()).spawn(move || {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = pin.scan_kv(true, after.as_deref(), 1 << 20, &mut |k, v| {
+                    crate::storage::image_push(&mut image, &Keyspace::Kv.encode(k), v);
+                });
+                match page {
+                    Ok(Some(k)) => after = Some(k),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(error = %e, "raft snapshot export interrupted; raft will ask again");
+                        return;
+                    }
+                }
+            }
+            on_snapshot(index, crate::storage::image_seal(image));
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the raft snapshot export");
         }
     }
 
@@ -530,7 +569,7 @@ mod tests {
             members: members_tx,
             on_durable: Box::new(|_| {}),
             on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
-            on_snapshot: Box::new(|_, _| {}),
+            on_snapshot: Arc::new(|_, _| {}),
         };
         let a = Applier::new(
             StateMachine { kv, leases, engine: engine.clone(), alarms: Alarms::default() },

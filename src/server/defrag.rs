@@ -73,6 +73,8 @@ fn defragment_once(engine: &dyn Engine, kv: &crate::mvcc::KvStore) -> Result<(),
     let mut rw = engine.rewrite().map_err(storage)?;
     let (pin, ()) = kv.pin(|| ());
     copy_kv(&pin, true, rw.as_mut())?;
+    // The bulk is made durable before writes are held off; the switch syncs only the rest.
+    rw.sync().map_err(storage)?;
     // The switch-over: no write group runs while the closure does.
     let (_, switched) = kv.pin(|| {
         copy_kv(&pin, false, rw.as_mut())?;

@@ -12,6 +12,9 @@
 //! It holds no protocol code: the gRPC edge validates requests and maps errors; this module
 //! speaks the replicated request (`proto::internal`, which wraps etcd's request messages)
 //! and domain types. `identity.rs` derives member and cluster ids as etcd does.
+//! Maintenance: `snapshot.rs` (the `Snapshot` stream and `Hash` from a pinned view),
+//! `defrag.rs` (rewriting the state machine into fresh files), `quota.rs` (the backend
+//! quota check and the alarm requests), `datadir.rs` (also builds restored data dirs).
 //!
 //! Deviations from DESIGN's layout: its `membership.rs` is two files, `reconfigure.rs`
 //! (the operations and the member's own duties) and `identity.rs` (ids, `Join`, etcd's
@@ -323,7 +326,7 @@ impl Server {
                 },
                 on_snapshot: {
                     let raft = raft.clone();
-                    Box::new(move |index, data| raft.snapshot_ready(index, data))
+                    Arc::new(move |index, data| raft.snapshot_ready(index, data))
                 },
             },
         )

@@ -100,6 +100,10 @@ impl Rewrite for MemRewrite<'_> {
         self.fresh.write(batch)
     }
 
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     fn commit(self: Box<Self>) -> Result<()> {
         let fresh = self.fresh.map.into_inner().map_err(poisoned)?;
         *self.engine.map.write().map_err(poisoned)? = fresh;

@@ -243,6 +243,13 @@ pub trait Rewrite: Send {
     /// Fails when the new files cannot be written.
     fn write(&mut self, batch: Batch) -> Result<()>;
 
+    /// Makes what was written so far durable, so that [`Rewrite::commit`] has only the
+    /// rest to sync (callers sync the bulk before they hold writes off for the switch).
+    ///
+    /// # Errors
+    /// Fails when flushing or fsyncing fails.
+    fn sync(&mut self) -> Result<()>;
+
     /// Makes the new files durable and the engine's own, atomically with respect to a
     /// crash (the old files stay authoritative until the switch is durable), and frees
     /// the old files.
@@ -367,7 +374,7 @@ mod tests {
             let engine = SledEngine::open(dir.path()).unwrap();
             engine_contract(&engine);
         }
-        let engine = SledEngine::open(dir.path()).unwrap();
+        let engine = super::sled::tests::reopen(dir.path());
         assert_eq!(engine.get(Keyspace::Kv, b"b").unwrap(), Some(b"2".to_vec()));
         assert!(engine.size_on_disk().unwrap() > 0);
     }

@@ -245,6 +245,11 @@ impl Rewrite for SledRewrite<'_> {
         self.db.apply_batch(b).map_err(engine_err)
     }
 
+    fn sync(&mut self) -> Result<()> {
+        self.db.flush().map_err(engine_err)?;
+        SledEngine::fsync_tree(&self.dir)
+    }
+
     fn commit(self: Box<Self>) -> Result<()> {
         let root = &self.engine.dir;
         let io = |path: &Path| {
@@ -286,8 +291,23 @@ impl Rewrite for SledRewrite<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Opens `dir` again after an engine on it was dropped: sled's background flusher may
+    /// hold the file lock a moment longer (it answers "could not acquire lock" meanwhile).
+    pub(crate) fn reopen(dir: &Path) -> SledEngine {
+        for _ in 0..100 {
+            match SledEngine::open(dir) {
+                Ok(engine) => return engine,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+        panic!("the sled lock was never released");
+    }
 
     fn fill(engine: &SledEngine, n: usize, value: &[u8]) {
         for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
@@ -328,7 +348,7 @@ mod tests {
         engine.sync().unwrap();
         drop(engine);
 
-        let engine = SledEngine::open(dir.path()).unwrap();
+        let engine = reopen(dir.path());
         let mut n = 0;
         engine
             .scan(Keyspace::Kv, b"", None, &mut |_, _| {

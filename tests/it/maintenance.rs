@@ -258,13 +258,41 @@ async fn defrag_after_compaction_returns_space_and_keeps_every_key() {
     c.compact(rev, None).await.unwrap();
     let want = dump(&mut c, 0).await;
     let before = db_size(&mut c).await;
-    let hash = c.hash_kv(0).await.unwrap().hash();
+    let hashed = c.hash_kv(0).await.unwrap();
+    let (hash, hash_rev) = (hashed.hash(), hashed.header().unwrap().revision());
+    // A writer goes on during the defrag (on keys of its own); its slowest put is
+    // reported, not asserted (no wall-clock assertions).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut w = m.client().await;
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut n, mut slowest) = (0u64, std::time::Duration::ZERO);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = std::time::Instant::now();
+                w.put(format!("during/{n}"), "x", None).await.unwrap();
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            (n, slowest)
+        })
+    };
+    let t = std::time::Instant::now();
     c.defragment().await.unwrap();
+    let took = t.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (puts, slowest) = writer.await.unwrap();
     let after = db_size(&mut c).await;
-    eprintln!("defrag of 100k overwritten revisions: dbSize {before} -> {after}");
+    eprintln!(
+        "defrag of 100k overwritten revisions: dbSize {before} -> {after}, took {took:?}; \
+         {puts} puts meanwhile, slowest {slowest:?}"
+    );
+    let during =
+        c.delete("during/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(during.deleted() as u64, puts, "every put during the defrag is kept");
     assert!(after * 4 < before, "defrag kept {after} of {before} bytes");
     assert_eq!(dump(&mut c, 0).await, want);
-    assert_eq!(c.hash_kv(0).await.unwrap().hash(), hash);
+    assert_eq!(c.hash_kv(hash_rev).await.unwrap().hash(), hash);
     // Still durable and complete across a restart after the switch.
     let mut m = m;
     m.restart().await;
@@ -602,4 +630,28 @@ async fn a_member_with_diverged_data_raises_a_corrupt_alarm_and_writes_stop() {
     assert_eq!(outcome(c.put("x", "y", None).await), "DataLoss: etcdserver: corrupt cluster");
     // Reads still work.
     assert_eq!(outcome(c.get("odd", None).await), "ok");
+}
+
+#[tokio::test]
+async fn etcdctl_alarm_list_and_disarm_work() {
+    for ctl in etcdctls() {
+        let m = Cairn::start_with(&["--quota-backend-bytes=1000000"]).await;
+        let mut c = m.client().await;
+        let big = vec![b'a'; 100 * 1024];
+        let mut refused = false;
+        for i in 0..100 {
+            if c.put(format!("big/{i}"), big.clone(), None).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the quota was never reached");
+        let ep = format!("--endpoints={}", m.endpoint());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "list"]);
+        assert!(ok && out.contains("alarm:NOSPACE"), "{}: {out} {err}", ctl.display());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "disarm"]);
+        assert!(ok && out.contains("alarm:NOSPACE"), "{}: {out} {err}", ctl.display());
+        let (ok, out, err) = run(&ctl, &[&ep, "alarm", "list"]);
+        assert!(ok && out.trim().is_empty(), "{}: {out} {err}", ctl.display());
+    }
 }
