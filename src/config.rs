@@ -163,6 +163,109 @@ pub struct Config {
     /// List of URLs to listen on for the metrics and health endpoints.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
     pub listen_metrics_urls: String,
+
+    /// Client TLS flags.
+    #[command(flatten)]
+    pub tls: TlsFlags,
+}
+
+/// etcd's client-TLS flags (`--cert-file` and friends).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE", default_value = "")]
+    pub cert_file: String,
+
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE", default_value = "")]
+    pub key_file: String,
+
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub client_cert_auth: bool,
+
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", default_value = "")]
+    pub trusted_ca_file: String,
+
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub auto_tls: bool,
+
+    /// The validity period of automatically generated certificates, in years.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers
+    /// (empty: the TLS library's defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
+
+    /// Minimum TLS version supported by the server: TLS1.2 or TLS1.3.
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+
+    /// Maximum TLS version supported by the server (empty: the highest supported).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+}
+
+/// A TLS protocol version Cairn can speak (rustls has no TLS 1.0 or 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+/// The TLS 1.2 cipher suites of Go's list (etcd's `--cipher-suites` names) that Cairn's TLS
+/// library implements; TLS 1.3 suites are not configurable, as in Go.
+pub const CIPHER_SUITES: [&str; 6] = [
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+];
+
+/// Where a listener's certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files, re-read when they change.
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// A self-signed certificate generated at start (`--auto-tls`) in this directory.
+    Auto {
+        /// Where the generated `cert.pem` and `key.pem` are kept.
+        dir: PathBuf,
+        /// Host names and IPs the certificate names.
+        hosts: Vec<String>,
+        /// Validity in years.
+        years: u32,
+    },
+}
+
+/// Validated server-side TLS settings for the client listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The certificate and key.
+    pub source: TlsSource,
+    /// CA bundle that client certificates must chain to.
+    pub trusted_ca: Option<PathBuf>,
+    /// Require and verify a client certificate.
+    pub client_cert_auth: bool,
+    /// Lowest accepted version.
+    pub min_version: TlsVersion,
+    /// Highest accepted version.
+    pub max_version: TlsVersion,
+    /// TLS 1.2 suites allowed (names from [`CIPHER_SUITES`]); empty = all of them.
+    pub cipher_suites: Vec<String>,
 }
 
 /// An `http(s)://host:port` URL as etcd accepts in its URL flags.
@@ -289,6 +392,8 @@ pub struct Validated {
     pub metrics_extensive: bool,
     /// Extra listeners for `/metrics` and the health endpoints (empty: client URLs only).
     pub listen_metrics_urls: Vec<Url>,
+    /// TLS for the `https://` client and metrics listeners (`None`: no TLS material given).
+    pub client_tls: Option<ServerTls>,
 }
 
 /// etcd's default backend quota, 2 GiB.
@@ -390,6 +495,19 @@ impl Config {
             return Err(bad("logger", &self.logger, "only 'zap' is supported"));
         }
 
+        let data_dir =
+            self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
+        let client_tls = self.tls.validate(&data_dir, &listen_client_urls)?;
+        for url in listen_client_urls.iter().chain(&listen_metrics_urls) {
+            if url.scheme == "https" && client_tls.is_none() {
+                return Err(ConfigError::BadUrl {
+                    flag: "listen-client-urls",
+                    url: url.raw.clone(),
+                    reason: "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme".to_owned(),
+                });
+            }
+        }
+
         let initial_cluster = parse_initial_cluster(&self.initial_cluster)?;
         let mine = initial_cluster.get(&self.name).ok_or_else(|| {
             ConfigError::Cluster(format!(
@@ -424,8 +542,6 @@ impl Config {
         let lease_checkpoint_interval =
             self.experimental_enable_lease_checkpoint.then_some(interval);
 
-        let data_dir =
-            self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
         Ok(Validated {
             raw: self.clone(),
             data_dir,
@@ -444,7 +560,95 @@ impl Config {
             lease_checkpoint_interval,
             metrics_extensive,
             listen_metrics_urls,
+            client_tls,
         })
+    }
+}
+
+impl TlsFlags {
+    /// Validates the client TLS flags; `None` when no certificate source is given.
+    ///
+    /// # Errors
+    /// A lone cert or key file, a client-cert-auth without a trusted CA, an unknown or
+    /// unsupported version or cipher suite, or inconsistent versions.
+    pub fn validate(
+        &self,
+        data_dir: &std::path::Path,
+        urls: &[Url],
+    ) -> Result<Option<ServerTls>, ConfigError> {
+        let bad = |flag: &'static str, value: &str, reason: &str| ConfigError::BadValue {
+            flag,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let source = match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (false, false) => TlsSource::Files {
+                cert: PathBuf::from(&self.cert_file),
+                key: PathBuf::from(&self.key_file),
+            },
+            (true, false) => return Err(bad("cert-file", "", "--key-file needs --cert-file")),
+            (false, true) => return Err(bad("key-file", "", "--cert-file needs --key-file")),
+            (true, true) if self.auto_tls => {
+                if self.self_signed_cert_validity == 0 {
+                    return Err(bad("self-signed-cert-validity", "0", "must be at least 1"));
+                }
+                let mut hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
+                hosts.sort();
+                hosts.dedup();
+                TlsSource::Auto {
+                    dir: data_dir.join("fixtures").join("client"),
+                    hosts,
+                    years: self.self_signed_cert_validity,
+                }
+            }
+            (true, true) => return Ok(None),
+        };
+        let version = |flag: &'static str, v: &str| match v {
+            "TLS1.2" => Ok(TlsVersion::Tls12),
+            "TLS1.3" => Ok(TlsVersion::Tls13),
+            "TLS1.0" | "TLS1.1" => Err(bad(flag, v, "TLS 1.0 and 1.1 are not supported by Cairn")),
+            _ => Err(bad(flag, v, "unexpected TLS version (expected TLS1.2 or TLS1.3)")),
+        };
+        let min_version = version("tls-min-version", &self.tls_min_version)?;
+        let max_version = if self.tls_max_version.is_empty() {
+            TlsVersion::Tls13
+        } else {
+            version("tls-max-version", &self.tls_max_version)?
+        };
+        if min_version > max_version {
+            return Err(bad(
+                "tls-max-version",
+                &self.tls_max_version,
+                "min version (--tls-min-version) is greater than max version (--tls-max-version)",
+            ));
+        }
+        let mut cipher_suites = Vec::new();
+        for name in self.cipher_suites.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !CIPHER_SUITES.contains(&name) {
+                return Err(bad("cipher-suites", name, "unexpected TLS cipher suite"));
+            }
+            cipher_suites.push(name.to_owned());
+        }
+        if !cipher_suites.is_empty() && min_version == TlsVersion::Tls13 {
+            return Err(bad(
+                "cipher-suites",
+                &self.cipher_suites,
+                "cipher suites cannot be configured when only TLS1.3 is enabled",
+            ));
+        }
+        let trusted_ca =
+            (!self.trusted_ca_file.is_empty()).then(|| PathBuf::from(&self.trusted_ca_file));
+        if self.client_cert_auth && trusted_ca.is_none() {
+            return Err(bad("client-cert-auth", "true", "needs --trusted-ca-file"));
+        }
+        Ok(Some(ServerTls {
+            source,
+            trusted_ca,
+            client_cert_auth: self.client_cert_auth,
+            min_version,
+            max_version,
+            cipher_suites,
+        }))
     }
 }
 
@@ -620,6 +824,39 @@ mod tests {
         assert_eq!(v.listen_metrics_urls[0].port, 2381);
         assert!(parse(&["--metrics", "verbose"]).is_err());
         assert!(parse(&["--listen-metrics-urls", "127.0.0.1:2381"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags_validate_like_etcd() {
+        let https = ["--listen-client-urls", "https://127.0.0.1:2379"];
+        let err = parse(&https).unwrap_err().to_string();
+        assert!(err.contains("--cert-file, --key-file"), "{err}");
+        assert!(parse(&[]).unwrap().client_tls.is_none());
+        let files = ["--cert-file", "c.pem", "--key-file", "k.pem"];
+        let v = parse(&[&https[..], &files[..]].concat()).unwrap();
+        let tls = v.client_tls.unwrap();
+        assert_eq!((tls.min_version, tls.max_version), (TlsVersion::Tls12, TlsVersion::Tls13));
+        assert!(parse(&["--cert-file", "c.pem"]).is_err());
+        assert!(parse(&[&files[..], &["--client-cert-auth"]].concat()).is_err());
+        let ok =
+            parse(&[&files[..], &["--client-cert-auth", "--trusted-ca-file", "ca.pem"]].concat())
+                .unwrap();
+        assert!(ok.client_tls.unwrap().client_cert_auth);
+        for bad in [
+            &["--tls-min-version", "TLS1.1"][..],
+            &["--tls-min-version", "SSL3"],
+            &["--tls-min-version", "TLS1.3", "--tls-max-version", "TLS1.2"],
+            &["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"],
+            &["--tls-min-version", "TLS1.3", "--cipher-suites", CIPHER_SUITES[0]],
+        ] {
+            assert!(parse(&[&files[..], bad].concat()).is_err(), "{bad:?}");
+        }
+        let auto = parse(&[&https[..], &["--auto-tls", "--data-dir", "/d"]].concat()).unwrap();
+        assert!(matches!(
+            auto.client_tls.unwrap().source,
+            TlsSource::Auto { ref dir, ref hosts, years: 1 }
+                if dir == std::path::Path::new("/d/fixtures/client") && hosts == &["127.0.0.1"]
+        ));
     }
 
     #[test]

@@ -69,6 +69,9 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         if cfg.metrics_extensive { cairn::metrics::Level::Extensive } else { Default::default() };
     cairn::metrics::install(level).context("metrics registry")?;
     runtime()?.block_on(async move {
+        // TLS material is loaded (or generated) before any port is bound, so a bad file
+        // fails the start with its name.
+        let tls = cfg.client_tls.as_ref().map(cairn::grpc::Acceptor::new).transpose()?;
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
         let metrics_listeners = cairn::grpc::bind(&cfg.listen_metrics_urls).await?;
         let peer_listeners = cairn::grpc::bind(&cfg.listen_peer_urls).await?;
@@ -95,17 +98,18 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         let mut told_removed = transport.removed();
         let server = cairn::server::Server::start(cfg.clone(), transport, join)?;
         for l in &listeners {
-            if let Ok(addr) = l.local_addr() {
+            if let Ok(addr) = l.tcp.local_addr() {
                 tracing::info!(%addr, "serving client traffic");
             }
         }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = cairn::gateway::router(&server);
-        let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
-            let _ = stop_rx.await;
-        }));
+        let serving =
+            tokio::spawn(cairn::grpc::serve(server.clone(), listeners, tls.clone(), http, async {
+                let _ = stop_rx.await;
+            }));
         for l in &metrics_listeners {
-            if let Ok(addr) = l.local_addr() {
+            if let Ok(addr) = l.tcp.local_addr() {
                 tracing::info!(%addr, "serving /metrics and health endpoints");
             }
         }
@@ -114,6 +118,7 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             tokio::spawn(cairn::gateway::serve_http(
                 router,
                 metrics_listeners,
+                tls,
                 std::future::pending(),
             ))
         });
