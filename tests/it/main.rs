@@ -17,6 +17,7 @@ mod kv;
 mod lease;
 mod metrics;
 mod server;
+mod tls;
 mod watch;
 mod watch_cli;
 mod watch_diff;
