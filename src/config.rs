@@ -167,6 +167,40 @@ pub struct Config {
     /// Client TLS flags.
     #[command(flatten)]
     pub tls: TlsFlags,
+
+    /// Peer TLS flags.
+    #[command(flatten)]
+    pub peer_tls: PeerTlsFlags,
+}
+
+/// etcd's peer-TLS flags (`--peer-cert-file` and friends); versions and cipher suites come
+/// from the client flags, which etcd applies to both.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PeerTlsFlags {
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", default_value = "")]
+    pub peer_cert_file: String,
+
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", default_value = "")]
+    pub peer_key_file: String,
+
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
+
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", default_value = "")]
+    pub peer_trusted_ca_file: String,
+
+    /// Required CN for client certs connecting to the peer endpoint.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
+    pub peer_cert_allowed_cn: String,
+
+    /// Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file
+    /// are not provided.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub peer_auto_tls: bool,
 }
 
 /// etcd's client-TLS flags (`--cert-file` and friends).
@@ -266,6 +300,18 @@ pub struct ServerTls {
     pub max_version: TlsVersion,
     /// TLS 1.2 suites allowed (names from [`CIPHER_SUITES`]); empty = all of them.
     pub cipher_suites: Vec<String>,
+    /// The only client-certificate CN accepted (`--peer-cert-allowed-cn`; peers only).
+    pub allowed_cn: Option<String>,
+}
+
+/// Validated peer TLS: the peer listener's settings, which also give the certificate a
+/// member presents and the CA it trusts when it dials other members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    /// The listener side (and the client identity and roots).
+    pub server: ServerTls,
+    /// Skip verifying other members' certificates (`--peer-auto-tls`, as etcd does).
+    pub skip_verify: bool,
 }
 
 /// An `http(s)://host:port` URL as etcd accepts in its URL flags.
@@ -394,6 +440,8 @@ pub struct Validated {
     pub listen_metrics_urls: Vec<Url>,
     /// TLS for the `https://` client and metrics listeners (`None`: no TLS material given).
     pub client_tls: Option<ServerTls>,
+    /// TLS for the peer listeners and peer connections (`None`: no peer TLS material).
+    pub peer_tls: Option<PeerTls>,
 }
 
 /// etcd's default backend quota, 2 GiB.
@@ -508,6 +556,17 @@ impl Config {
             }
         }
 
+        let peer_tls = self.peer_tls.validate(&self.tls, &data_dir, &listen_peer_urls)?;
+        for url in listen_peer_urls.iter().chain(&advertise_peer_urls) {
+            if url.scheme == "https" && peer_tls.is_none() {
+                return Err(ConfigError::BadUrl {
+                    flag: "listen-peer-urls",
+                    url: url.raw.clone(),
+                    reason: "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url with HTTPS scheme".to_owned(),
+                });
+            }
+        }
+
         let initial_cluster = parse_initial_cluster(&self.initial_cluster)?;
         let mine = initial_cluster.get(&self.name).ok_or_else(|| {
             ConfigError::Cluster(format!(
@@ -561,6 +620,7 @@ impl Config {
             metrics_extensive,
             listen_metrics_urls,
             client_tls,
+            peer_tls,
         })
     }
 }
@@ -576,32 +636,24 @@ impl TlsFlags {
         data_dir: &std::path::Path,
         urls: &[Url],
     ) -> Result<Option<ServerTls>, ConfigError> {
+        let material = Material {
+            names: ["cert-file", "key-file", "client-cert-auth"],
+            cert: &self.cert_file,
+            key: &self.key_file,
+            ca: &self.trusted_ca_file,
+            client_cert_auth: self.client_cert_auth,
+            auto: self.auto_tls,
+            fixtures: data_dir.join("fixtures").join("client"),
+        };
+        material.validate(self, urls, None)
+    }
+
+    /// Versions and TLS 1.2 suites, shared by client and peer TLS.
+    fn protocol(&self) -> Result<(TlsVersion, TlsVersion, Vec<String>), ConfigError> {
         let bad = |flag: &'static str, value: &str, reason: &str| ConfigError::BadValue {
             flag,
             value: value.to_owned(),
             reason: reason.to_owned(),
-        };
-        let source = match (self.cert_file.is_empty(), self.key_file.is_empty()) {
-            (false, false) => TlsSource::Files {
-                cert: PathBuf::from(&self.cert_file),
-                key: PathBuf::from(&self.key_file),
-            },
-            (true, false) => return Err(bad("cert-file", "", "--key-file needs --cert-file")),
-            (false, true) => return Err(bad("key-file", "", "--cert-file needs --key-file")),
-            (true, true) if self.auto_tls => {
-                if self.self_signed_cert_validity == 0 {
-                    return Err(bad("self-signed-cert-validity", "0", "must be at least 1"));
-                }
-                let mut hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
-                hosts.sort();
-                hosts.dedup();
-                TlsSource::Auto {
-                    dir: data_dir.join("fixtures").join("client"),
-                    hosts,
-                    years: self.self_signed_cert_validity,
-                }
-            }
-            (true, true) => return Ok(None),
         };
         let version = |flag: &'static str, v: &str| match v {
             "TLS1.2" => Ok(TlsVersion::Tls12),
@@ -636,10 +688,116 @@ impl TlsFlags {
                 "cipher suites cannot be configured when only TLS1.3 is enabled",
             ));
         }
-        let trusted_ca =
-            (!self.trusted_ca_file.is_empty()).then(|| PathBuf::from(&self.trusted_ca_file));
+        Ok((min_version, max_version, cipher_suites))
+    }
+}
+
+impl PeerTlsFlags {
+    /// Validates the peer TLS flags (with versions and suites from `common`); `None` when
+    /// no peer certificate source is given.
+    ///
+    /// # Errors
+    /// As [`TlsFlags::validate`], plus certificate files without `--peer-trusted-ca-file`
+    /// (Cairn verifies other members only against it) and an allowed CN without
+    /// `--peer-client-cert-auth`.
+    pub fn validate(
+        &self,
+        common: &TlsFlags,
+        data_dir: &std::path::Path,
+        urls: &[Url],
+    ) -> Result<Option<PeerTls>, ConfigError> {
+        let material = Material {
+            names: ["peer-cert-file", "peer-key-file", "peer-client-cert-auth"],
+            cert: &self.peer_cert_file,
+            key: &self.peer_key_file,
+            ca: &self.peer_trusted_ca_file,
+            client_cert_auth: self.peer_client_cert_auth,
+            auto: self.peer_auto_tls,
+            fixtures: data_dir.join("fixtures").join("peer"),
+        };
+        let allowed_cn =
+            (!self.peer_cert_allowed_cn.is_empty()).then(|| self.peer_cert_allowed_cn.clone());
+        let Some(server) = material.validate(common, urls, allowed_cn)? else {
+            return Ok(None);
+        };
+        let skip_verify = matches!(server.source, TlsSource::Auto { .. });
+        if !skip_verify && server.trusted_ca.is_none() {
+            return Err(ConfigError::BadValue {
+                flag: "peer-trusted-ca-file",
+                value: String::new(),
+                reason: "peer TLS with --peer-cert-file needs the CA that signs the other members' certificates".into(),
+            });
+        }
+        if server.allowed_cn.is_some() && !server.client_cert_auth {
+            return Err(ConfigError::BadValue {
+                flag: "peer-cert-allowed-cn",
+                value: self.peer_cert_allowed_cn.clone(),
+                reason: "needs --peer-client-cert-auth".into(),
+            });
+        }
+        Ok(Some(PeerTls { server, skip_verify }))
+    }
+}
+
+/// One side's certificate flags (client or peer), before validation.
+struct Material<'a> {
+    /// Flag names: cert file, key file, client-cert-auth.
+    names: [&'static str; 3],
+    cert: &'a str,
+    key: &'a str,
+    ca: &'a str,
+    client_cert_auth: bool,
+    auto: bool,
+    fixtures: PathBuf,
+}
+
+impl Material<'_> {
+    fn validate(
+        self,
+        common: &TlsFlags,
+        urls: &[Url],
+        allowed_cn: Option<String>,
+    ) -> Result<Option<ServerTls>, ConfigError> {
+        let [cert_flag, key_flag, auth_flag] = self.names;
+        let bad = |flag: &'static str, reason: String| ConfigError::BadValue {
+            flag,
+            value: String::new(),
+            reason,
+        };
+        let source = match (self.cert.is_empty(), self.key.is_empty()) {
+            (false, false) => {
+                TlsSource::Files { cert: PathBuf::from(self.cert), key: PathBuf::from(self.key) }
+            }
+            (true, false) => {
+                return Err(bad(cert_flag, format!("--{key_flag} needs --{cert_flag}")));
+            }
+            (false, true) => {
+                return Err(bad(key_flag, format!("--{cert_flag} needs --{key_flag}")));
+            }
+            (true, true) if self.auto => {
+                if common.self_signed_cert_validity == 0 {
+                    return Err(bad("self-signed-cert-validity", "must be at least 1".into()));
+                }
+                let mut hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
+                hosts.sort();
+                hosts.dedup();
+                TlsSource::Auto {
+                    dir: self.fixtures,
+                    hosts,
+                    years: common.self_signed_cert_validity,
+                }
+            }
+            (true, true) => return Ok(None),
+        };
+        let (min_version, max_version, cipher_suites) = common.protocol()?;
+        let trusted_ca = (!self.ca.is_empty()).then(|| PathBuf::from(self.ca));
         if self.client_cert_auth && trusted_ca.is_none() {
-            return Err(bad("client-cert-auth", "true", "needs --trusted-ca-file"));
+            let ca_flag = if auth_flag.starts_with("peer") {
+                "--peer-trusted-ca-file"
+            } else {
+                "--trusted-ca-file"
+            };
+            return Err(bad(auth_flag, format!("needs {ca_flag}")));
         }
         Ok(Some(ServerTls {
             source,
@@ -648,6 +806,7 @@ impl TlsFlags {
             min_version,
             max_version,
             cipher_suites,
+            allowed_cn,
         }))
     }
 }

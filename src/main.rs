@@ -72,6 +72,16 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         // TLS material is loaded (or generated) before any port is bound, so a bad file
         // fails the start with its name.
         let tls = cfg.client_tls.as_ref().map(cairn::grpc::Acceptor::new).transpose()?;
+        let peer_tls = match &cfg.peer_tls {
+            Some(peer) => {
+                let acceptor = cairn::grpc::Acceptor::new(&peer.server)?;
+                let connector =
+                    cairn::grpc::tls::Connector::new(acceptor.clone(), peer.skip_verify)?;
+                cairn::grpc::peer::use_tls(connector);
+                Some(acceptor)
+            }
+            None => None,
+        };
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
         let metrics_listeners = cairn::grpc::bind(&cfg.listen_metrics_urls).await?;
         let peer_listeners = cairn::grpc::bind(&cfg.listen_peer_urls).await?;
@@ -123,9 +133,14 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             ))
         });
         let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let peers = tokio::spawn(cairn::grpc::serve_peers(server.clone(), peer_listeners, async {
-            let _ = peer_stop_rx.await;
-        }));
+        let peers = tokio::spawn(cairn::grpc::serve_peers(
+            server.clone(),
+            peer_listeners,
+            peer_tls,
+            async {
+                let _ = peer_stop_rx.await;
+            },
+        ));
         let mut removed = server.removed();
         tokio::select! {
             () = shutdown_signal() => {}

@@ -30,10 +30,8 @@ use cairn_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
-use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 
 pub use self::tls::{Acceptor, Listener};
 
@@ -157,20 +155,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves the peer service on `listeners` until `shutdown` resolves.
+/// Serves the peer service on `listeners` until `shutdown` resolves; `https://` listeners
+/// speak TLS through `tls` (the peer certificate, CA and allowed CN).
 ///
 /// # Errors
 /// [`Error::Serve`] when the transport fails.
 pub async fn serve_peers(
     server: Arc<Server>,
     listeners: Vec<Listener>,
+    tls: Option<Arc<Acceptor>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    // `serve_with_incoming` ignores the builder's TCP_NODELAY; set it on each incoming
-    // stream, or small unary calls wait ~40 ms for delayed ACKs (DEPENDENCIES.md).
-    let incoming = futures::stream::select_all(
-        listeners.into_iter().map(|l| TcpIncoming::from(l.tcp).with_nodelay(Some(true)).boxed()),
-    );
+    let incoming = tls::incoming(listeners, tls);
     tonic::transport::Server::builder()
         // Peers ping every second; a dead connection is dropped within a few.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))

@@ -1,5 +1,7 @@
-//! TLS on the client listeners: etcd's `--cert-file` family turned into rustls server
-//! configurations, and the stream of accepted connections tonic serves.
+//! TLS on the client and peer listeners and on connections between members: etcd's
+//! `--cert-file` and `--peer-cert-file` families turned into rustls configurations, the
+//! stream of accepted connections tonic serves ([`incoming`]) and the dialer members use
+//! to reach each other ([`Connector`]).
 //!
 //! The certificate, key and trusted CA files are re-read when any of them changes (size,
 //! modification time or inode), checked at each accepted connection, so a rotated
@@ -10,8 +12,8 @@
 //!
 //! Handshakes run on their own tasks so a slow or silent client cannot hold up the accept
 //! loop; a failed handshake is logged and the connection dropped ("rejected connection",
-//! as etcd logs it). A connection's peer certificate common name travels to the services
-//! in [`ConnInfo`], where authentication takes the CN as the user (etcd's client-cert auth).
+//! as etcd logs it); so is a peer whose certificate CN is not `--peer-cert-allowed-cn`. A
+//! connection's verified client certificate CN travels to the services in [`ConnInfo`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -71,9 +73,45 @@ fn stamps(cert: &Path, key: &Path, ca: Option<&Path>) -> Vec<Stamp> {
 }
 
 /// The TLS material in service and the file versions it was built from.
-struct Loaded {
-    config: Arc<rustls::ServerConfig>,
+struct Loaded<T> {
+    config: Arc<T>,
     stamps: Vec<Stamp>,
+}
+
+impl<T> Loaded<T> {
+    /// Loads with `build`, stamping the files first so that a change during the build is
+    /// seen at the next connection.
+    fn new(
+        files: (&Path, &Path, Option<&Path>),
+        build: impl FnOnce() -> Result<T, TlsError>,
+    ) -> Result<Mutex<Loaded<T>>, TlsError> {
+        let stamps = stamps(files.0, files.1, files.2);
+        Ok(Mutex::new(Loaded { config: Arc::new(build()?), stamps }))
+    }
+
+    /// The configuration in service, rebuilt first with `build` if a file changed. A set
+    /// that does not load keeps the previous one (a rotation may be half-written).
+    fn current(
+        this: &Mutex<Loaded<T>>,
+        files: (&Path, &Path, Option<&Path>),
+        build: impl FnOnce() -> Result<T, TlsError>,
+    ) -> Arc<T> {
+        let now = stamps(files.0, files.1, files.2);
+        let mut loaded = this.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.stamps != now {
+            match build() {
+                Ok(config) => {
+                    tracing::info!(cert = %files.0.display(), "reloaded TLS certificate files");
+                    loaded.config = Arc::new(config);
+                    loaded.stamps = now;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
+                }
+            }
+        }
+        loaded.config.clone()
+    }
 }
 
 /// Builds server TLS sessions from the configured files, reloading them when they change.
@@ -81,7 +119,7 @@ pub struct Acceptor {
     settings: ServerTls,
     cert: PathBuf,
     key: PathBuf,
-    loaded: Mutex<Loaded>,
+    loaded: Mutex<Loaded<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -100,36 +138,158 @@ impl Acceptor {
             TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
             TlsSource::Auto { dir, hosts, years } => self_signed(dir, hosts, *years)?,
         };
-        // Stamps first: a change during the build is then seen at the next connection.
-        let stamps = stamps(&cert, &key, settings.trusted_ca.as_deref());
-        let config = Arc::new(build_config(settings, &cert, &key)?);
-        Ok(Arc::new(Acceptor {
-            settings: settings.clone(),
-            cert,
-            key,
-            loaded: Mutex::new(Loaded { config, stamps }),
-        }))
+        let files = (cert.as_path(), key.as_path(), settings.trusted_ca.as_deref());
+        let loaded = Loaded::new(files, || build_config(settings, &cert, &key))?;
+        Ok(Arc::new(Acceptor { settings: settings.clone(), cert, key, loaded }))
+    }
+
+    fn files(&self) -> (&Path, &Path, Option<&Path>) {
+        (&self.cert, &self.key, self.settings.trusted_ca.as_deref())
     }
 
     /// The configuration for the next handshake, rebuilt first if a file changed.
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        let now = stamps(&self.cert, &self.key, self.settings.trusted_ca.as_deref());
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.stamps != now {
-            match build_config(&self.settings, &self.cert, &self.key) {
-                Ok(config) => {
-                    tracing::info!(cert = %self.cert.display(), "reloaded TLS certificate files");
-                    loaded.config = Arc::new(config);
-                    loaded.stamps = now;
-                }
-                Err(e) => {
-                    // Keep serving with the previous set; a rotation may be half-written.
-                    tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
-                }
-            }
-        }
-        loaded.config.clone()
+        Loaded::current(&self.loaded, self.files(), || {
+            build_config(&self.settings, &self.cert, &self.key)
+        })
     }
+
+    /// Whether a session's client certificate passes `--peer-cert-allowed-cn`.
+    fn allows(&self, session: &rustls::ServerConnection) -> bool {
+        let Some(allowed) = &self.settings.allowed_cn else { return true };
+        let cn = session.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+        cn.as_deref() == Some(allowed.as_str())
+    }
+}
+
+/// Builds client TLS sessions to other members: the member's own peer certificate as
+/// client identity, other members verified against the peer CA (or not at all under
+/// `--peer-auto-tls`, as etcd), files reloaded when they change.
+pub struct Connector {
+    acceptor: Arc<Acceptor>,
+    skip_verify: bool,
+    loaded: Mutex<Loaded<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("skip_verify", &self.skip_verify).finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// A connector presenting `acceptor`'s certificate.
+    ///
+    /// # Errors
+    /// [`TlsError`] when the material does not make a client configuration.
+    pub fn new(acceptor: Arc<Acceptor>, skip_verify: bool) -> Result<Arc<Connector>, TlsError> {
+        let loaded = Loaded::new(acceptor.files(), || client_config(&acceptor, skip_verify))?;
+        Ok(Arc::new(Connector { acceptor, skip_verify, loaded }))
+    }
+
+    /// The configuration for the next connection, rebuilt first if a file changed.
+    pub fn current(&self) -> Arc<rustls::ClientConfig> {
+        Loaded::current(&self.loaded, self.acceptor.files(), || {
+            client_config(&self.acceptor, self.skip_verify)
+        })
+    }
+
+    /// Dials `host:port` and completes a TLS handshake verifying `host`.
+    ///
+    /// # Errors
+    /// The TCP or TLS failure.
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        tokio_rustls::TlsConnector::from(self.current()).connect(name, tcp).await
+    }
+}
+
+fn client_config(acceptor: &Acceptor, skip_verify: bool) -> Result<rustls::ClientConfig, TlsError> {
+    let settings = &acceptor.settings;
+    let provider = Arc::new(provider(&settings.cipher_suites));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions(settings.min_version, settings.max_version))
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match (&settings.trusted_ca, skip_verify) {
+        (_, true) => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        }
+        (Some(ca), false) => builder.with_root_certificates(roots(ca)?),
+        (None, false) => {
+            return Err(TlsError::Config("peer TLS needs --peer-trusted-ca-file".into()));
+        }
+    };
+    let chain = certs(&acceptor.cert)?;
+    let key = private_key(&acceptor.key)?;
+    let mut config = builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", acceptor.cert.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts any server certificate (`--peer-auto-tls`: etcd skips verification there too);
+/// signatures are still checked, so the session is encrypted to whoever holds the key.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| TlsError::File { path: path.to_owned(), reason: e.to_string() })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -215,9 +375,7 @@ fn build_config(
     key: &Path,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let chain = certs(cert)?;
-    let key_pem = read(key)?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| TlsError::File { path: key.to_owned(), reason: e.to_string() })?;
+    let key_der = private_key(key)?;
     let provider = Arc::new(provider(&settings.cipher_suites));
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions(settings.min_version, settings.max_version))
@@ -462,7 +620,8 @@ pub struct Listener {
 }
 
 /// Accepted connections of all `listeners`, TLS ones handshaken with `acceptor`; ends when
-/// the stream is dropped. Connections whose handshake fails are logged and never yielded.
+/// the stream is dropped. Connections whose handshake fails, or whose certificate CN is
+/// not the allowed one, are logged and never yielded.
 pub fn incoming(
     listeners: Vec<Listener>,
     acceptor: Option<Arc<Acceptor>>,
@@ -507,9 +666,13 @@ async fn accept_loop(
         tokio::spawn(async move {
             let tls = tokio_rustls::TlsAcceptor::from(acceptor.current());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => {
+                Ok(Ok(stream)) if acceptor.allows(stream.get_ref().1) => {
                     let _ = tx.send(Conn::Tls(Box::new(stream))).await;
                 }
+                Ok(Ok(_)) => tracing::warn!(
+                    %remote,
+                    "rejected connection: client certificate CN is not --peer-cert-allowed-cn"
+                ),
                 Ok(Err(e)) => tracing::warn!(%remote, error = %e, "rejected connection"),
                 Err(_) => tracing::warn!(%remote, "rejected connection: TLS handshake timed out"),
             }
@@ -558,6 +721,7 @@ mod tests {
             min_version: TlsVersion::Tls12,
             max_version: TlsVersion::Tls13,
             cipher_suites: vec!["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".to_owned()],
+            allowed_cn: None,
         };
         let a = Acceptor::new(&settings).unwrap();
         let cert = std::fs::read(dir.path().join("fixtures/cert.pem")).unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 use crate::etcdctl::have_etcdctl;
-use crate::harness::{Cairn, etcdctls, free_port};
+use crate::harness::{Cairn, etcdctls, free_port, wait_ready};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap()
@@ -23,8 +23,9 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// Certificates made by the test: `ca` and `ca2` (independent CAs), `server` (CA 1, for
-/// 127.0.0.1 and localhost), `server2` (the same names, CA 2), `client` (CA 1, CN `root`)
-/// and `rogue` (CA 2, CN `root`).
+/// 127.0.0.1 and localhost), `server2` (the same names, CA 2), `client` (CA 1, CN `root`),
+/// `rogue` (CA 2, CN `root`), `peer` (CA 1, CN `member`), `peer-rogue` (CA 2, CN `member`)
+/// and `intruder` (CA 1, CN `intruder`); every leaf names 127.0.0.1 and localhost.
 pub struct Pki {
     pub dir: tempfile::TempDir,
 }
@@ -66,6 +67,9 @@ impl Pki {
             ("server2", "ca2", "server"),
             ("client", "ca", "root"),
             ("rogue", "ca2", "root"),
+            ("peer", "ca", "member"),
+            ("peer-rogue", "ca2", "member"),
+            ("intruder", "ca", "intruder"),
         ] {
             openssl(
                 d,
@@ -416,4 +420,121 @@ async fn bad_tls_settings_stop_the_start_with_a_clear_error() {
         assert!(stderr.contains(expected), "{flags:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
     }
+}
+
+/// Peer flags for a member presenting `cert` and trusting CA 1, with client-cert auth and
+/// the allowed CN `member`.
+fn peer_flags(pki: &Pki, cert: &str) -> Vec<String> {
+    [
+        "--peer-cert-file",
+        &pki.path(cert),
+        "--peer-key-file",
+        &pki.key(cert),
+        "--peer-trusted-ca-file",
+        &pki.path("ca"),
+        "--peer-client-cert-auth",
+        "--peer-cert-allowed-cn",
+        "member",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits until `client`'s member accepts writes (a fresh cluster's first election may
+/// still be settling when reads already pass).
+async fn wait_writable(client: &mut Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.put("cairn-probe", "", None).await.is_err() {
+        assert!(Instant::now() < deadline, "the cluster never accepted a write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn peer_member(name: &str, flags: &[String]) -> Cairn {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut m = Cairn::new(name, tempfile::tempdir().unwrap(), &flags);
+    m.peer_url = m.peer_url.replace("http://", "https://");
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certificate() {
+    let pki = Pki::new();
+    let flags = peer_flags(&pki, "peer");
+    let mut members: Vec<Cairn> = (0..3).map(|i| peer_member(&format!("m{i}"), &flags)).collect();
+    let mut initial: Vec<String> =
+        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    for m in &mut members {
+        m.initial_cluster = initial.join(",");
+        m.spawn_only();
+    }
+    for m in &members {
+        wait_ready(&m.client_url).await;
+    }
+    let mut first = members[0].client().await;
+    wait_writable(&mut first).await;
+    first.put("over-peer-tls", "replicated", None).await.unwrap();
+    for m in &members {
+        let got = m.client().await.get("over-peer-tls", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"replicated", "{}", m.name);
+    }
+    let list = first.member_list().await.unwrap();
+    assert_eq!(list.members().len(), 3);
+    assert!(list.members().iter().all(|m| m.peer_urls()[0].starts_with("https://")));
+
+    // A member whose certificate another CA signed, and one of the right CA with the wrong
+    // CN, are added to the member list but cannot join: the members refuse their
+    // connections, so they never learn the cluster.
+    let mut leader = None;
+    for m in &members {
+        let mut c = m.client().await;
+        let status = c.status().await.unwrap();
+        if status.leader() == status.header().unwrap().member_id() {
+            leader = Some(c);
+        }
+    }
+    let mut leader = leader.expect("a leader");
+    for cert in ["peer-rogue", "intruder"] {
+        let mut joiner = peer_member(cert, &peer_flags(&pki, cert));
+        leader.member_add([joiner.peer_url.as_str()], None).await.unwrap();
+        initial.push(format!("{}={}", joiner.name, joiner.peer_url));
+        joiner.initial_cluster = initial.join(",");
+        joiner.cluster_state = "existing".into();
+        let (ok, stderr) = joiner.run_to_exit();
+        assert!(!ok, "{cert}: the member started");
+        assert!(stderr.contains("cannot join the cluster"), "{cert}: {stderr}");
+        // Refused at the TLS layer, not for want of a member record.
+        assert!(!stderr.contains("add it with MemberAdd first"), "{cert}: {stderr}");
+        // The cluster is unaffected (two unstarted members of five leave a quorum of three).
+        first.put(format!("after-{cert}"), "ok", None).await.unwrap();
+    }
+    let list = first.member_list().await.unwrap();
+    let unstarted = list.members().iter().filter(|m| m.name().is_empty()).count();
+    assert_eq!(unstarted, 2, "{:?}", list.members());
+    for m in &members {
+        let got = m.client().await.get("after-intruder", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"ok", "{}", m.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_auto_tls_members_form_a_cluster() {
+    let flags = vec!["--peer-auto-tls".to_owned()];
+    let mut members: Vec<Cairn> = (0..2).map(|i| peer_member(&format!("a{i}"), &flags)).collect();
+    let initial: Vec<String> =
+        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    for m in &mut members {
+        m.initial_cluster = initial.join(",");
+        m.spawn_only();
+    }
+    for m in &members {
+        wait_ready(&m.client_url).await;
+    }
+    let mut first = members[0].client().await;
+    wait_writable(&mut first).await;
+    first.put("auto", "peer", None).await.unwrap();
+    let got = members[1].client().await.get("auto", None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"peer");
+    assert!(members[1].data_dir.join("fixtures/peer/cert.pem").exists());
 }
