@@ -162,36 +162,62 @@ impl Acceptor {
     }
 }
 
-/// Builds client TLS sessions to other members: the member's own peer certificate as
-/// client identity, other members verified against the peer CA (or not at all under
-/// `--peer-auto-tls`, as etcd), files reloaded when they change.
+/// Builds client TLS sessions: to other members (the member's own peer certificate as
+/// client identity, other members verified against the peer CA, or not at all under
+/// `--peer-auto-tls` as etcd; files reloaded when they change), or for a tool such as
+/// `cairn bench` (fixed CA and identity).
 pub struct Connector {
-    acceptor: Arc<Acceptor>,
-    skip_verify: bool,
+    peer: Option<(Arc<Acceptor>, bool)>,
     loaded: Mutex<Loaded<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").field("skip_verify", &self.skip_verify).finish_non_exhaustive()
+        f.debug_struct("Connector").field("peer", &self.peer.is_some()).finish_non_exhaustive()
     }
 }
 
 impl Connector {
-    /// A connector presenting `acceptor`'s certificate.
+    /// A connector to other members presenting `acceptor`'s certificate.
     ///
     /// # Errors
     /// [`TlsError`] when the material does not make a client configuration.
     pub fn new(acceptor: Arc<Acceptor>, skip_verify: bool) -> Result<Arc<Connector>, TlsError> {
-        let loaded = Loaded::new(acceptor.files(), || client_config(&acceptor, skip_verify))?;
-        Ok(Arc::new(Connector { acceptor, skip_verify, loaded }))
+        let loaded = Loaded::new(acceptor.files(), || peer_client_config(&acceptor, skip_verify))?;
+        Ok(Arc::new(Connector { peer: Some((acceptor, skip_verify)), loaded }))
+    }
+
+    /// A client connector trusting `ca` and presenting `identity` (cert, key) if given.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming an unreadable file.
+    pub fn client(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<Connector>, TlsError> {
+        let provider = Arc::new(provider(&[]));
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(ca)?);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(certs(cert)?, private_key(key)?)
+                .map_err(|e| TlsError::Config(format!("{}: {e}", cert.display())))?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let loaded = Mutex::new(Loaded { config: Arc::new(config), stamps: Vec::new() });
+        Ok(Arc::new(Connector { peer: None, loaded }))
     }
 
     /// The configuration for the next connection, rebuilt first if a file changed.
     pub fn current(&self) -> Arc<rustls::ClientConfig> {
-        Loaded::current(&self.loaded, self.acceptor.files(), || {
-            client_config(&self.acceptor, self.skip_verify)
-        })
+        match &self.peer {
+            Some((acceptor, skip_verify)) => {
+                Loaded::current(&self.loaded, acceptor.files(), || {
+                    peer_client_config(acceptor, *skip_verify)
+                })
+            }
+            None => self.loaded.lock().unwrap_or_else(|p| p.into_inner()).config.clone(),
+        }
     }
 
     /// Dials `host:port` and completes a TLS handshake verifying `host`.
@@ -210,9 +236,48 @@ impl Connector {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         tokio_rustls::TlsConnector::from(self.current()).connect(name, tcp).await
     }
+
+    /// A lazily connecting tonic channel to `url` (`https://host:port`) over this
+    /// connector; tonic itself is asked for plain HTTP/2 and the TLS happens here.
+    ///
+    /// # Errors
+    /// A URL that is not `https://host:port`.
+    pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, String> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| format!("{url}: not https://"))?;
+        tonic::transport::Endpoint::from_shared(format!("http://{rest}")).map_err(|e| e.to_string())
+    }
 }
 
-fn client_config(acceptor: &Acceptor, skip_verify: bool) -> Result<rustls::ClientConfig, TlsError> {
+/// tonic's connector for TLS URLs: dials through a [`Connector`].
+#[derive(Clone, Debug)]
+pub struct Dial(pub Arc<Connector>);
+
+type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = Dialed;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Dialed>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connector = self.0.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let stream = connector.connect(&host, port).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
+fn peer_client_config(
+    acceptor: &Acceptor,
+    skip_verify: bool,
+) -> Result<rustls::ClientConfig, TlsError> {
     let settings = &acceptor.settings;
     let provider = Arc::new(provider(&settings.cipher_suites));
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
+use crate::cluster::Cluster;
 use crate::etcdctl::have_etcdctl;
-use crate::harness::{Cairn, etcdctls, free_port, wait_ready};
+use crate::harness::{Cairn, etcdctls, free_port};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap()
@@ -462,20 +463,15 @@ fn peer_member(name: &str, flags: &[String]) -> Cairn {
 async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certificate() {
     let pki = Pki::new();
     let flags = peer_flags(&pki, "peer");
-    let mut members: Vec<Cairn> = (0..3).map(|i| peer_member(&format!("m{i}"), &flags)).collect();
+    let members = (0..3).map(|i| peer_member(&format!("m{i}"), &flags)).collect();
+    let cluster = Cluster::start_members(members, Vec::new()).await;
+    let members = &cluster.members;
     let mut initial: Vec<String> =
         members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
-    for m in &mut members {
-        m.initial_cluster = initial.join(",");
-        m.spawn_only();
-    }
-    for m in &members {
-        wait_ready(&m.client_url).await;
-    }
     let mut first = members[0].client().await;
     wait_writable(&mut first).await;
     first.put("over-peer-tls", "replicated", None).await.unwrap();
-    for m in &members {
+    for m in members {
         let got = m.client().await.get("over-peer-tls", None).await.unwrap();
         assert_eq!(got.kvs()[0].value(), b"replicated", "{}", m.name);
     }
@@ -487,7 +483,7 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
     // CN, are added to the member list but cannot join: the members refuse their
     // connections, so they never learn the cluster.
     let mut leader = None;
-    for m in &members {
+    for m in members {
         let mut c = m.client().await;
         let status = c.status().await.unwrap();
         if status.leader() == status.header().unwrap().member_id() {
@@ -512,7 +508,7 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
     let list = first.member_list().await.unwrap();
     let unstarted = list.members().iter().filter(|m| m.name().is_empty()).count();
     assert_eq!(unstarted, 2, "{:?}", list.members());
-    for m in &members {
+    for m in members {
         let got = m.client().await.get("after-intruder", None).await.unwrap();
         assert_eq!(got.kvs()[0].value(), b"ok", "{}", m.name);
     }
@@ -521,16 +517,9 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_auto_tls_members_form_a_cluster() {
     let flags = vec!["--peer-auto-tls".to_owned()];
-    let mut members: Vec<Cairn> = (0..2).map(|i| peer_member(&format!("a{i}"), &flags)).collect();
-    let initial: Vec<String> =
-        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
-    for m in &mut members {
-        m.initial_cluster = initial.join(",");
-        m.spawn_only();
-    }
-    for m in &members {
-        wait_ready(&m.client_url).await;
-    }
+    let members = (0..2).map(|i| peer_member(&format!("a{i}"), &flags)).collect();
+    let cluster = Cluster::start_members(members, Vec::new()).await;
+    let members = &cluster.members;
     let mut first = members[0].client().await;
     wait_writable(&mut first).await;
     first.put("auto", "peer", None).await.unwrap();

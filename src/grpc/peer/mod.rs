@@ -23,16 +23,13 @@ mod join;
 mod service;
 mod transport;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cairn_proto::internal::peer_client::PeerClient;
 use tonic::transport::{Channel, Endpoint};
 
-use super::tls::Connector;
+use super::tls::{Connector, Dial};
 
 pub(super) use self::forward::LeaderForward;
 pub use self::join::{fetch_cluster, remote_cluster_id};
@@ -100,32 +97,6 @@ fn endpoint(url: &str) -> Option<Endpoint> {
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true),
     )
-}
-
-/// tonic's connector for TLS peer URLs.
-#[derive(Clone)]
-struct Dial(Arc<Connector>);
-
-type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
-impl tower_service::Service<http::Uri> for Dial {
-    type Response = Dialed;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Dialed>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connector = self.0.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default().to_owned();
-            let port = uri.port_u16().unwrap_or(2380);
-            let stream = connector.connect(&host, port).await?;
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
-    }
 }
 
 /// A peer client with the peer port's message limits.
