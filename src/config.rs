@@ -290,9 +290,10 @@ pub enum TlsSource {
 pub struct ServerTls {
     /// The certificate and key.
     pub source: TlsSource,
-    /// CA bundle that client certificates must chain to.
+    /// CA bundle that client certificates must chain to; when given, a client certificate
+    /// is required, with or without `client_cert_auth` (as in etcd).
     pub trusted_ca: Option<PathBuf>,
-    /// Require and verify a client certificate.
+    /// `--client-cert-auth`: require and verify a client certificate (needs `trusted_ca`).
     pub client_cert_auth: bool,
     /// Lowest accepted version.
     pub min_version: TlsVersion,

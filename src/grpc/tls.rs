@@ -445,10 +445,10 @@ fn build_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions(settings.min_version, settings.max_version))
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    // As etcd: a client certificate is asked for only with --client-cert-auth, and then
-    // required and verified against --trusted-ca-file.
-    let builder = match (&settings.trusted_ca, settings.client_cert_auth) {
-        (Some(ca), true) => {
+    // As etcd (transport.TLSInfo.ServerConfig): a trusted CA, with or without
+    // --client-cert-auth, makes a client certificate required and verified against it.
+    let builder = match &settings.trusted_ca {
+        Some(ca) => {
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(ca)?),
                 provider,
@@ -457,7 +457,7 @@ fn build_config(
             .map_err(|e| TlsError::Config(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(chain, key_der)

@@ -296,6 +296,50 @@ async fn clients_with_certificates_use_grpc_gateway_and_metrics_over_mutual_tls(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_ca_alone_requires_client_certificates_as_etcd_does_also_for_https_metrics() {
+    let pki = Pki::new();
+    let metrics_url = format!("https://127.0.0.1:{}", free_port());
+    let (cert, key, ca) = (pki.path("server"), pki.key("server"), pki.path("ca"));
+    let flags = [
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--trusted-ca-file",
+        &ca,
+        "--listen-metrics-urls",
+        &metrics_url,
+    ];
+    let mut c = tls_member(&flags);
+    start_tls(&mut c, &pki.client_tls("ca", Some("client"))).await;
+    for url in [c.client_url.clone(), metrics_url] {
+        let health = format!("{url}/health");
+        let (ok, out) = curl(&[
+            "--cacert",
+            &ca,
+            "--cert",
+            &pki.path("client"),
+            "--key",
+            &pki.key("client"),
+            &health,
+        ]);
+        assert!(ok && out.contains("\"health\":\"true\""), "{out}");
+        let (ok, _) = curl(&["--cacert", &ca, &health]);
+        assert!(!ok, "{url}: served without a client certificate");
+        let (ok, _) = curl(&[
+            "--cacert",
+            &ca,
+            "--cert",
+            &pki.path("rogue"),
+            "--key",
+            &pki.key("rogue"),
+            &health,
+        ]);
+        assert!(!ok, "{url}: served to a certificate of another CA");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_server_certificate_is_served_without_a_restart() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
