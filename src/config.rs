@@ -699,8 +699,7 @@ impl PeerTlsFlags {
     ///
     /// # Errors
     /// As [`TlsFlags::validate`], plus certificate files without `--peer-trusted-ca-file`
-    /// (Cairn verifies other members only against it) and an allowed CN without
-    /// `--peer-client-cert-auth`.
+    /// (Cairn verifies other members only against it).
     pub fn validate(
         &self,
         common: &TlsFlags,
@@ -727,13 +726,6 @@ impl PeerTlsFlags {
                 flag: "peer-trusted-ca-file",
                 value: String::new(),
                 reason: "peer TLS with --peer-cert-file needs the CA that signs the other members' certificates".into(),
-            });
-        }
-        if server.allowed_cn.is_some() && !server.client_cert_auth {
-            return Err(ConfigError::BadValue {
-                flag: "peer-cert-allowed-cn",
-                value: self.peer_cert_allowed_cn.clone(),
-                reason: "needs --peer-client-cert-auth".into(),
             });
         }
         Ok(Some(PeerTls { server, skip_verify }))
@@ -984,6 +976,42 @@ mod tests {
         assert_eq!(v.listen_metrics_urls[0].port, 2381);
         assert!(parse(&["--metrics", "verbose"]).is_err());
         assert!(parse(&["--listen-metrics-urls", "127.0.0.1:2381"]).is_err());
+    }
+
+    #[test]
+    fn peer_tls_flags_validate_like_etcd() {
+        let https = [
+            "--listen-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-cluster",
+            "default=https://127.0.0.1:2380",
+        ];
+        let err = parse(&https).unwrap_err().to_string();
+        assert!(err.contains("--peer-cert-file, --peer-key-file"), "{err}");
+        assert!(parse(&[]).unwrap().peer_tls.is_none());
+        let files = ["--peer-cert-file", "p.pem", "--peer-key-file", "pk.pem"];
+        let err = parse(&[&https[..], &files[..]].concat()).unwrap_err().to_string();
+        assert!(err.contains("peer-trusted-ca-file"), "{err}");
+        let full = [
+            &https[..],
+            &files[..],
+            &["--peer-trusted-ca-file", "ca.pem", "--peer-cert-allowed-cn", "member"],
+        ]
+        .concat();
+        let peer = parse(&full).unwrap().peer_tls.unwrap();
+        assert_eq!(peer.server.allowed_cn.as_deref(), Some("member"));
+        assert!(!peer.skip_verify);
+        assert!(parse(&[&https[..], &["--peer-client-cert-auth"]].concat()).is_err());
+        let auto = parse(&[&https[..], &["--peer-auto-tls", "--data-dir", "/d"]].concat());
+        let auto = auto.unwrap().peer_tls.unwrap();
+        assert!(auto.skip_verify);
+        assert!(matches!(auto.server.source, TlsSource::Auto { ref dir, .. }
+            if dir == std::path::Path::new("/d/fixtures/peer")));
+        // Versions and suites are shared with the client side.
+        let bad = [&https[..], &files[..], &["--peer-trusted-ca-file", "ca.pem"]].concat();
+        assert!(parse(&[&bad[..], &["--tls-max-version", "TLS1.1"]].concat()).is_err());
     }
 
     #[test]
