@@ -124,6 +124,29 @@ impl Pki {
         self.path(&format!("{name}-key"))
     }
 
+    /// The server flags for `server`'s certificate with CA 1 as the trusted CA, then `more`.
+    pub fn server_flags(&self, more: &[&str]) -> Vec<String> {
+        let mut flags = vec![
+            "--cert-file".to_owned(),
+            self.path("server"),
+            "--key-file".to_owned(),
+            self.key("server"),
+            "--trusted-ca-file".to_owned(),
+            self.path("ca"),
+        ];
+        flags.extend(more.iter().map(|s| s.to_string()));
+        flags
+    }
+
+    /// curl's flags trusting CA 1 and presenting `identity` when given.
+    pub fn curl_args(&self, identity: Option<&str>) -> Vec<String> {
+        let mut args = vec!["--cacert".to_owned(), self.path("ca")];
+        if let Some(id) = identity {
+            args.extend(["--cert".to_owned(), self.path(id), "--key".to_owned(), self.key(id)]);
+        }
+        args
+    }
+
     /// etcd-client TLS options trusting `ca`, presenting `identity` when given.
     pub fn client_tls(&self, ca: &str, identity: Option<&str>) -> TlsOptions {
         let read = |p: String| std::fs::read(p).unwrap();
@@ -136,9 +159,10 @@ impl Pki {
 }
 
 /// A member whose client URL is `https://` with `flags`, not yet started.
-fn tls_member(flags: &[&str]) -> Cairn {
+fn tls_member<S: AsRef<str>>(flags: &[S]) -> Cairn {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = Cairn::new("tls", tmp, flags);
+    let flags: Vec<&str> = flags.iter().map(AsRef::as_ref).collect();
+    let mut c = Cairn::new("tls", tmp, &flags);
     c.client_url = c.client_url.replace("http://", "https://");
     c
 }
@@ -183,7 +207,7 @@ fn etcdctl(bin: &PathBuf, url: &str, flags: &[String], args: &[&str]) -> (bool, 
     )
 }
 
-fn curl(args: &[&str]) -> (bool, String) {
+fn curl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
     let out = run(Command::new("curl").args(["-sS", "--max-time", "5"]).args(args));
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -212,18 +236,12 @@ async fn clients_with_certificates_use_grpc_gateway_and_metrics_over_mutual_tls(
     let pki = Pki::new();
     let metrics_port = free_port();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}");
-    let (cert, key, ca) = (pki.path("server"), pki.key("server"), pki.path("ca"));
-    let mut c = tls_member(&[
-        "--cert-file",
-        &cert,
-        "--key-file",
-        &key,
-        "--trusted-ca-file",
-        &ca,
+    let ca = pki.path("ca");
+    let mut c = tls_member(&pki.server_flags(&[
         "--client-cert-auth",
         "--listen-metrics-urls",
         &metrics_url,
-    ]);
+    ]));
     let tls = pki.client_tls("ca", Some("client"));
     start_tls(&mut c, &tls).await;
     let url = c.client_url.clone();
@@ -279,14 +297,18 @@ async fn clients_with_certificates_use_grpc_gateway_and_metrics_over_mutual_tls(
     }
 
     // The JSON gateway and /metrics share the TLS listener.
-    let tls_args = ["--cacert", &ca, "--cert", &pki.path("client"), "--key", &pki.key("client")];
+    let tls_args = pki.curl_args(Some("client"));
     let body = format!("{{\"key\":\"{}\"}}", base64("crate-key"));
     let (ok, out) = curl(
-        &[&tls_args[..], &["-X", "POST", &format!("{url}/v3/kv/range"), "-d", &body]].concat(),
+        &[
+            tls_args.clone(),
+            vec!["-X".into(), "POST".into(), format!("{url}/v3/kv/range"), "-d".into(), body],
+        ]
+        .concat(),
     );
     assert!(ok, "{out}");
     assert!(out.contains(&base64("crate-value")), "{out}");
-    let (ok, out) = curl(&[&tls_args[..], &[&format!("{url}/metrics")]].concat());
+    let (ok, out) = curl(&[tls_args, vec![format!("{url}/metrics")]].concat());
     assert!(ok && out.contains("etcd_server_has_leader 1"), "{out}");
     let (ok, _) = curl(&["--cacert", &ca, &format!("{url}/metrics")]);
     assert!(!ok, "/metrics was served to a client without a certificate");
@@ -299,42 +321,17 @@ async fn clients_with_certificates_use_grpc_gateway_and_metrics_over_mutual_tls(
 async fn a_trusted_ca_alone_requires_client_certificates_as_etcd_does_also_for_https_metrics() {
     let pki = Pki::new();
     let metrics_url = format!("https://127.0.0.1:{}", free_port());
-    let (cert, key, ca) = (pki.path("server"), pki.key("server"), pki.path("ca"));
-    let flags = [
-        "--cert-file",
-        &cert,
-        "--key-file",
-        &key,
-        "--trusted-ca-file",
-        &ca,
-        "--listen-metrics-urls",
-        &metrics_url,
-    ];
-    let mut c = tls_member(&flags);
+    let mut c = tls_member(&pki.server_flags(&["--listen-metrics-urls", &metrics_url]));
     start_tls(&mut c, &pki.client_tls("ca", Some("client"))).await;
     for url in [c.client_url.clone(), metrics_url] {
         let health = format!("{url}/health");
-        let (ok, out) = curl(&[
-            "--cacert",
-            &ca,
-            "--cert",
-            &pki.path("client"),
-            "--key",
-            &pki.key("client"),
-            &health,
-        ]);
+        let with =
+            |identity: Option<&str>| [pki.curl_args(identity), vec![health.clone()]].concat();
+        let (ok, out) = curl(&with(Some("client")));
         assert!(ok && out.contains("\"health\":\"true\""), "{out}");
-        let (ok, _) = curl(&["--cacert", &ca, &health]);
+        let (ok, _) = curl(&with(None));
         assert!(!ok, "{url}: served without a client certificate");
-        let (ok, _) = curl(&[
-            "--cacert",
-            &ca,
-            "--cert",
-            &pki.path("rogue"),
-            "--key",
-            &pki.key("rogue"),
-            &health,
-        ]);
+        let (ok, _) = curl(&with(Some("rogue")));
         assert!(!ok, "{url}: served to a certificate of another CA");
     }
 }
