@@ -308,8 +308,12 @@ async fn clients_with_certificates_use_grpc_gateway_and_metrics_over_mutual_tls(
     );
     assert!(ok, "{out}");
     assert!(out.contains(&base64("crate-value")), "{out}");
-    let (ok, out) = curl(&[tls_args, vec![format!("{url}/metrics")]].concat());
+    let (ok, out) = curl(&[tls_args.clone(), vec![format!("{url}/metrics")]].concat());
     assert!(ok && out.contains("etcd_server_has_leader 1"), "{out}");
+    // HTTP/1.1 clients (ALPN http/1.1) are served on the same TLS listener.
+    let (ok, out) =
+        curl(&[tls_args, vec!["--http1.1".into(), "-i".into(), format!("{url}/version")]].concat());
+    assert!(ok && out.starts_with("HTTP/1.1 200") && out.contains("etcdserver"), "{out}");
     let (ok, _) = curl(&["--cacert", &ca, &format!("{url}/metrics")]);
     assert!(!ok, "/metrics was served to a client without a certificate");
     // The separate plain metrics listener stays plain.
