@@ -25,8 +25,9 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// Certificates made by the test: `ca` and `ca2` (independent CAs), `server` (CA 1, for
 /// 127.0.0.1 and localhost), `server2` (the same names, CA 2), `client` (CA 1, CN `root`),
-/// `rogue` (CA 2, CN `root`), `peer` (CA 1, CN `member`), `peer-rogue` (CA 2, CN `member`)
-/// and `intruder` (CA 1, CN `intruder`); every leaf names 127.0.0.1 and localhost.
+/// `rogue` (CA 2, CN `root`), `peer` (CA 1, CN `member`), `peer-rogue` and `peer2` (CA 2,
+/// CN `member`) and `intruder` (CA 1, CN `intruder`); every leaf names 127.0.0.1 and
+/// localhost.
 pub struct Pki {
     pub dir: tempfile::TempDir,
 }
@@ -70,6 +71,7 @@ impl Pki {
             ("rogue", "ca2", "root"),
             ("peer", "ca", "member"),
             ("peer-rogue", "ca2", "member"),
+            ("peer2", "ca2", "member"),
             ("intruder", "ca", "intruder"),
         ] {
             openssl(
@@ -471,13 +473,18 @@ async fn bad_tls_settings_stop_the_start_with_a_clear_error() {
 /// Peer flags for a member presenting `cert` and trusting CA 1, with client-cert auth and
 /// the allowed CN `member`.
 fn peer_flags(pki: &Pki, cert: &str) -> Vec<String> {
+    peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"))
+}
+
+/// Peer flags with the given certificate, key and CA files.
+fn peer_flags_at(cert: &str, key: &str, ca: &str) -> Vec<String> {
     [
         "--peer-cert-file",
-        &pki.path(cert),
+        cert,
         "--peer-key-file",
-        &pki.key(cert),
+        key,
         "--peer-trusted-ca-file",
-        &pki.path("ca"),
+        ca,
         "--peer-client-cert-auth",
         "--peer-cert-allowed-cn",
         "member",
@@ -571,4 +578,38 @@ async fn peer_auto_tls_members_form_a_cluster() {
     let got = members[1].client().await.get("auto", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"peer");
     assert!(members[1].data_dir.join("fixtures/peer/cert.pem").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_take_rotated_peer_certificates_and_ca_without_a_restart() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (cert, key, ca) = (at("peer.pem"), at("peer-key.pem"), at("ca.pem"));
+    std::fs::copy(pki.path("peer"), &cert).unwrap();
+    std::fs::copy(pki.key("peer"), &key).unwrap();
+    std::fs::copy(pki.path("ca"), &ca).unwrap();
+    let flags = peer_flags_at(&cert, &key, &ca);
+    let members = (0..2).map(|i| peer_member(&format!("r{i}"), &flags)).collect();
+    let mut cluster = Cluster::start_members(members, Vec::new()).await;
+    let mut first = cluster.members[0].client().await;
+    wait_writable(&mut first).await;
+    first.put("before-rotation", "1", None).await.unwrap();
+
+    // Every member's files move to CA 2 (certificate, key and trusted CA), then member 1
+    // restarts: it presents and trusts only CA 2 now, so member 0, which keeps running,
+    // must have reloaded its files for the two to talk again (a two-member cluster
+    // commits nothing without both).
+    for (from, to) in [(pki.path("peer2"), &cert), (pki.key("peer2"), &key), (pki.path("ca2"), &ca)]
+    {
+        std::fs::copy(from, at("next.pem")).unwrap();
+        std::fs::rename(at("next.pem"), to).unwrap();
+    }
+    cluster.members[1].restart().await;
+    let mut second = cluster.members[1].client().await;
+    wait_writable(&mut second).await;
+    second.put("after-rotation", "2", None).await.unwrap();
+    let got = first.get("after-rotation", None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"2");
+    assert!(cluster.members[0].is_running());
 }
