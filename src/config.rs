@@ -264,6 +264,31 @@ pub const CIPHER_SUITES: [&str; 6] = [
     "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
 ];
 
+/// Go's TLS 1.3 suite names: accepted, and like Go not configurable (always on).
+pub const TLS13_SUITES: [&str; 3] =
+    ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"];
+
+/// Suites Go (and so etcd) knows but rustls does not implement (CBC, RC4, 3DES, RSA key
+/// exchange); refused with a message that says so.
+const GO_UNSUPPORTED_SUITES: [&str; 16] = [
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
 /// Where a listener's certificate and key come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
@@ -299,7 +324,9 @@ pub struct ServerTls {
     pub min_version: TlsVersion,
     /// Highest accepted version.
     pub max_version: TlsVersion,
-    /// TLS 1.2 suites allowed (names from [`CIPHER_SUITES`]); empty = all of them.
+    /// `--cipher-suites` as Go names ([`CIPHER_SUITES`], [`TLS13_SUITES`]); empty = the
+    /// library's defaults. Only the TLS 1.2 ones restrict anything (TLS 1.3 suites are
+    /// always on, as in Go); a list of TLS 1.3 names only leaves TLS 1.2 without suites.
     pub cipher_suites: Vec<String>,
     /// The only client-certificate CN accepted (`--peer-cert-allowed-cn`; peers only).
     pub allowed_cn: Option<String>,
@@ -677,7 +704,24 @@ impl TlsFlags {
         }
         let mut cipher_suites = Vec::new();
         for name in self.cipher_suites.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if !CIPHER_SUITES.contains(&name) {
+            // etcd's tlsutil also takes Go's pre-1.14 ChaCha20 names.
+            let name = match name {
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" => {
+                    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"
+                }
+                "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" => {
+                    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"
+                }
+                other => other,
+            };
+            if GO_UNSUPPORTED_SUITES.contains(&name) {
+                return Err(bad(
+                    "cipher-suites",
+                    name,
+                    "not supported by Cairn's TLS library (only ECDHE with AES-GCM or ChaCha20-Poly1305)",
+                ));
+            }
+            if !CIPHER_SUITES.contains(&name) && !TLS13_SUITES.contains(&name) {
                 return Err(bad("cipher-suites", name, "unexpected TLS cipher suite"));
             }
             cipher_suites.push(name.to_owned());
@@ -1035,10 +1079,21 @@ mod tests {
             &["--tls-min-version", "SSL3"],
             &["--tls-min-version", "TLS1.3", "--tls-max-version", "TLS1.2"],
             &["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"],
+            &["--cipher-suites", "BOGUS"],
             &["--tls-min-version", "TLS1.3", "--cipher-suites", CIPHER_SUITES[0]],
         ] {
             assert!(parse(&[&files[..], bad].concat()).is_err(), "{bad:?}");
         }
+        let named =
+            ["--cipher-suites", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305,TLS_AES_128_GCM_SHA256"];
+        let suites = parse(&[&files[..], &named[..]].concat()).unwrap().client_tls.unwrap();
+        assert_eq!(
+            suites.cipher_suites,
+            ["TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"]
+        );
+        let rc4 = ["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"];
+        let err = parse(&[&files[..], &rc4[..]].concat()).unwrap_err().to_string();
+        assert!(err.contains("not supported"), "{err}");
         let auto = parse(&[&https[..], &["--auto-tls", "--data-dir", "/d"]].concat()).unwrap();
         assert!(matches!(
             auto.client_tls.unwrap().source,

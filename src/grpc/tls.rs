@@ -811,6 +811,10 @@ mod tests {
             one.cipher_suites.iter().filter(|s| s.version() == &rustls::version::TLS12).collect();
         assert_eq!(tls12.len(), 1);
         assert!(one.cipher_suites.len() < all);
+        // TLS 1.3 names only: TLS 1.3 stays, TLS 1.2 has no suite left (as in Go).
+        let only13 = provider(&["TLS_AES_128_GCM_SHA256".to_owned()]);
+        assert!(only13.cipher_suites.iter().all(|s| s.version() == &rustls::version::TLS13));
+        assert!(!only13.cipher_suites.is_empty());
         for name in crate::config::CIPHER_SUITES {
             assert!(suite(name).is_some(), "{name}");
         }
