@@ -9,7 +9,9 @@
 #        scripts/bench-vs-etcd.sh cluster          (the three-member workloads, "3m-*")
 # Three-member workloads start three members of each server on loopback and spread the
 # benchmark's connections over all three client URLs (followers forward writes to the leader).
-# Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1)
+# Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1),
+#        TLS=1 (clients over mutual TLS: certificates made here with openssl, https:// client
+#        URLs with --client-cert-auth on both servers, the benchmark presenting a client cert)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +33,23 @@ CPORT=$(free_port)
 PPORT=$(free_port)
 
 MEMBERS=1
-ENDPOINTS="http://127.0.0.1:$CPORT"
+SCHEME=http
+SERVER_TLS=()
+BENCH_TLS=()
+if [ -n "${TLS:-}" ]; then
+  SCHEME=https
+  printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$WORK/leaf.ext"
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 2 -subj /CN=bench-ca -keyout "$WORK/ca-key.pem" -out "$WORK/ca.pem" 2>/dev/null
+  for leaf in server client; do
+    openssl req "${ec[@]}" -subj "/CN=$leaf" -keyout "$WORK/$leaf-key.pem" -out "$WORK/$leaf.csr" 2>/dev/null
+    openssl x509 -req -in "$WORK/$leaf.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" -set_serial "$RANDOM" \
+      -days 2 -extfile "$WORK/leaf.ext" -out "$WORK/$leaf.pem" 2>/dev/null
+  done
+  SERVER_TLS=(--cert-file "$WORK/server.pem" --key-file "$WORK/server-key.pem" --trusted-ca-file "$WORK/ca.pem" --client-cert-auth)
+  BENCH_TLS=(--cacert "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client-key.pem")
+fi
+ENDPOINTS="$SCHEME://127.0.0.1:$CPORT"
 
 start_server() { # kind → pids on stdout (MEMBERS members)
   local kind=$1 bin=$ETCD_BIN cluster="" pids=""
@@ -43,14 +61,15 @@ start_server() { # kind → pids on stdout (MEMBERS members)
     local dir="$WORK/$kind-data-$i"
     rm -rf "$dir"
     "$bin" --name "b$i" --data-dir "$dir" \
-      --listen-client-urls "http://127.0.0.1:$((CPORT + i))" --advertise-client-urls "http://127.0.0.1:$((CPORT + i))" \
+      --listen-client-urls "$SCHEME://127.0.0.1:$((CPORT + i))" --advertise-client-urls "$SCHEME://127.0.0.1:$((CPORT + i))" \
+      "${SERVER_TLS[@]}" \
       --listen-peer-urls "http://127.0.0.1:$((PPORT + i))" --initial-advertise-peer-urls "http://127.0.0.1:$((PPORT + i))" \
       --initial-cluster "$cluster" --log-level error >"$WORK/$kind-$i.log" 2>&1 &
     pids="$pids $!"
   done
   for _ in $(seq 1 200); do
     # Ready once a put through every member succeeds (bench counts errors, it does not fail).
-    local probe; probe=$("$CAIRN_BIN" bench --endpoints "$ENDPOINTS" --conns "$MEMBERS" \
+    local probe; probe=$("$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" --conns "$MEMBERS" \
       --clients "$MEMBERS" --total "$MEMBERS" put 2>&1 || true)
     if ! grep -q "Errors:" <<<"$probe" && grep -q "Requests/sec" <<<"$probe"; then
       echo "$pids"; return
@@ -89,17 +108,17 @@ run_one() { # kind workload → "rps p99" (watch-*: the raw bench output)
   [[ $2 == 3m-* ]] && MEMBERS=3
   ENDPOINTS=""
   for i in $(seq 0 $((MEMBERS - 1))); do
-    ENDPOINTS="$ENDPOINTS${ENDPOINTS:+,}http://127.0.0.1:$((CPORT + i))"
+    ENDPOINTS="$ENDPOINTS${ENDPOINTS:+,}$SCHEME://127.0.0.1:$((CPORT + i))"
   done
   local pids; pids=$(start_server "$kind")
   # Watch workloads run against one member; @PID@ becomes its pid.
   args=${args//@PID@/${pids# }}
   # shellcheck disable=SC2086
-  [ -n "$setup" ] && "$CAIRN_BIN" bench --endpoints "$ENDPOINTS" $setup >/dev/null
+  [ -n "$setup" ] && "$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" $setup >/dev/null
   # A setup write must reach every member before reads are measured.
   sleep 0.3
   # shellcheck disable=SC2086
-  local out; out=$("$CAIRN_BIN" bench --endpoints "$ENDPOINTS" $args 2>&1) || {
+  local out; out=$("$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" $args 2>&1) || {
     echo "bench against $kind failed: $out" >&2
     cat "$WORK/$kind-0.log" >&2
   }

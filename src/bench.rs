@@ -33,6 +33,15 @@ pub struct Args {
     /// Total number of requests.
     #[arg(long, default_value_t = 10_000, global = true)]
     pub total: u64,
+    /// Verify `https://` endpoints with this CA bundle (etcd benchmark's `--cacert`).
+    #[arg(long, global = true)]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Identify with this client certificate (with `--key`).
+    #[arg(long, global = true, requires = "tls_key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (with `--cert`); its id differs from `range`'s key.
+    #[arg(long = "key", id = "tls_key", global = true, requires = "cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// The workload.
     #[command(subcommand)]
     pub workload: Workload,
@@ -155,19 +164,38 @@ impl Summary {
     }
 }
 
-/// Opens `conns` separate HTTP/2 connections over the endpoints.
-async fn connect(endpoints: &str, conns: usize) -> anyhow::Result<Vec<Channel>> {
-    let eps: Vec<&str> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+/// Opens `conns` separate HTTP/2 connections over the endpoints (`https://` ones over TLS
+/// with `--cacert`, and `--cert`/`--key` when given).
+async fn connect(args: &Args, conns: usize) -> anyhow::Result<Vec<Channel>> {
+    use crate::grpc::tls::{Connector, Dial};
+    let eps: Vec<&str> =
+        args.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     anyhow::ensure!(!eps.is_empty(), "no endpoints");
+    let tls = match &args.cacert {
+        Some(ca) => {
+            let identity = args.cert.as_deref().zip(args.tls_key.as_deref());
+            Some(Connector::client(ca, identity)?)
+        }
+        None => None,
+    };
     let mut out = Vec::with_capacity(conns);
     for i in 0..conns.max(1) {
         let ep = eps.get(i % eps.len()).copied().unwrap_or_default();
-        let ch = Endpoint::from_shared(ep.to_owned())?
+        let is_tls = ep.starts_with("https://");
+        let endpoint = if is_tls {
+            Connector::endpoint(ep).map_err(anyhow::Error::msg)?
+        } else {
+            Endpoint::from_shared(ep.to_owned())?
+        };
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
+            .keep_alive_timeout(Duration::from_secs(10));
+        let ch = match (&tls, is_tls) {
+            (Some(tls), true) => endpoint.connect_with_connector(Dial(tls.clone())).await?,
+            (None, true) => anyhow::bail!("{ep}: an https:// endpoint needs --cacert"),
+            (_, false) => endpoint.connect().await?,
+        };
         out.push(ch);
     }
     Ok(out)
@@ -200,7 +228,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         Workload::WatchMemory(m) => return watch::memory(args, m).await,
         _ => {}
     }
-    let channels = connect(&args.endpoints, args.conns).await?;
+    let channels = connect(args, args.conns).await?;
     if let Workload::LeaseExpiry { leases, ttl } = args.workload {
         let report = expiry::run(&channels, args.clients, leases, ttl).await?;
         expiry::print(&report);
@@ -387,6 +415,25 @@ async fn lock_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn tls_flags_parse_beside_every_workload() {
+        use clap::Parser as _;
+        let tls = ["--cacert", "ca.pem", "--cert", "c.pem", "--key", "k.pem"];
+        for workload in [&["put"][..], &["range", "000", "zzz"], &["lease-keepalive"]] {
+            let argv = [&["bench"][..], &tls[..], workload].concat();
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(cli.args.tls_key.as_deref(), Some(std::path::Path::new("k.pem")));
+        }
+        let cli = Cli::try_parse_from(["bench", "range", "000", "--key", "k.pem"]);
+        assert!(cli.is_err(), "--key without --cert is refused");
+    }
 
     #[test]
     fn keys_have_the_requested_size_and_cycle_through_the_space() {

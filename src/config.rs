@@ -181,6 +181,183 @@ pub struct Config {
     /// List of URLs to listen on for the metrics and health endpoints.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
     pub listen_metrics_urls: String,
+
+    /// Client TLS flags.
+    #[command(flatten)]
+    pub tls: TlsFlags,
+
+    /// Peer TLS flags.
+    #[command(flatten)]
+    pub peer_tls: PeerTlsFlags,
+}
+
+/// etcd's peer-TLS flags (`--peer-cert-file` and friends); versions and cipher suites come
+/// from the client flags, which etcd applies to both.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PeerTlsFlags {
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", default_value = "")]
+    pub peer_cert_file: String,
+
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", default_value = "")]
+    pub peer_key_file: String,
+
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
+
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", default_value = "")]
+    pub peer_trusted_ca_file: String,
+
+    /// Required CN for client certs connecting to the peer endpoint.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
+    pub peer_cert_allowed_cn: String,
+
+    /// Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file
+    /// are not provided.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub peer_auto_tls: bool,
+}
+
+/// etcd's client-TLS flags (`--cert-file` and friends).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE", default_value = "")]
+    pub cert_file: String,
+
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE", default_value = "")]
+    pub key_file: String,
+
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub client_cert_auth: bool,
+
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", default_value = "")]
+    pub trusted_ca_file: String,
+
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub auto_tls: bool,
+
+    /// The validity period of automatically generated certificates, in years.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers
+    /// (empty: the TLS library's defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
+
+    /// Minimum TLS version supported by the server: TLS1.2 or TLS1.3.
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+
+    /// Maximum TLS version supported by the server (empty: the highest supported).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+}
+
+/// A TLS protocol version Cairn can speak (rustls has no TLS 1.0 or 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+/// The TLS 1.2 cipher suites of Go's list (etcd's `--cipher-suites` names) that Cairn's TLS
+/// library implements; TLS 1.3 suites are not configurable, as in Go.
+pub const CIPHER_SUITES: [&str; 6] = [
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+];
+
+/// Go's TLS 1.3 suite names: accepted, and like Go not configurable (always on).
+pub const TLS13_SUITES: [&str; 3] =
+    ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"];
+
+/// Suites Go (and so etcd) knows but rustls does not implement (CBC, RC4, 3DES, RSA key
+/// exchange); refused with a message that says so.
+const GO_UNSUPPORTED_SUITES: [&str; 16] = [
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
+/// Where a listener's certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files, re-read when they change.
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// A self-signed certificate generated at start (`--auto-tls`) in this directory.
+    Auto {
+        /// Where the generated `cert.pem` and `key.pem` are kept.
+        dir: PathBuf,
+        /// Host names and IPs the certificate names.
+        hosts: Vec<String>,
+        /// Validity in years.
+        years: u32,
+    },
+}
+
+/// Validated server-side TLS settings for the client listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The certificate and key.
+    pub source: TlsSource,
+    /// CA bundle that client certificates must chain to; when given, a client certificate
+    /// is required, with or without `client_cert_auth` (as in etcd).
+    pub trusted_ca: Option<PathBuf>,
+    /// `--client-cert-auth`: require and verify a client certificate (needs `trusted_ca`).
+    pub client_cert_auth: bool,
+    /// Lowest accepted version.
+    pub min_version: TlsVersion,
+    /// Highest accepted version.
+    pub max_version: TlsVersion,
+    /// `--cipher-suites` as Go names ([`CIPHER_SUITES`], [`TLS13_SUITES`]); empty = the
+    /// library's defaults. Only the TLS 1.2 ones restrict anything (TLS 1.3 suites are
+    /// always on, as in Go); a list of TLS 1.3 names only leaves TLS 1.2 without suites.
+    pub cipher_suites: Vec<String>,
+    /// The only client-certificate CN accepted (`--peer-cert-allowed-cn`; peers only).
+    pub allowed_cn: Option<String>,
+}
+
+/// Validated peer TLS: the peer listener's settings, which also give the certificate a
+/// member presents and the CA it trusts when it dials other members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    /// The listener side (and the client identity and roots).
+    pub server: ServerTls,
+    /// Skip verifying other members' certificates (`--peer-auto-tls`, as etcd does).
+    pub skip_verify: bool,
 }
 
 /// An `http(s)://host:port` URL as etcd accepts in its URL flags.
@@ -309,6 +486,10 @@ pub struct Validated {
     pub metrics_extensive: bool,
     /// Extra listeners for `/metrics` and the health endpoints (empty: client URLs only).
     pub listen_metrics_urls: Vec<Url>,
+    /// TLS for the `https://` client and metrics listeners (`None`: no TLS material given).
+    pub client_tls: Option<ServerTls>,
+    /// TLS for the peer listeners and peer connections (`None`: no peer TLS material).
+    pub peer_tls: Option<PeerTls>,
 }
 
 /// etcd's default backend quota, 2 GiB.
@@ -410,6 +591,30 @@ impl Config {
             return Err(bad("logger", &self.logger, "only 'zap' is supported"));
         }
 
+        let data_dir =
+            self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
+        let client_tls = self.tls.validate(&data_dir, &listen_client_urls)?;
+        for url in listen_client_urls.iter().chain(&listen_metrics_urls) {
+            if url.scheme == "https" && client_tls.is_none() {
+                return Err(ConfigError::BadUrl {
+                    flag: "listen-client-urls",
+                    url: url.raw.clone(),
+                    reason: "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme".to_owned(),
+                });
+            }
+        }
+
+        let peer_tls = self.peer_tls.validate(&self.tls, &data_dir, &listen_peer_urls)?;
+        for url in listen_peer_urls.iter().chain(&advertise_peer_urls) {
+            if url.scheme == "https" && peer_tls.is_none() {
+                return Err(ConfigError::BadUrl {
+                    flag: "listen-peer-urls",
+                    url: url.raw.clone(),
+                    reason: "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url with HTTPS scheme".to_owned(),
+                });
+            }
+        }
+
         let initial_cluster = parse_initial_cluster(&self.initial_cluster)?;
         let mine = initial_cluster.get(&self.name).ok_or_else(|| {
             ConfigError::Cluster(format!(
@@ -455,9 +660,6 @@ impl Config {
             })?;
         let corrupt_check_interval =
             (!corrupt_check_interval.is_zero()).then_some(corrupt_check_interval);
-
-        let data_dir =
-            self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
         Ok(Validated {
             raw: self.clone(),
             data_dir,
@@ -477,7 +679,204 @@ impl Config {
             corrupt_check_interval,
             metrics_extensive,
             listen_metrics_urls,
+            client_tls,
+            peer_tls,
         })
+    }
+}
+
+impl TlsFlags {
+    /// Validates the client TLS flags; `None` when no certificate source is given.
+    ///
+    /// # Errors
+    /// A lone cert or key file, a client-cert-auth without a trusted CA, an unknown or
+    /// unsupported version or cipher suite, or inconsistent versions.
+    pub fn validate(
+        &self,
+        data_dir: &std::path::Path,
+        urls: &[Url],
+    ) -> Result<Option<ServerTls>, ConfigError> {
+        let material = Material {
+            names: ["cert-file", "key-file", "client-cert-auth"],
+            cert: &self.cert_file,
+            key: &self.key_file,
+            ca: &self.trusted_ca_file,
+            client_cert_auth: self.client_cert_auth,
+            auto: self.auto_tls,
+            fixtures: data_dir.join("fixtures").join("client"),
+        };
+        material.validate(self, urls, None)
+    }
+
+    /// Versions and TLS 1.2 suites, shared by client and peer TLS.
+    fn protocol(&self) -> Result<(TlsVersion, TlsVersion, Vec<String>), ConfigError> {
+        let bad = |flag: &'static str, value: &str, reason: &str| ConfigError::BadValue {
+            flag,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let version = |flag: &'static str, v: &str| match v {
+            "TLS1.2" => Ok(TlsVersion::Tls12),
+            "TLS1.3" => Ok(TlsVersion::Tls13),
+            "TLS1.0" | "TLS1.1" => Err(bad(flag, v, "TLS 1.0 and 1.1 are not supported by Cairn")),
+            _ => Err(bad(flag, v, "unexpected TLS version (expected TLS1.2 or TLS1.3)")),
+        };
+        let min_version = version("tls-min-version", &self.tls_min_version)?;
+        let max_version = if self.tls_max_version.is_empty() {
+            TlsVersion::Tls13
+        } else {
+            version("tls-max-version", &self.tls_max_version)?
+        };
+        if min_version > max_version {
+            return Err(bad(
+                "tls-max-version",
+                &self.tls_max_version,
+                "min version (--tls-min-version) is greater than max version (--tls-max-version)",
+            ));
+        }
+        let mut cipher_suites = Vec::new();
+        for name in self.cipher_suites.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            // etcd's tlsutil also takes Go's pre-1.14 ChaCha20 names.
+            let name = match name {
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" => {
+                    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"
+                }
+                "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" => {
+                    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"
+                }
+                other => other,
+            };
+            if GO_UNSUPPORTED_SUITES.contains(&name) {
+                return Err(bad(
+                    "cipher-suites",
+                    name,
+                    "not supported by Cairn's TLS library (only ECDHE with AES-GCM or ChaCha20-Poly1305)",
+                ));
+            }
+            if !CIPHER_SUITES.contains(&name) && !TLS13_SUITES.contains(&name) {
+                return Err(bad("cipher-suites", name, "unexpected TLS cipher suite"));
+            }
+            cipher_suites.push(name.to_owned());
+        }
+        if !cipher_suites.is_empty() && min_version == TlsVersion::Tls13 {
+            return Err(bad(
+                "cipher-suites",
+                &self.cipher_suites,
+                "cipher suites cannot be configured when only TLS1.3 is enabled",
+            ));
+        }
+        Ok((min_version, max_version, cipher_suites))
+    }
+}
+
+impl PeerTlsFlags {
+    /// Validates the peer TLS flags (with versions and suites from `common`); `None` when
+    /// no peer certificate source is given.
+    ///
+    /// # Errors
+    /// As [`TlsFlags::validate`], plus certificate files without `--peer-trusted-ca-file`
+    /// (Cairn verifies other members only against it).
+    pub fn validate(
+        &self,
+        common: &TlsFlags,
+        data_dir: &std::path::Path,
+        urls: &[Url],
+    ) -> Result<Option<PeerTls>, ConfigError> {
+        let material = Material {
+            names: ["peer-cert-file", "peer-key-file", "peer-client-cert-auth"],
+            cert: &self.peer_cert_file,
+            key: &self.peer_key_file,
+            ca: &self.peer_trusted_ca_file,
+            client_cert_auth: self.peer_client_cert_auth,
+            auto: self.peer_auto_tls,
+            fixtures: data_dir.join("fixtures").join("peer"),
+        };
+        let allowed_cn =
+            (!self.peer_cert_allowed_cn.is_empty()).then(|| self.peer_cert_allowed_cn.clone());
+        let Some(server) = material.validate(common, urls, allowed_cn)? else {
+            return Ok(None);
+        };
+        let skip_verify = matches!(server.source, TlsSource::Auto { .. });
+        if !skip_verify && server.trusted_ca.is_none() {
+            return Err(ConfigError::BadValue {
+                flag: "peer-trusted-ca-file",
+                value: String::new(),
+                reason: "peer TLS with --peer-cert-file needs the CA that signs the other members' certificates".into(),
+            });
+        }
+        Ok(Some(PeerTls { server, skip_verify }))
+    }
+}
+
+/// One side's certificate flags (client or peer), before validation.
+struct Material<'a> {
+    /// Flag names: cert file, key file, client-cert-auth.
+    names: [&'static str; 3],
+    cert: &'a str,
+    key: &'a str,
+    ca: &'a str,
+    client_cert_auth: bool,
+    auto: bool,
+    fixtures: PathBuf,
+}
+
+impl Material<'_> {
+    fn validate(
+        self,
+        common: &TlsFlags,
+        urls: &[Url],
+        allowed_cn: Option<String>,
+    ) -> Result<Option<ServerTls>, ConfigError> {
+        let [cert_flag, key_flag, auth_flag] = self.names;
+        let bad = |flag: &'static str, reason: String| ConfigError::BadValue {
+            flag,
+            value: String::new(),
+            reason,
+        };
+        let source = match (self.cert.is_empty(), self.key.is_empty()) {
+            (false, false) => {
+                TlsSource::Files { cert: PathBuf::from(self.cert), key: PathBuf::from(self.key) }
+            }
+            (true, false) => {
+                return Err(bad(cert_flag, format!("--{key_flag} needs --{cert_flag}")));
+            }
+            (false, true) => {
+                return Err(bad(key_flag, format!("--{cert_flag} needs --{key_flag}")));
+            }
+            (true, true) if self.auto => {
+                if common.self_signed_cert_validity == 0 {
+                    return Err(bad("self-signed-cert-validity", "must be at least 1".into()));
+                }
+                let mut hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
+                hosts.sort();
+                hosts.dedup();
+                TlsSource::Auto {
+                    dir: self.fixtures,
+                    hosts,
+                    years: common.self_signed_cert_validity,
+                }
+            }
+            (true, true) => return Ok(None),
+        };
+        let (min_version, max_version, cipher_suites) = common.protocol()?;
+        let trusted_ca = (!self.ca.is_empty()).then(|| PathBuf::from(self.ca));
+        if self.client_cert_auth && trusted_ca.is_none() {
+            let ca_flag = if auth_flag.starts_with("peer") {
+                "--peer-trusted-ca-file"
+            } else {
+                "--trusted-ca-file"
+            };
+            return Err(bad(auth_flag, format!("needs {ca_flag}")));
+        }
+        Ok(Some(ServerTls {
+            source,
+            trusted_ca,
+            client_cert_auth: self.client_cert_auth,
+            min_version,
+            max_version,
+            cipher_suites,
+            allowed_cn,
+        }))
     }
 }
 
@@ -677,6 +1076,86 @@ mod tests {
         assert_eq!(v.listen_metrics_urls[0].port, 2381);
         assert!(parse(&["--metrics", "verbose"]).is_err());
         assert!(parse(&["--listen-metrics-urls", "127.0.0.1:2381"]).is_err());
+    }
+
+    #[test]
+    fn peer_tls_flags_validate_like_etcd() {
+        let https = [
+            "--listen-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-cluster",
+            "default=https://127.0.0.1:2380",
+        ];
+        let err = parse(&https).unwrap_err().to_string();
+        assert!(err.contains("--peer-cert-file, --peer-key-file"), "{err}");
+        assert!(parse(&[]).unwrap().peer_tls.is_none());
+        let files = ["--peer-cert-file", "p.pem", "--peer-key-file", "pk.pem"];
+        let err = parse(&[&https[..], &files[..]].concat()).unwrap_err().to_string();
+        assert!(err.contains("peer-trusted-ca-file"), "{err}");
+        let full = [
+            &https[..],
+            &files[..],
+            &["--peer-trusted-ca-file", "ca.pem", "--peer-cert-allowed-cn", "member"],
+        ]
+        .concat();
+        let peer = parse(&full).unwrap().peer_tls.unwrap();
+        assert_eq!(peer.server.allowed_cn.as_deref(), Some("member"));
+        assert!(!peer.skip_verify);
+        assert!(parse(&[&https[..], &["--peer-client-cert-auth"]].concat()).is_err());
+        let auto = parse(&[&https[..], &["--peer-auto-tls", "--data-dir", "/d"]].concat());
+        let auto = auto.unwrap().peer_tls.unwrap();
+        assert!(auto.skip_verify);
+        assert!(matches!(auto.server.source, TlsSource::Auto { ref dir, .. }
+            if dir == std::path::Path::new("/d/fixtures/peer")));
+        // Versions and suites are shared with the client side.
+        let bad = [&https[..], &files[..], &["--peer-trusted-ca-file", "ca.pem"]].concat();
+        assert!(parse(&[&bad[..], &["--tls-max-version", "TLS1.1"]].concat()).is_err());
+    }
+
+    #[test]
+    fn tls_flags_validate_like_etcd() {
+        let https = ["--listen-client-urls", "https://127.0.0.1:2379"];
+        let err = parse(&https).unwrap_err().to_string();
+        assert!(err.contains("--cert-file, --key-file"), "{err}");
+        assert!(parse(&[]).unwrap().client_tls.is_none());
+        let files = ["--cert-file", "c.pem", "--key-file", "k.pem"];
+        let v = parse(&[&https[..], &files[..]].concat()).unwrap();
+        let tls = v.client_tls.unwrap();
+        assert_eq!((tls.min_version, tls.max_version), (TlsVersion::Tls12, TlsVersion::Tls13));
+        assert!(parse(&["--cert-file", "c.pem"]).is_err());
+        assert!(parse(&[&files[..], &["--client-cert-auth"]].concat()).is_err());
+        let ok =
+            parse(&[&files[..], &["--client-cert-auth", "--trusted-ca-file", "ca.pem"]].concat())
+                .unwrap();
+        assert!(ok.client_tls.unwrap().client_cert_auth);
+        for bad in [
+            &["--tls-min-version", "TLS1.1"][..],
+            &["--tls-min-version", "SSL3"],
+            &["--tls-min-version", "TLS1.3", "--tls-max-version", "TLS1.2"],
+            &["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"],
+            &["--cipher-suites", "BOGUS"],
+            &["--tls-min-version", "TLS1.3", "--cipher-suites", CIPHER_SUITES[0]],
+        ] {
+            assert!(parse(&[&files[..], bad].concat()).is_err(), "{bad:?}");
+        }
+        let named =
+            ["--cipher-suites", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305,TLS_AES_128_GCM_SHA256"];
+        let suites = parse(&[&files[..], &named[..]].concat()).unwrap().client_tls.unwrap();
+        assert_eq!(
+            suites.cipher_suites,
+            ["TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"]
+        );
+        let rc4 = ["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"];
+        let err = parse(&[&files[..], &rc4[..]].concat()).unwrap_err().to_string();
+        assert!(err.contains("not supported"), "{err}");
+        let auto = parse(&[&https[..], &["--auto-tls", "--data-dir", "/d"]].concat()).unwrap();
+        assert!(matches!(
+            auto.client_tls.unwrap().source,
+            TlsSource::Auto { ref dir, ref hosts, years: 1 }
+                if dir == std::path::Path::new("/d/fixtures/client") && hosts == &["127.0.0.1"]
+        ));
     }
 
     #[test]

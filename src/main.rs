@@ -72,6 +72,19 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         if cfg.metrics_extensive { cairn::metrics::Level::Extensive } else { Default::default() };
     cairn::metrics::install(level).context("metrics registry")?;
     runtime()?.block_on(async move {
+        // TLS material is loaded (or generated) before any port is bound, so a bad file
+        // fails the start with its name.
+        let tls = cfg.client_tls.as_ref().map(cairn::grpc::Acceptor::new).transpose()?;
+        let peer_tls = match &cfg.peer_tls {
+            Some(peer) => {
+                let acceptor = cairn::grpc::Acceptor::new(&peer.server)?;
+                let connector =
+                    cairn::grpc::tls::Connector::new(acceptor.clone(), peer.skip_verify)?;
+                cairn::grpc::peer::use_tls(connector);
+                Some(acceptor)
+            }
+            None => None,
+        };
         let listeners = cairn::grpc::bind(&cfg.listen_client_urls).await?;
         let metrics_listeners = cairn::grpc::bind(&cfg.listen_metrics_urls).await?;
         let peer_listeners = cairn::grpc::bind(&cfg.listen_peer_urls).await?;
@@ -98,18 +111,19 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         let mut told_removed = transport.removed();
         let server = cairn::server::Server::start(cfg.clone(), transport, join)?;
         for l in &listeners {
-            if let Ok(addr) = l.local_addr() {
+            if let Ok(addr) = l.tcp.local_addr() {
                 tracing::info!(%addr, "serving client traffic");
             }
         }
         let corrupt_check = cairn::grpc::corrupt::spawn(server.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = cairn::gateway::router(&server);
-        let serving = tokio::spawn(cairn::grpc::serve(server.clone(), listeners, http, async {
-            let _ = stop_rx.await;
-        }));
+        let serving =
+            tokio::spawn(cairn::grpc::serve(server.clone(), listeners, tls.clone(), http, async {
+                let _ = stop_rx.await;
+            }));
         for l in &metrics_listeners {
-            if let Ok(addr) = l.local_addr() {
+            if let Ok(addr) = l.tcp.local_addr() {
                 tracing::info!(%addr, "serving /metrics and health endpoints");
             }
         }
@@ -118,13 +132,19 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             tokio::spawn(cairn::gateway::serve_http(
                 router,
                 metrics_listeners,
+                tls,
                 std::future::pending(),
             ))
         });
         let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let peers = tokio::spawn(cairn::grpc::serve_peers(server.clone(), peer_listeners, async {
-            let _ = peer_stop_rx.await;
-        }));
+        let peers = tokio::spawn(cairn::grpc::serve_peers(
+            server.clone(),
+            peer_listeners,
+            peer_tls,
+            async {
+                let _ = peer_stop_rx.await;
+            },
+        ));
         let mut removed = server.removed();
         let mut raft_failed = false;
         tokio::select! {

@@ -157,8 +157,8 @@ async fn wait_for(
 /// # Errors
 /// Fails when the endpoint cannot be reached, a watcher is canceled or a put fails.
 pub async fn latency(args: &Args, w: &LatencyArgs) -> anyhow::Result<Summary> {
-    let channels = connect(&args.endpoints, args.conns).await?;
-    let writer = connect(&args.endpoints, 1).await?.pop().context("no writer connection")?;
+    let channels = connect(args, args.conns).await?;
+    let writer = connect(args, 1).await?.pop().context("no writer connection")?;
     let streams_n = w.streams.clamp(1, w.watchers.max(1));
     let prefix = w.prefix.as_bytes();
     let end = prefix_end(prefix);
@@ -295,7 +295,7 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
 /// # Errors
 /// Fails when the endpoint cannot be reached, a watcher is refused or RSS cannot be read.
 pub async fn memory(args: &Args, m: &MemoryArgs) -> anyhow::Result<Summary> {
-    let channels = connect(&args.endpoints, args.conns).await?;
+    let channels = connect(args, args.conns).await?;
     let streams_n = m.streams.clamp(1, m.watchers.max(1));
     let created = Arc::new(Mutex::new(0));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

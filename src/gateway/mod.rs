@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use http::{Response, StatusCode};
-use tokio::net::TcpListener;
 
 pub use self::json::{Limits, http_status};
 pub use self::ops::{Member, MemberProbe};
@@ -90,14 +89,11 @@ fn count_http(route: &str, status: StatusCode) {
 /// When the transport fails.
 pub async fn serve_http(
     router: axum::Router,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<crate::grpc::Listener>,
+    tls: Option<std::sync::Arc<crate::grpc::Acceptor>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    use futures::StreamExt as _;
-    let incoming =
-        futures::stream::select_all(listeners.into_iter().map(|l| {
-            tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true)).boxed()
-        }));
+    let incoming = crate::grpc::tls::incoming(listeners, tls);
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(router))

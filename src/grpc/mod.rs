@@ -23,6 +23,7 @@ mod maintenance;
 mod metered;
 pub mod peer;
 pub mod status;
+pub mod tls;
 pub mod validate;
 pub mod watch;
 
@@ -38,7 +39,8 @@ use cairn_proto::v3lockpb::lock_server::LockServer;
 use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
+
+pub use self::tls::{Acceptor, Listener};
 
 pub use self::cluster::ClusterService;
 pub use self::election::ElectionService;
@@ -76,11 +78,12 @@ pub enum Error {
 }
 
 /// Binds every address of every URL (a `localhost` URL binds both loopback families when
-/// the host has them). A URL none of whose addresses binds is an error.
+/// the host has them), marking `https://` ones for TLS. A URL none of whose addresses binds
+/// is an error.
 ///
 /// # Errors
 /// [`Error::Resolve`] or [`Error::Bind`].
-pub async fn bind(urls: &[Url]) -> Result<Vec<TcpListener>, Error> {
+pub async fn bind(urls: &[Url]) -> Result<Vec<Listener>, Error> {
     let mut listeners = Vec::new();
     for url in urls {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(url.host_port())
@@ -91,7 +94,7 @@ pub async fn bind(urls: &[Url]) -> Result<Vec<TcpListener>, Error> {
         let before = listeners.len();
         for addr in addrs {
             match TcpListener::bind(addr).await {
-                Ok(l) => listeners.push(l),
+                Ok(tcp) => listeners.push(Listener { tcp, tls: url.scheme == "https" }),
                 Err(e) => last_err = Some(e),
             }
         }
@@ -113,23 +116,21 @@ fn metered<S: NamedService>(svc: S) -> S {
 }
 
 /// Serves the client services on `listeners` until `shutdown` resolves, with `http` (the
-/// JSON gateway and operations endpoints) on the same listeners over HTTP/1.1 and HTTP/2.
+/// JSON gateway and operations endpoints) on the same listeners over HTTP/1.1 and HTTP/2;
+/// `https://` listeners speak TLS through `tls`.
 ///
 /// # Errors
 /// [`Error::Serve`] when the transport fails.
 pub async fn serve(
     server: Arc<Server>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
+    tls: Option<Arc<Acceptor>>,
     http: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let max_recv = usize::try_from(server.config().raw.max_request_bytes).unwrap_or(usize::MAX)
         + GRPC_OVERHEAD_BYTES;
-    // `serve_with_incoming` ignores the builder's TCP_NODELAY; set it on each incoming
-    // stream, or small unary calls wait ~40 ms for delayed ACKs (DEPENDENCIES.md).
-    let incoming = futures::stream::select_all(
-        listeners.into_iter().map(|l| TcpIncoming::from(l).with_nodelay(Some(true)).boxed()),
-    );
+    let incoming = tls::incoming(listeners, tls);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -170,18 +171,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves the peer service on `listeners` until `shutdown` resolves.
+/// Serves the peer service on `listeners` until `shutdown` resolves; `https://` listeners
+/// speak TLS through `tls` (the peer certificate, CA and allowed CN).
 ///
 /// # Errors
 /// [`Error::Serve`] when the transport fails.
 pub async fn serve_peers(
     server: Arc<Server>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
+    tls: Option<Arc<Acceptor>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let incoming = futures::stream::select_all(
-        listeners.into_iter().map(|l| TcpIncoming::from(l).with_nodelay(Some(true)).boxed()),
-    );
+    let incoming = tls::incoming(listeners, tls);
     tonic::transport::Server::builder()
         // Peers ping every second; a dead connection is dropped within a few.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))

@@ -2,7 +2,9 @@
 //! remembers so a member restarts from its data dir alone.
 //!
 //! Layout: `<data-dir>/cairn.meta` (marker and identity, written last at creation and
-//! fsynced), `<data-dir>/raft/` (the raft log), `<data-dir>/state/` (the state machine).
+//! fsynced), `<data-dir>/raft/` (the raft log), `<data-dir>/state/` (the state machine),
+//! and `<data-dir>/fixtures/` (`--auto-tls` certificates, generated before the member
+//! starts, as etcd keeps them).
 
 use std::fs;
 use std::io::Write as _;
@@ -83,6 +85,7 @@ impl DataDir {
                 let found: Vec<String> = entries
                     .filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name != "fixtures")
                     .take(5)
                     .collect();
                 if found.is_empty() {

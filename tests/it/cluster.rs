@@ -39,6 +39,13 @@ impl Cluster {
                 proxies.push(proxy);
             }
         }
+        Self::start_members(members, proxies).await
+    }
+
+    /// Starts `members` (configured, not yet started) as the founding members of one
+    /// cluster and waits until every one serves and has published itself.
+    pub async fn start_members(mut members: Vec<Cairn>, proxies: Vec<Proxy>) -> Cluster {
+        let n = members.len();
         let initial: Vec<String> =
             members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
         for m in &mut members {

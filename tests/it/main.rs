@@ -23,6 +23,7 @@ mod maintenance;
 mod metrics;
 mod partition;
 mod server;
+mod tls;
 mod watch;
 mod watch_cli;
 mod watch_diff;

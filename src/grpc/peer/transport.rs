@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::Channel;
 
-use super::{BATCH, CHUNK, QUEUE, SNAPSHOT_TIMEOUT, channel, client, endpoint};
+use super::{BATCH, CHUNK, QUEUE, SNAPSHOT_TIMEOUT, channel, client, lazy};
 use crate::grpc::status;
 use crate::raft::{Message, MessageType, RaftHandle, Transport};
 
@@ -162,7 +162,7 @@ async fn run_link(
         return;
     };
     let mut peer = client(ch);
-    let Some(stream_ch) = urls.first().and_then(|u| endpoint(u)).map(|e| e.connect_lazy()) else {
+    let Some(stream_ch) = urls.first().and_then(|u| lazy(u, None)) else {
         return;
     };
     let mut open: Option<mpsc::Sender<RaftBatch>> = None;
