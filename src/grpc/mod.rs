@@ -36,7 +36,6 @@ use cairn_proto::etcdserverpb::{
 };
 use cairn_proto::v3electionpb::election_server::ElectionServer;
 use cairn_proto::v3lockpb::lock_server::LockServer;
-use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 

@@ -267,11 +267,7 @@ async fn maintenance_and_cluster_paths_answer_or_say_unimplemented_as_etcd_would
     let snap = post(url, "/v3/maintenance/snapshot", json!({})).await;
     assert_eq!(snap.status, 200);
     assert!(snap.body.contains("\"blob\""), "{}", snap.body);
-    for path in [
-        "/v3/maintenance/downgrade",
-        "/v3/auth/status",
-        "/v3/auth/user/list",
-    ] {
+    for path in ["/v3/maintenance/downgrade", "/v3/auth/status", "/v3/auth/user/list"] {
         let a = post(url, path, json!({})).await;
         assert_error(&a, 501, 12, "");
     }

@@ -27,4 +27,5 @@ mod tls;
 mod watch;
 mod watch_cli;
 mod watch_diff;
+mod watch_faults;
 mod watch_load;

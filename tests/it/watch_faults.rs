@@ -23,12 +23,17 @@ type Seen = Arc<Mutex<Vec<(i64, String, String)>>>;
 async fn watcher(url: String, start: i64, stop: Arc<AtomicBool>, seen: Seen) {
     let mut next = start;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), Client::connect([url.as_str()], None)).await else {
+        let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(2), Client::connect([url.as_str()], None))
+                .await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
         let opts = WatchOptions::new().with_prefix().with_start_revision(next);
-        let Ok(Ok((_w, mut stream))) = tokio::time::timeout(Duration::from_secs(2), c.watch("w", Some(opts))).await else {
+        let Ok(Ok(mut stream)) =
+            tokio::time::timeout(Duration::from_secs(2), c.watch("w", Some(opts))).await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -36,7 +41,8 @@ async fn watcher(url: String, start: i64, stop: Arc<AtomicBool>, seen: Seen) {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let msg = match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            let msg = match tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
                 Err(_) => continue, // idle; check the stop flag
                 Ok(Ok(Some(msg))) => msg,
                 Ok(_) => break, // the stream broke: reconnect and resume
@@ -47,7 +53,11 @@ async fn watcher(url: String, start: i64, stop: Arc<AtomicBool>, seen: Seen) {
             for ev in msg.events() {
                 let kv = ev.kv().unwrap();
                 if ev.event_type() == EventType::Put {
-                    let entry = (kv.mod_revision(), kv.key_str().unwrap().to_owned(), kv.value_str().unwrap().to_owned());
+                    let entry = (
+                        kv.mod_revision(),
+                        kv.key_str().unwrap().to_owned(),
+                        kv.value_str().unwrap().to_owned(),
+                    );
                     seen.lock().unwrap().push(entry);
                 }
                 next = next.max(kv.mod_revision() + 1);
@@ -69,7 +79,9 @@ async fn watchers_on_every_member_see_each_acknowledged_write_once_in_order_acro
         .members
         .iter()
         .zip(&seens)
-        .map(|(m, seen)| tokio::spawn(watcher(m.client_url.clone(), start, stop.clone(), seen.clone())))
+        .map(|(m, seen)| {
+            tokio::spawn(watcher(m.client_url.clone(), start, stop.clone(), seen.clone()))
+        })
         .collect();
     let acked: Acked = Arc::default();
     let (stop_writes, writers) = cluster::writers(&cluster.endpoints(), 3, &acked);
@@ -92,7 +104,10 @@ async fn watchers_on_every_member_see_each_acknowledged_write_once_in_order_acro
     let last = acked.lock().unwrap().values().map(|(_, rev)| *rev).max().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while seens.iter().any(|s| s.lock().unwrap().last().is_none_or(|e| e.0 < last)) {
-        assert!(std::time::Instant::now() < deadline, "a watcher never caught up to revision {last}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a watcher never caught up to revision {last}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -106,19 +121,31 @@ async fn watchers_on_every_member_see_each_acknowledged_write_once_in_order_acro
     for (i, seen) in seens.iter().enumerate() {
         let seen = seen.lock().unwrap().clone();
         for pair in seen.windows(2) {
-            assert!(pair[0].0 < pair[1].0, "watcher {i}: revision {} after {} (duplicate or out of order)", pair[1].0, pair[0].0);
+            assert!(
+                pair[0].0 < pair[1].0,
+                "watcher {i}: revision {} after {} (duplicate or out of order)",
+                pair[1].0,
+                pair[0].0
+            );
         }
         let by_rev: BTreeMap<i64, (String, String)> =
             seen.iter().map(|(rev, k, v)| (*rev, (k.clone(), v.clone()))).collect();
         for (key, (value, rev)) in &acked {
-            assert_eq!(by_rev.get(rev), Some(&(key.clone(), value.clone())), "watcher {i} missed acknowledged {key}@{rev}");
+            assert_eq!(
+                by_rev.get(rev),
+                Some(&(key.clone(), value.clone())),
+                "watcher {i} missed acknowledged {key}@{rev}"
+            );
         }
         for (rev, kv) in &by_rev {
             if let Some(other) = reference.insert(*rev, kv.clone()) {
                 assert_eq!(&other, kv, "watchers disagree at revision {rev}");
             }
         }
-        eprintln!("WATCH FAULTS: watcher {i} saw {} events, in order, every acknowledged write", seen.len());
+        eprintln!(
+            "WATCH FAULTS: watcher {i} saw {} events, in order, every acknowledged write",
+            seen.len()
+        );
     }
     cluster.assert_hashes_equal().await;
 }
