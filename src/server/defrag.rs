@@ -38,6 +38,13 @@ impl Server {
                 match defragment_once(server.engine.as_ref(), &server.kv) {
                     Ok(()) => {
                         let after = server.engine.size_on_disk().unwrap_or(0);
+                        // The quota check compares the new size from now on, not a cached
+                        // one from before the copy.
+                        *server
+                            .quota_size
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            (Some(std::time::Instant::now()), after);
                         tracing::info!(before, after, "defragmented the state machine");
                         return Ok((before, after));
                     }
