@@ -14,6 +14,8 @@ mod sled;
 
 pub use self::memory::MemEngine;
 pub use self::sled::SledEngine;
+#[cfg(test)]
+use self::sled::tests::reopen as reopen_sled;
 
 /// Errors from a storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -393,7 +395,7 @@ mod tests {
             let engine = SledEngine::open(dir.path()).unwrap();
             engine_contract(&engine);
         }
-        let engine = super::sled::tests::reopen(dir.path());
+        let engine = super::reopen_sled(dir.path());
         assert_eq!(engine.get(Keyspace::Kv, b"b").unwrap(), Some(b"2".to_vec()));
         assert!(engine.size_on_disk().unwrap() > 0);
     }
