@@ -328,13 +328,10 @@ impl Applier {
         let engine = self.state.engine.clone();
         let (pin, small) = self.state.kv.pin(|| {
             let mut out = Vec::new();
-            for ks in Keyspace::ALL.into_iter().filter(|k| *k != Keyspace::Kv) {
-                engine.scan(ks, b"", None, &mut |k, v| {
-                    crate::storage::image_push(&mut out, &ks.encode(k), v);
-                    crate::storage::Scan::Continue
-                })?;
-            }
-            Ok::<_, crate::storage::Error>(out)
+            crate::storage::scan_non_kv(engine.as_ref(), &mut |ks, k, v| {
+                crate::storage::image_push(&mut out, &ks.encode(k), v);
+            })
+            .map(|()| out)
         });
         let mut image = match small {
             Ok(image) => image,

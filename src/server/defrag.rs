@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::{Error, Server};
 use crate::mvcc::Pin;
-use crate::storage::{Batch, Engine, Keyspace, Rewrite, Scan};
+use crate::storage::{Batch, Engine, Keyspace, Rewrite};
 
 /// Bytes of mvcc records per copy page.
 const PAGE: usize = 1024 * 1024;
@@ -38,13 +38,8 @@ impl Server {
                 match defragment_once(server.engine.as_ref(), &server.kv) {
                     Ok(()) => {
                         let after = server.engine.size_on_disk().unwrap_or(0);
-                        // The quota check compares the new size from now on, not a cached
-                        // one from before the copy.
-                        *server
-                            .quota_size
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                            (Some(std::time::Instant::now()), after);
+                        // The quota check must not go on comparing the old size.
+                        server.forget_quota_size();
                         tracing::info!(before, after, "defragmented the state machine");
                         return Ok((before, after));
                     }
@@ -86,14 +81,10 @@ fn defragment_once(engine: &dyn Engine, kv: &crate::mvcc::KvStore) -> Result<(),
     let (_, switched) = kv.pin(|| {
         copy_kv(&pin, false, rw.as_mut())?;
         let mut batch = Batch::new();
-        for ks in Keyspace::ALL.into_iter().filter(|k| *k != Keyspace::Kv) {
-            engine
-                .scan(ks, b"", None, &mut |k, v| {
-                    batch.put(ks, k.to_vec(), v.to_vec());
-                    Scan::Continue
-                })
-                .map_err(storage)?;
-        }
+        crate::storage::scan_non_kv(engine, &mut |ks, k, v| {
+            batch.put(ks, k.to_vec(), v.to_vec());
+        })
+        .map_err(storage)?;
         rw.write(batch).map_err(storage)?;
         // Checked last: a leader snapshot installed since the first pin replaced records
         // this copy may have missed.

@@ -101,6 +101,11 @@ impl Server {
         size
     }
 
+    /// Makes the next quota check read the size on disk afresh (after a defragmentation).
+    pub(super) fn forget_quota_size(&self) {
+        *self.quota_size.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (None, 0);
+    }
+
     /// etcd's `Alarm`: `action` (etcd's `AlarmAction` number) raises or clears an alarm
     /// through raft and returns the alarms it changed; GET lists the alarms as of this
     /// member's applied index without a proposal (etcd proposes GET too; answering locally

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::{Error, Server};
 use crate::mvcc::Pin;
 use crate::snapshot::{Header, ImageWriter};
-use crate::storage::{Keyspace, Scan};
+use crate::storage::Keyspace;
 
 /// Size of the chunks sent to the client (etcd sends 32 KiB).
 const CHUNK: usize = 64 * 1024;
@@ -52,12 +52,9 @@ impl Server {
         let engine = self.engine.clone();
         let (pin, copied) = self.kv.pin(|| {
             let mut records = Vec::new();
-            for ks in Keyspace::ALL.into_iter().filter(|k| *k != Keyspace::Kv) {
-                engine.scan(ks, b"", None, &mut |k, v| {
-                    records.push((ks, k.to_vec(), v.to_vec()));
-                    Scan::Continue
-                })?;
-            }
+            crate::storage::scan_non_kv(engine.as_ref(), &mut |ks, k, v| {
+                records.push((ks, k.to_vec(), v.to_vec()));
+            })?;
             let applied = crate::apply::applied_index(engine.as_ref())?;
             Ok::<_, crate::mvcc::Error>((records, applied))
         });

@@ -14,6 +14,8 @@ mod sled;
 
 pub use self::memory::MemEngine;
 pub use self::sled::SledEngine;
+#[cfg(test)]
+use self::sled::tests::reopen as reopen_sled;
 
 /// Errors from a storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +261,25 @@ pub trait Rewrite: Send {
     fn commit(self: Box<Self>) -> Result<()>;
 }
 
+/// Receives records with their keyspace: keyspace, key (without prefix), value.
+pub type Records<'a> = &'a mut dyn FnMut(Keyspace, &[u8], &[u8]);
+
+/// Visits every record outside the mvcc keyspace (meta, leases, auth, members: the small
+/// keyspaces that snapshots and rewrites copy whole between two write groups), keyspace
+/// by keyspace.
+///
+/// # Errors
+/// The engine's read errors.
+pub fn scan_non_kv(engine: &dyn Engine, visit: Records<'_>) -> Result<()> {
+    for ks in Keyspace::ALL.into_iter().filter(|k| *k != Keyspace::Kv) {
+        engine.scan(ks, b"", None, &mut |k, v| {
+            visit(ks, k, v);
+            Scan::Continue
+        })?;
+    }
+    Ok(())
+}
+
 /// Appends one key-value pair to an export image.
 pub(crate) fn image_push(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     for part in [key, value] {
@@ -374,7 +395,7 @@ mod tests {
             let engine = SledEngine::open(dir.path()).unwrap();
             engine_contract(&engine);
         }
-        let engine = super::sled::tests::reopen(dir.path());
+        let engine = super::reopen_sled(dir.path());
         assert_eq!(engine.get(Keyspace::Kv, b"b").unwrap(), Some(b"2".to_vec()));
         assert!(engine.size_on_disk().unwrap() > 0);
     }
