@@ -461,7 +461,11 @@ impl Config {
     }
 }
 
-fn parse_initial_cluster(raw: &str) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
+/// Parses `--initial-cluster` (`name=url,...`) into each name's peer URLs.
+///
+/// # Errors
+/// [`ConfigError::BadValue`] for an empty list or a part that is not `name=URL`.
+pub fn parse_initial_cluster(raw: &str) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, url) = part.split_once('=').ok_or_else(|| ConfigError::BadValue {

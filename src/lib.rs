@@ -20,6 +20,7 @@
 //! - [`watch`]: etcd's watchers: fed by apply, caught up from history, bounded per stream.
 //! - [`gateway`]: HTTP on the client port: etcd's JSON gateway, health, version, metrics.
 //! - [`metrics`]: the Prometheus registry with etcd's metric names.
+//! - [`snapshot`]: Cairn's snapshot image format and `cairn snapshot save|status|restore`.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
 pub mod apply;
@@ -32,5 +33,6 @@ pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 pub mod watch;

@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Load-test an etcd-compatible endpoint (modeled on etcd's benchmark tool).
     Bench(cairn::bench::Args),
+    /// Save, inspect and restore snapshots (etcdutl's `snapshot` commands).
+    Snapshot(cairn::snapshot::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Some(Command::Bench(args)) => run_bench(&args),
+        Some(Command::Snapshot(args)) => cairn::snapshot::run(&args).map_err(anyhow::Error::from),
         None => run_server(&cli.config),
     };
     match result {

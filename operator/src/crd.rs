@@ -41,9 +41,8 @@ pub const MANAGED_FLAGS: &[&str] = &[
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 /// A Kubernetes quantity (`8Gi`, `500M`, `1073741824`).
 const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
-/// A five-field cron schedule or one of the `@` shorthands.
-const SCHEDULE_PATTERN: &str =
-    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
+/// A five-field cron schedule (UTC), one of the `@` shorthands, or `@every <duration>`.
+const SCHEDULE_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every ([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+|(\S+\s+){4}\S+)$";
 
 /// The desired state of one Cairn cluster.
 // kube's `printcolumn(...)` entries repeat `type_ = "string"`; clippy reads them as duplicates.
@@ -124,7 +123,8 @@ pub struct ClusterSpec {
     #[serde(default)]
     pub options: StoreOptions,
 
-    /// Scheduled compaction (acted on by the day-two controller; accepted and validated now).
+    /// Scheduled compaction: record the revision every tick, compact to the one recorded a
+    /// retention earlier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction: Option<CompactionSpec>,
 
@@ -538,9 +538,12 @@ pub struct ClusterStatus {
     /// The locked membership change in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
-    /// The last scheduled compaction (day two).
+    /// The last scheduled compaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_compaction: Option<LastCompaction>,
+    /// The scheduled compactor's memory: its last tick and the revisions it recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction: Option<CompactionState>,
     /// The last successful backup (day two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
@@ -632,13 +635,36 @@ pub struct Target {
     pub replacing_id: Option<String>,
 }
 
-/// The last compaction (day two).
+/// The last compaction.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastCompaction {
     /// When it ran (RFC 3339).
     pub time: String,
     /// The revision compacted to.
+    pub revision: i64,
+}
+
+/// What the scheduled compactor remembers between passes (kept in status, so an operator
+/// restart or a new leader continues where the last one stopped).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactionState {
+    /// The last schedule tick (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick: Option<String>,
+    /// Revisions recorded at ticks, oldest first (duration retention only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<RevisionSample>,
+}
+
+/// The store's revision at one moment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionSample {
+    /// When it was read (RFC 3339).
+    pub time: String,
+    /// The revision then.
     pub revision: i64,
 }
 
@@ -745,9 +771,6 @@ impl Cluster {
     pub fn inert_sections(&self) -> Vec<&'static str> {
         let s = &self.spec;
         let mut out = Vec::new();
-        if s.compaction.is_some() {
-            out.push("compaction");
-        }
         if s.defrag.is_some() {
             out.push("defrag");
         }

@@ -1,5 +1,5 @@
 //! A thin etcd v3 client over the `cairn-proto` tonic stubs: the membership calls
-//! (MemberList/Add/Remove/Promote), Status, MoveLeader and HashKV, each with a deadline,
+//! (MemberList/Add/Remove/Promote), Status, MoveLeader, HashKV and Compact, each with a deadline,
 //! over channels with HTTP/2 keepalive.
 //!
 //! It knows nothing of Kubernetes; it speaks to one endpoint per client, so it manages a
@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use cairn_proto::etcdserverpb as pb;
-use pb::{cluster_client::ClusterClient, maintenance_client::MaintenanceClient};
+use pb::{
+    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 /// How long one call may take before it fails.
@@ -52,6 +54,11 @@ impl Error {
     /// (a just-promoted or just-restarted member; it passes with time).
     pub fn not_enough_started(&self) -> bool {
         matches!(self, Error::Rpc { status, .. } if status.message().contains("not enough started members"))
+    }
+
+    /// True when the revision asked for is at or below the compacted revision.
+    pub fn compacted(&self) -> bool {
+        matches!(self, Error::Rpc { status, .. } if status.message().contains("required revision has been compacted"))
     }
 
     /// True when the member or id the call named is not in the member list.
@@ -228,6 +235,19 @@ impl Client {
             .move_leader(pb::MoveLeaderRequest { target_id: target })
             .await
             .map_err(self.rpc("MoveLeader"))?;
+        Ok(())
+    }
+
+    /// Compacts the key space's history up to `revision` (physical: the call returns once
+    /// the compaction is applied, as `etcdctl compact --physical`).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`]; [`Error::compacted`] tells apart a revision already compacted.
+    pub async fn compact(&self, revision: i64) -> Result<(), Error> {
+        KvClient::new(self.channel.clone())
+            .compact(pb::CompactionRequest { revision, physical: true })
+            .await
+            .map_err(self.rpc("Compact"))?;
         Ok(())
     }
 

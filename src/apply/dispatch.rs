@@ -151,6 +151,8 @@ pub fn base(ctx: &mut Ctx<'_, '_>, req: InternalRequest) -> ApplyResult {
         }
         Some(Op::MemberPublish(m)) => members.publish_member(txn.batch_mut(), m.into()),
         Some(Op::MemberUpdate(u)) => members.update_member(txn.batch_mut(), u.id, u.peer_ur_ls),
+        // Alarm requests belong to the alarm wrapper (`alarm.rs`), which never hands them on.
+        Some(Op::Alarm(_)) => Err(Error::NoApplier { op: "alarm" }),
         None => Err(Error::Convert(convert::ConvertError::EmptyOp)),
     }
 }

@@ -14,7 +14,7 @@
 //! Files: this one runs the loop (grouping entries into write transactions, committing,
 //! checkpoints, snapshot export and install); [`dispatch`] is the router, the one place an
 //! op is matched, with its chain of wrapper appliers (quota, auth, alarms add one wrapper
-//! each); [`members`] holds the member records and applies membership changes to them;
+//! each); [`alarm`] is the alarm wrapper (raised alarms, NOSPACE and CORRUPT refusals); [`members`] holds the member records and applies membership changes to them;
 //! `wait` pairs results with proposers; [`convert`] turns etcd request messages into mvcc's
 //! domain requests.
 //!
@@ -24,6 +24,7 @@
 //! view of mvcc runs through here too: apply answers mvcc's `LeaseLookup` and turns each
 //! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
 
+pub mod alarm;
 pub mod convert;
 pub mod dispatch;
 pub mod members;
@@ -40,6 +41,7 @@ use crate::raft::{ConfChange, Entry, EntryType, ToApply};
 use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
 
+pub use self::alarm::{AlarmWrapper, Alarms};
 pub use self::convert::ConvertError;
 pub use self::dispatch::{Ctx, Next, Wrapper};
 pub use self::members::{Member, Members};
@@ -67,6 +69,18 @@ pub enum Error {
         id: u64,
         /// Why the change was refused.
         reason: &'static str,
+    },
+    /// A NOSPACE alarm is raised and the request would grow the database.
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// A CORRUPT alarm is raised: no write is applied.
+    #[error("corrupt cluster")]
+    Corrupt,
+    /// The op is served by a wrapper applier that is not installed.
+    #[error("no applier for {op} requests is installed")]
+    NoApplier {
+        /// The op's name.
+        op: &'static str,
     },
     /// The entry's payload is not a valid replicated request.
     #[error("undecodable entry at index {index}: {reason}")]
@@ -100,12 +114,25 @@ pub enum Response {
     LeaseRevoke,
     /// Remaining TTLs were checkpointed.
     LeaseCheckpoint,
+    /// An alarm request was applied: the alarms it raised or cleared, or every alarm for
+    /// a GET.
+    Alarms(Vec<alarm::Alarm>),
     /// A membership change was applied; the members after it.
     Members(Vec<Member>),
 }
 
 /// What the proposer of an entry receives.
 pub type ApplyResult = Result<Response, Error>;
+
+/// The `Keyspace::Meta` key prefix of the raised alarms (`alarm.rs`).
+pub(crate) const ALARM_KEY_PREFIX: &[u8] = b"alarm/";
+
+/// True for the meta records that belong to one member rather than to the replicated
+/// history: the applied raft index and the raised alarms. A restored member starts
+/// without them.
+pub fn is_member_local_meta(key: &[u8]) -> bool {
+    key == APPLIED_INDEX_KEY || key.starts_with(ALARM_KEY_PREFIX)
+}
 
 /// Reads the applied index recorded in `engine` (0 for a new state machine).
 ///
@@ -171,6 +198,8 @@ pub struct StateMachine {
     pub leases: Lessor,
     /// The storage both live in (snapshots export and import it whole).
     pub engine: Arc<dyn Engine>,
+    /// The raised alarms (the alarm wrapper applies and enforces them).
+    pub alarms: Alarms,
 }
 
 /// What apply tells the rest of the member: results, progress, membership and snapshots.
@@ -307,6 +336,8 @@ impl Applier {
             return;
         }
         let sm = &self.state;
+        // Pinned readers (snapshot streams) must not read across the replacement.
+        sm.kv.invalidate_pins();
         let installed = sm
             .engine
             .import(snapshot.get_data())
@@ -318,6 +349,7 @@ impl Applier {
                     .map_err(|e| mvcc::Error::Corrupt(e.to_string()))
             })
             .and_then(|()| attach_leased_keys(&sm.kv, &sm.leases))
+            .and_then(|()| sm.alarms.reload(sm.engine.as_ref()).map_err(mvcc::Error::from))
             .and_then(|()| members::load(sm.engine.as_ref()));
         match installed {
             Ok(members) => {
@@ -500,7 +532,11 @@ mod tests {
             on_conf_change: Box::new(move |cc| seen.lock().unwrap().push(cc)),
             on_snapshot: Box::new(|_, _| {}),
         };
-        let a = Applier::new(StateMachine { kv, leases, engine: engine.clone() }, 1000, hooks);
+        let a = Applier::new(
+            StateMachine { kv, leases, engine: engine.clone(), alarms: Alarms::default() },
+            1000,
+            hooks,
+        );
         (a, Seen { conf_changes: handed, engine, members: members_rx, wait })
     }
 

@@ -1,5 +1,6 @@
-//! etcd's `Maintenance` service: `Status`, `Alarm` (list), `HashKV` and `MoveLeader` are
-//! served; the rest answer `Unimplemented` until the features behind them exist.
+//! etcd's `Maintenance` service: `Status`, `Alarm`, `Defragment`, `Hash`, `HashKV`,
+//! `Snapshot` and `MoveLeader` are served; the rest answer `Unimplemented` until the features behind them
+//! exist.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +25,19 @@ impl MaintenanceService {
     }
 }
 
+/// A stream fed by a task through a small channel (the task stops when the client leaves).
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::SnapshotResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 fn unimplemented(method: &str) -> Status {
     Status::unimplemented(format!(
         "etcdserverpb.Maintenance/{method} is not implemented by Cairn yet"
@@ -32,20 +46,25 @@ fn unimplemented(method: &str) -> Status {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    /// Lists alarms. No alarm is ever raised yet (quota enforcement and corruption checks
-    /// arrive later), so the list is truthfully empty; raising or clearing one by hand is
-    /// not served.
+    /// Raises, clears or lists alarms, through raft (etcd proposes every action, GET
+    /// included).
     async fn alarm(
         &self,
         request: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
-        match pb::alarm_request::AlarmAction::try_from(request.get_ref().action) {
-            Ok(pb::alarm_request::AlarmAction::Get) => Ok(Response::new(pb::AlarmResponse {
-                header: convert::current_header(&self.server),
-                alarms: Vec::new(),
-            })),
-            _ => Err(unimplemented("Alarm (activate/deactivate)")),
-        }
+        let r = request.into_inner();
+        let alarms = self
+            .server
+            .alarm(r.action, r.member_id, r.alarm)
+            .await
+            .map_err(super::status::from_server)?;
+        Ok(Response::new(pb::AlarmResponse {
+            header: convert::current_header(&self.server),
+            alarms: alarms
+                .into_iter()
+                .map(|(member_id, alarm)| pb::AlarmMember { member_id, alarm })
+                .collect(),
+        }))
     }
 
     async fn status(
@@ -62,7 +81,17 @@ impl Maintenance for MaintenanceService {
             raft_index: s.raft.commit,
             raft_term: s.raft.term,
             raft_applied_index: s.applied,
-            errors: Vec::new(),
+            // etcd lists each raised alarm as its protobuf text form.
+            errors: self
+                .server
+                .alarms()
+                .into_iter()
+                .map(|(member_id, alarm)| {
+                    let name = pb::AlarmType::try_from(alarm)
+                        .map_or_else(|_| alarm.to_string(), |a| a.as_str_name().to_owned());
+                    format!("memberID:{member_id} alarm:{name} ")
+                })
+                .collect(),
             db_size_in_use: db_size,
             is_learner: self.server.is_learner(),
             storage_version: STORAGE_VERSION.to_owned(),
@@ -71,18 +100,24 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
+    /// Member-local and blocking, as etcd's: answers once the new files are live.
     async fn defragment(
         &self,
         _: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        Err(unimplemented("Defragment"))
+        self.server.defragment().await.map_err(super::status::from_server)?;
+        Ok(Response::new(pb::DefragmentResponse { header: convert::current_header(&self.server) }))
     }
 
     async fn hash(
         &self,
         _: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        Err(unimplemented("Hash"))
+        let (hash, revision) = self.server.hash().await.map_err(super::status::from_server)?;
+        Ok(Response::new(pb::HashResponse {
+            header: convert::header(self.server.header(), revision),
+            hash,
+        }))
     }
 
     async fn hash_kv(
@@ -102,11 +137,34 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream =
         Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static>>;
 
+    /// Streams the image in chunks, then its SHA-256 as the last chunk (etcd's v3rpc
+    /// maintenance.go does the same; clients concatenate every blob into the file). The
+    /// first response's header carries the snapshot's revision.
     async fn snapshot(
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
+        let mut snap = self.server.snapshot().await.map_err(super::status::from_server)?;
+        let mut header = convert::header(self.server.header(), snap.header.revision);
+        let mut remaining = snap.size_hint;
+        let stream = async_stream(move |tx| async move {
+            while let Some(chunk) = snap.next().await {
+                let msg = chunk.map_err(super::status::from_server).map(|blob| {
+                    remaining = remaining.saturating_sub(blob.len() as u64);
+                    pb::SnapshotResponse {
+                        header: header.take(),
+                        remaining_bytes: remaining,
+                        blob,
+                        version: STORAGE_VERSION.to_owned(),
+                    }
+                });
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn move_leader(

@@ -33,6 +33,10 @@ pub mod msg {
     pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
     /// Apply lagging commit.
     pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
+    /// Backend quota exhausted (a NOSPACE alarm is raised).
+    pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+    /// A CORRUPT alarm is raised.
+    pub const CORRUPT: &str = "etcdserver: corrupt cluster";
     /// Unknown lease.
     pub const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
     /// Duplicate lease id.
@@ -93,6 +97,9 @@ pub fn from_server(e: server::Error) -> Status {
         | E::ElectionNoLeader
         | E::LockSessionExpired
         | E::MissingLeaderKey) => Status::new(Code::Unknown, e.to_string()),
+        E::Interrupted(e) => Status::new(Code::Unavailable, format!("etcdserver: {e}")),
+        E::NoSpace => Status::new(Code::ResourceExhausted, msg::NO_SPACE),
+        E::Corrupt => Status::new(Code::DataLoss, msg::CORRUPT),
         E::Storage(e) => {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))

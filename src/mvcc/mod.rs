@@ -39,13 +39,15 @@
 //! `key_index.rs` (one key's generations), `index.rs` (all keys), `range.rs` (reads),
 //! `write.rs` ([`WriteTxn`]: put, delete, commit, rollback), `txn.rs` (compares and
 //! branches), `compaction.rs`, `history.rs` (reading events back for watchers),
-//! `types.rs` (requests and results).
+//! `types.rs` (requests and results), `pin.rs` (point-in-time views for snapshots and
+//! defragmentation).
 
 mod codec;
 mod compaction;
 mod history;
 mod index;
 mod key_index;
+mod pin;
 mod range;
 mod revision;
 mod txn;
@@ -55,6 +57,7 @@ mod write;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use self::history::{History, HistoryRequest};
+pub use self::pin::Pin;
 pub use self::types::*;
 pub use self::write::WriteTxn;
 
@@ -84,6 +87,9 @@ pub enum Error {
     /// Data read from storage could not be decoded or contradicts the index.
     #[error("mvcc: corrupt data: {0}")]
     Corrupt(String),
+    /// A compaction or a state replacement ran while a [`Pin`] was read; retry.
+    #[error("mvcc: pinned view invalidated by a compaction or state replacement; retry")]
+    PinInvalidated,
 }
 
 /// Result alias for mvcc operations.
@@ -135,6 +141,8 @@ struct Inner {
     /// `WriteTxn` can move between threads (an apply task on a multi-threaded runtime).
     writer_busy: Mutex<bool>,
     writer_free: Condvar,
+    /// Bumped before anything removes `Kv` records (see `pin.rs`).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -187,6 +195,7 @@ impl KvStore {
                 state: RwLock::new(state),
                 writer_busy: Mutex::new(false),
                 writer_free: Condvar::new(),
+                epoch: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

@@ -212,6 +212,10 @@ impl WriteTxn<'_> {
         }
 
         let inner = self.inner;
+        if compaction.is_some() {
+            // Pinned readers must learn of the deletes before they happen (`pin.rs`).
+            inner.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let mut st = inner.write_state();
         if !batch.is_empty()
             && let Err(e) = inner.engine.write(batch)
@@ -583,6 +587,9 @@ mod tests {
         }
         fn import(&self, image: &[u8]) -> crate::storage::Result<()> {
             self.mem.import(image)
+        }
+        fn rewrite(&self) -> crate::storage::Result<Box<dyn crate::storage::Rewrite + '_>> {
+            self.mem.rewrite()
         }
     }
 

@@ -127,6 +127,59 @@ impl DataDir {
     }
 }
 
+/// Builds a new data dir at `root` for a member restored from a snapshot: `fill` writes
+/// the state machine into the fresh engine, which is then synced, and only when all of it
+/// succeeded does the directory appear at `root` (it is built under a temporary name and
+/// renamed), so a failed restore leaves nothing behind.
+///
+/// # Errors
+/// The outer error: [`Error::Foreign`] when `root` exists and is not empty, or
+/// [`Error::Io`]; the inner one is `fill`'s own.
+pub fn create_restored<E>(
+    root: &Path,
+    identity: Identity,
+    fill: impl FnOnce(&dyn crate::storage::Engine) -> Result<(), E>,
+) -> Result<Result<(), E>, Error> {
+    if let Ok(mut entries) = fs::read_dir(root)
+        && let Some(first) = entries.next()
+    {
+        let found = first.map(|e| e.file_name().to_string_lossy().into_owned()).unwrap_or_default();
+        return Err(Error::Foreign { path: root.to_owned(), found: vec![found] });
+    }
+    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = root.with_file_name(format!(".{name}.restoring"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    let dir = DataDir::create_or_open(&tmp, identity)?;
+    let filled = {
+        let engine = crate::storage::SledEngine::open(&dir.state_dir())
+            .map_err(|e| Error::Io { path: dir.state_dir(), source: std::io::Error::other(e) })?;
+        match fill(&engine) {
+            Ok(()) => crate::storage::Engine::sync(&engine)
+                .map_err(|e| Error::Io { path: dir.state_dir(), source: std::io::Error::other(e) })
+                .map(Ok),
+            Err(e) => Ok(Err(e)),
+        }
+    };
+    match filled {
+        Ok(Ok(())) => {}
+        other => {
+            let _ = fs::remove_dir_all(&tmp);
+            return other;
+        }
+    }
+    if root.exists() {
+        // An empty directory (checked above) is replaced.
+        fs::remove_dir(root).map_err(io(root))?;
+    }
+    fs::rename(&tmp, root).map_err(io(root))?;
+    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+    }
+    Ok(Ok(()))
+}
+
 fn parse_marker(path: &Path, text: &str) -> Result<Identity, Error> {
     let bad = |reason: &str| Error::BadMarker { path: path.to_owned(), reason: reason.to_owned() };
     let mut lines = text.lines();

@@ -78,6 +78,16 @@ pub enum Error {
     /// A compare's `result` or `target` is not one of etcd's values.
     #[error("invalid compare")]
     InvalidCompare,
+    /// A long read (a snapshot stream) was cut short by a concurrent compaction or state
+    /// replacement; the client may retry.
+    #[error("{0}")]
+    Interrupted(String),
+    /// The backend quota is exhausted (a NOSPACE alarm is raised).
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// A CORRUPT alarm is raised: the cluster refuses writes.
+    #[error("corrupt cluster")]
+    Corrupt,
     /// The state machine's storage failed or holds corrupt data.
     #[error("{0}")]
     Storage(String),
@@ -106,6 +116,7 @@ impl From<mvcc::Error> for Error {
             mvcc::Error::FutureRevision => Error::FutureRevision,
             mvcc::Error::KeyNotFound => Error::KeyNotFound,
             mvcc::Error::LeaseNotFound => Error::LeaseNotFound,
+            e @ mvcc::Error::PinInvalidated => Error::Interrupted(e.to_string()),
             e @ (mvcc::Error::Storage(_) | mvcc::Error::Corrupt(_)) => {
                 Error::Storage(e.to_string())
             }
@@ -143,7 +154,11 @@ impl From<apply::Error> for Error {
             apply::Error::Lease(e) => e.into(),
             apply::Error::Convert(e) => e.into(),
             apply::Error::Membership { id, reason } => Error::MemberRefused { id, reason },
-            e @ apply::Error::Decode { .. } => Error::Internal(e.to_string()),
+            apply::Error::NoSpace => Error::NoSpace,
+            apply::Error::Corrupt => Error::Corrupt,
+            e @ (apply::Error::Decode { .. } | apply::Error::NoApplier { .. }) => {
+                Error::Internal(e.to_string())
+            }
         }
     }
 }

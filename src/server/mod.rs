@@ -22,13 +22,16 @@
 mod compactor;
 mod concurrency;
 mod datadir;
+mod defrag;
 mod error;
 pub mod identity;
 mod kv;
 mod lease;
 mod propose;
+mod quota;
 mod read;
 mod reconfigure;
+mod snapshot;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -46,10 +49,13 @@ use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
 pub use self::concurrency::{Campaigned, LeaderKey, LeaderState, Locked, prefix_end};
+pub use self::datadir::{Error as DataDirError, Identity, create_restored};
 pub use self::error::Error;
 pub use self::identity::{Join, Member, MemberError};
 pub use self::lease::TimeToLive;
 pub use self::propose::IdGen;
+pub use self::quota::Alarm;
+pub use self::snapshot::SnapshotStream;
 
 /// The etcd version Cairn reports in `Status` and `/version`: the etcd API level whose
 /// behaviour it matches (clients such as Kubernetes gate features on it).
@@ -110,6 +116,7 @@ pub struct Server {
     watch: WatchHub,
     lease_clock: Mutex<LeaderClock>,
     engine: Arc<dyn Engine>,
+    alarms: apply::Alarms,
     wait: Arc<Wait>,
     applied: watch::Receiver<u64>,
     ids: IdGen,
@@ -118,6 +125,8 @@ pub struct Server {
     /// How long a request waits for a leader when none is known (an election in progress:
     /// after a leader was killed, removed or handed leadership on) before "no leader".
     leader_wait: Duration,
+    /// Held while a defragmentation runs.
+    maintenance: Mutex<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -222,6 +231,7 @@ impl Server {
             * u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(100);
         let min_ttl = i64::try_from(min_ttl_ms.div_ceil(1000)).unwrap_or(2);
         let leases = Lessor::open(engine.as_ref(), min_ttl).map_err(|e| startup(&e))?;
+        let alarms = apply::Alarms::load(engine.as_ref()).map_err(|e| startup(&e))?;
         apply::attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
         let mut applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
         let log = LogStore::open(&dir.raft_dir()).map_err(|e| startup(&e))?;
@@ -290,10 +300,15 @@ impl Server {
                 ..WatchConfig::default()
             },
         );
-        // The applier chain has no wrappers yet: quota/alarms and auth each add one here
-        // with `Applier::with_wrapper`, in etcd's order (see `apply::dispatch`).
+        // The applier chain, in etcd's order (see `apply::dispatch`): alarms first; auth
+        // adds its wrapper after it.
         let applier = Applier::new(
-            apply::StateMachine { kv: kv.clone(), leases: leases.clone(), engine: engine.clone() },
+            apply::StateMachine {
+                kv: kv.clone(),
+                leases: leases.clone(),
+                engine: engine.clone(),
+                alarms: alarms.clone(),
+            },
             cfg.raw.snapshot_count,
             apply::Hooks {
                 wait: wait.clone(),
@@ -310,6 +325,7 @@ impl Server {
                 },
             },
         )
+        .with_wrapper(Box::new(apply::AlarmWrapper::new(alarms.clone())))
         .with_watch(watch_hub.clone());
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
@@ -341,11 +357,13 @@ impl Server {
             watch: watch_hub,
             lease_clock: Mutex::new(LeaderClock::new()),
             engine,
+            alarms,
             wait,
             applied: applied_rx,
             reads,
             request_timeout,
             leader_wait,
+            maintenance: Mutex::new(()),
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
         });

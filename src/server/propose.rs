@@ -39,9 +39,11 @@ impl Server {
     /// Replicates `op` through raft and returns its apply result.
     ///
     /// # Errors
+    /// [`Error::NoSpace`] when `op` would take the backend past its quota,
     /// [`Error::TooLarge`] past `--max-request-bytes`, [`Error::TooManyRequests`] when apply
     /// lags, [`Error::NoLeader`], [`Error::Timeout`], [`Error::Stopped`], or the apply error.
     pub async fn propose(&self, op: Op) -> Result<Response, Error> {
+        self.check_quota(&op).await?;
         if self.raft.commit().saturating_sub(*self.applied.borrow()) > MAX_APPLY_LAG {
             return Err(Error::TooManyRequests);
         }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
 
-use super::{Batch, Engine, Error, Keyspace, Result, Scan, image_pairs, image_push, image_seal};
+use super::{
+    Batch, Engine, Error, Keyspace, Result, Rewrite, Scan, image_pairs, image_push, image_seal,
+};
 
 /// An [`Engine`] that keeps everything in a `BTreeMap`; `sync` is a no-op.
 #[derive(Debug, Default)]
@@ -75,10 +77,32 @@ impl Engine for MemEngine {
         Ok(image_seal(out))
     }
 
+    fn rewrite(&self) -> Result<Box<dyn Rewrite + '_>> {
+        Ok(Box::new(MemRewrite { engine: self, fresh: MemEngine::new() }))
+    }
+
     fn import(&self, image: &[u8]) -> Result<()> {
         let pairs = image_pairs(image)?;
         let mut map = self.map.write().map_err(poisoned)?;
         *map = pairs.into_iter().collect();
+        Ok(())
+    }
+}
+
+/// A rewrite into a fresh map, swapped in at commit.
+struct MemRewrite<'a> {
+    engine: &'a MemEngine,
+    fresh: MemEngine,
+}
+
+impl Rewrite for MemRewrite<'_> {
+    fn write(&mut self, batch: Batch) -> Result<()> {
+        self.fresh.write(batch)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        let fresh = self.fresh.map.into_inner().map_err(poisoned)?;
+        *self.engine.map.write().map_err(poisoned)? = fresh;
         Ok(())
     }
 }

@@ -53,6 +53,15 @@ pub enum Keyspace {
 }
 
 impl Keyspace {
+    /// Every keyspace, in a fixed order.
+    pub const ALL: [Keyspace; 5] =
+        [Keyspace::Kv, Keyspace::Meta, Keyspace::Lease, Keyspace::Auth, Keyspace::Members];
+
+    /// The keyspace stored under `prefix`, if any.
+    pub fn from_prefix(prefix: u8) -> Option<Keyspace> {
+        Keyspace::ALL.into_iter().find(|k| k.prefix() == prefix)
+    }
+
     /// The one-byte prefix under which this keyspace's keys are stored.
     pub const fn prefix(self) -> u8 {
         match self {
@@ -208,12 +217,39 @@ pub trait Engine: Send + Sync + 'static {
     /// Fails when the engine cannot read.
     fn export(&self) -> Result<Vec<u8>>;
 
+    /// Starts rewriting the engine into fresh files (defragmentation): the caller copies
+    /// every record into the returned [`Rewrite`], then commits it, which makes the new
+    /// files the engine's and frees the old ones. Reads and writes of the engine go on
+    /// meanwhile; the caller must see to it that no write lands between its last copy and
+    /// the commit.
+    ///
+    /// # Errors
+    /// Fails when the new files cannot be created.
+    fn rewrite(&self) -> Result<Box<dyn Rewrite + '_>>;
+
     /// Replaces the whole content of the engine with an image from [`Engine::export`],
     /// atomically: after a crash either the old or the new content is visible.
     ///
     /// # Errors
     /// [`Error::Engine`] when the image is corrupt (nothing is changed) or the write fails.
     fn import(&self, image: &[u8]) -> Result<()>;
+}
+
+/// A rewrite of an engine into fresh files, from [`Engine::rewrite`].
+pub trait Rewrite: Send {
+    /// Writes `batch` into the new files.
+    ///
+    /// # Errors
+    /// Fails when the new files cannot be written.
+    fn write(&mut self, batch: Batch) -> Result<()>;
+
+    /// Makes the new files durable and the engine's own, atomically with respect to a
+    /// crash (the old files stay authoritative until the switch is durable), and frees
+    /// the old files.
+    ///
+    /// # Errors
+    /// Fails when syncing or switching fails; the engine then keeps its old files.
+    fn commit(self: Box<Self>) -> Result<()>;
 }
 
 /// Appends one key-value pair to an export image.

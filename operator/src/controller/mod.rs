@@ -4,8 +4,10 @@
 //! - `reconcile`: one pass, observe → decide → act → status;
 //! - `resources`: pure builders of the owned objects;
 //! - `membership`: the pure one-step membership decision;
+//! - `compaction`: the pure scheduled-compaction decision;
 //! - `status`: conditions and phase.
 
+pub mod compaction;
 pub mod membership;
 pub mod reconcile;
 pub mod resources;

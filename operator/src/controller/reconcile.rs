@@ -24,10 +24,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::Context;
+use super::compaction;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use crate::crd::{Cluster, ClusterStatus, MemberStatus, Target};
+use crate::crd::{
+    BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, LastCompaction,
+    MemberStatus, Target,
+};
 use crate::etcd::{self, hex_id};
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -459,6 +463,17 @@ impl<'a> Pass<'a> {
             .collect();
         let healthy_voters = member_status.iter().filter(|m| m.healthy && !m.learner).count();
         let voters = member_status.iter().filter(|m| !m.learner).count();
+        let mut compactor = Compactor {
+            state: self.old.compaction.clone(),
+            last: self.old.last_compaction.clone(),
+            next_tick: None,
+        };
+        let quorate = formed && voters > 0 && healthy_voters >= membership::quorum(voters);
+        if let Some(spec) = c.spec.compaction.as_ref().filter(|_| !c.spec.paused && quorate)
+            && let Err(e) = self.scheduled_compaction(spec, &store, &mut compactor).await
+        {
+            failure.get_or_insert(e);
+        }
         if let Step::Wait(w) | Step::Blocked(w) = &step {
             if matches!(step, Step::Blocked(_)) {
                 failure.get_or_insert_with(|| w.clone());
@@ -513,11 +528,78 @@ impl<'a> Pass<'a> {
                 .or(self.old.version.clone()),
             members: member_status,
             target,
-            last_compaction: self.old.last_compaction.clone(),
+            last_compaction: compactor.last,
+            compaction: compactor.state,
             last_backup: self.old.last_backup.clone(),
         };
         self.write_status(&new).await?;
-        Ok(Action::requeue(if busy { BUSY } else { IDLE }))
+        let mut requeue = if busy { BUSY } else { IDLE };
+        if let Some(next) = compactor.next_tick {
+            requeue = requeue.min(since(next, self.now).max(Duration::from_millis(200)));
+        }
+        Ok(Action::requeue(requeue))
+    }
+
+    /// One scheduled-compaction step: on a due tick, record the revision and compact to the
+    /// one a retention old (through the leader), unless a backup of this cluster is running.
+    /// A failed compaction is an Event and a failure message; the next tick retries.
+    async fn scheduled_compaction(
+        &self,
+        spec: &CompactionSpec,
+        store: &Store,
+        out: &mut Compactor,
+    ) -> Result<(), String> {
+        let current = store
+            .health
+            .values()
+            .find(|s| s.member_id == s.leader)
+            .or_else(|| store.health.values().max_by_key(|s| s.revision))
+            .map_or(0, |s| s.revision);
+        let plan = compaction::plan(spec, out.state.as_ref(), out.last.as_ref(), self.now, current)
+            .map_err(|e| format!("spec.compaction: {e}"))?;
+        out.next_tick = plan.next_tick;
+        out.state = Some(plan.state);
+        let Some(revision) = plan.compact_to else { return Ok(()) };
+        if let Some(b) = self.running_backup().await {
+            tracing::info!(cluster = %self.name, backup = %b, revision, "compaction deferred while a backup runs");
+            return Ok(());
+        }
+        let result = match self.leader_client(store).await {
+            Ok(client) => client.compact(revision).await.map_err(Error::Etcd),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                out.last = Some(LastCompaction { time: self.now.to_string(), revision });
+                self.event(
+                    EventType::Normal,
+                    "Compacted",
+                    format!("compacted history to revision {revision} (current {current})"),
+                )
+                .await;
+                Ok(())
+            }
+            // Someone compacted further already (etcdctl, the store's own compactor).
+            Err(Error::Etcd(e)) if e.compacted() => Ok(()),
+            Err(e) => {
+                let msg = format!("compaction to revision {revision} failed: {e}");
+                self.event(EventType::Warning, "CompactionFailed", msg.clone()).await;
+                Err(msg)
+            }
+        }
+    }
+
+    /// The name of a Backup of this cluster that is running, if any (none when the Backup
+    /// resource is not installed).
+    async fn running_backup(&self) -> Option<String> {
+        let list = self.api::<crate::crd::Backup>().list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|b| {
+                b.spec.cluster_name == self.name
+                    && b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Running)
+            })
+            .map(|b| b.name_any())
     }
 
     /// Warning Events, once per spec generation, for an even size and for accepted but
@@ -834,6 +916,13 @@ fn ignore_missing(r: Result<(), kube::Error>) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// The scheduled compactor's state through one pass.
+struct Compactor {
+    state: Option<CompactionState>,
+    last: Option<LastCompaction>,
+    next_tick: Option<Timestamp>,
 }
 
 /// How an act ended when it did not fail.

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod bed;
+mod daytwo;
 mod kubelet;
 mod operator;
 mod smoke;
