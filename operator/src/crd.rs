@@ -774,9 +774,6 @@ impl Cluster {
         if s.defrag.is_some() {
             out.push("defrag");
         }
-        if s.backup.is_some() {
-            out.push("backup");
-        }
         if s.bootstrap.is_some() {
             out.push("bootstrap");
         }

@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -24,13 +24,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::Context;
-use super::compaction;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
+use super::{backup, compaction};
 use crate::crd::{
-    BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, LastCompaction,
-    MemberStatus, Target,
+    Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
+    LastBackup, LastCompaction, MemberStatus, Target,
 };
 use crate::etcd::{self, hex_id};
 use crate::{Error, FIELD_MANAGER, Result};
@@ -474,6 +474,13 @@ impl<'a> Pass<'a> {
         {
             failure.get_or_insert(e);
         }
+        let backups = match self.backups(quorate && !c.spec.paused).await {
+            Ok(b) => b,
+            Err(e) => {
+                failure.get_or_insert(e);
+                Backups { last: self.old.last_backup.clone(), ..Default::default() }
+            }
+        };
         if let Step::Wait(w) | Step::Blocked(w) = &step {
             if matches!(step, Step::Blocked(_)) {
                 failure.get_or_insert_with(|| w.clone());
@@ -509,7 +516,7 @@ impl<'a> Pass<'a> {
             phase: Some(status::phase(&summary)),
             conditions: status::merge(
                 &self.old.conditions,
-                status::conditions(&summary),
+                status::conditions(&summary).into_iter().chain(backups.condition).collect(),
                 c.meta().generation,
                 &now,
             ),
@@ -530,11 +537,11 @@ impl<'a> Pass<'a> {
             target,
             last_compaction: compactor.last,
             compaction: compactor.state,
-            last_backup: self.old.last_backup.clone(),
+            last_backup: backups.last,
         };
         self.write_status(&new).await?;
         let mut requeue = if busy { BUSY } else { IDLE };
-        if let Some(next) = compactor.next_tick {
+        for next in [compactor.next_tick, backups.next_tick].into_iter().flatten() {
             requeue = requeue.min(since(next, self.now).max(Duration::from_millis(200)));
         }
         Ok(Action::requeue(requeue))
@@ -589,10 +596,72 @@ impl<'a> Pass<'a> {
         }
     }
 
+    /// This cluster's Backups: the newest good one for status, and with `spec.backup` the
+    /// schedule's step (a new Backup when due and `act`, retention's deletions) and the
+    /// `BackupHealthy` condition.
+    async fn backups(&self, act: bool) -> Result<Backups, String> {
+        let Ok(list) = self.api::<Backup>().list(&ListParams::default()).await else {
+            // The Backup resource is not installed: nothing to report.
+            return Ok(Backups { last: self.old.last_backup.clone(), ..Default::default() });
+        };
+        let mine: Vec<Backup> =
+            list.items.into_iter().filter(|b| b.spec.cluster_name == self.name).collect();
+        let last = backup::last_good(&mine);
+        let Some(spec) = &self.c.spec.backup else {
+            return Ok(Backups { last, ..Default::default() });
+        };
+        let plan = backup::plan_schedule(&spec.schedule, spec.keep.as_ref(), &mine, self.now)
+            .map_err(|e| format!("spec.backup: {e}"))?;
+        if act && plan.create {
+            let b = backup::scheduled_backup(self.c, self.now).map_err(|e| e.to_string())?;
+            match self.api::<Backup>().create(&PostParams::default(), &b).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(format!("creating scheduled backup {}: {e}", b.name_any())),
+            }
+        }
+        if act {
+            for name in &plan.delete {
+                match self.api::<Backup>().delete(name, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        self.event(
+                            EventType::Normal,
+                            "BackupPruned",
+                            format!("backup {name} deleted by spec.backup.keep"),
+                        )
+                        .await;
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(format!("deleting backup {name}: {e}")),
+                }
+            }
+        }
+        let last_done = last.as_ref().and_then(|l| l.time.parse::<Timestamp>().ok());
+        let last_failure = mine
+            .iter()
+            .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed))
+            .filter(|b| {
+                let created = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                last_done.is_none_or(|d| created.is_some_and(|c| c > d))
+            })
+            .max_by_key(|b| b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .and_then(|b| b.status.as_ref()?.reason.clone());
+        let (ok, reason, message) =
+            backup::health(&spec.schedule, last.as_ref(), last_failure.as_deref(), self.now);
+        let condition = Condition {
+            type_: "BackupHealthy".into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            ..Default::default()
+        };
+        Ok(Backups { last, condition: Some(condition), next_tick: plan.next_tick })
+    }
+
     /// The name of a Backup of this cluster that is running, if any (none when the Backup
     /// resource is not installed).
     async fn running_backup(&self) -> Option<String> {
-        let list = self.api::<crate::crd::Backup>().list(&ListParams::default()).await.ok()?;
+        let list = self.api::<Backup>().list(&ListParams::default()).await.ok()?;
         list.items
             .into_iter()
             .find(|b| {
@@ -916,6 +985,14 @@ fn ignore_missing(r: Result<(), kube::Error>) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// This cluster's backups as one pass sees them.
+#[derive(Default)]
+struct Backups {
+    last: Option<LastBackup>,
+    condition: Option<Condition>,
+    next_tick: Option<Timestamp>,
 }
 
 /// The scheduled compactor's state through one pass.
