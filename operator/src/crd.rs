@@ -774,9 +774,6 @@ impl Cluster {
         if s.defrag.is_some() {
             out.push("defrag");
         }
-        if s.bootstrap.is_some() {
-            out.push("bootstrap");
-        }
         if s.recovery.as_ref().is_some_and(|r| r.quorum_loss != QuorumLossPolicy::Manual) {
             out.push("recovery");
         }

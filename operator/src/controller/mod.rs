@@ -7,6 +7,7 @@
 //! - `compaction`: the pure scheduled-compaction decision;
 //! - `backup`: the backup Job builders and the schedule/retention decisions;
 //! - `backup_run`: the `Backup` reconciler (Job, report, file cleanup);
+//! - `restore`: the seed's restore init container (`spec.bootstrap.fromBackup`);
 //! - `status`: conditions and phase.
 
 pub mod backup;
@@ -15,6 +16,7 @@ pub mod compaction;
 pub mod membership;
 pub mod reconcile;
 pub mod resources;
+pub mod restore;
 pub mod status;
 
 use std::future::Future;

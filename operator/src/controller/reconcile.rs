@@ -27,7 +27,7 @@ use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use super::{backup, compaction};
+use super::{backup, compaction, restore};
 use crate::crd::{
     Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
     LastBackup, LastCompaction, MemberStatus, Target,
@@ -128,6 +128,8 @@ struct Pass<'a> {
     name: String,
     now: Timestamp,
     old: ClusterStatus,
+    /// The snapshot the seed restores (`spec.bootstrap.fromBackup`), once resolved.
+    restore: Option<restore::Source>,
     /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
     /// as created (a grown `storage.size` needs volume expansion, reported by an Event).
     existing_claims: Option<Vec<PersistentVolumeClaim>>,
@@ -143,6 +145,7 @@ impl<'a> Pass<'a> {
             now: Timestamp::now(),
             old: c.status.clone().unwrap_or_default(),
             existing_claims: None,
+            restore: None,
         })
     }
 
@@ -394,8 +397,33 @@ impl<'a> Pass<'a> {
         let mut failure = None;
         let mut waiting = None;
         let mut busy = !matches!(step, Step::Steady);
-        if c.spec.paused {
-            busy = false;
+        // Restore at creation: the seed must never start without the snapshot, so an
+        // unresolvable source holds everything back until the cluster has formed.
+        let restoring = c.spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        let mut hold = false;
+        if let Some(from) = restoring {
+            let backups = self
+                .api::<Backup>()
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            match restore::resolve(from, &backups) {
+                Ok(src) => self.restore = Some(src),
+                Err(e) if !formed => {
+                    failure = Some(e);
+                    hold = true;
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %self.name, error = %e, "restore source gone after formation")
+                }
+            }
+            if !formed && let Some(why) = pods.get(&0).and_then(restore::failure) {
+                failure = Some(format!("restore from backup failed: {why}"));
+            }
+        }
+        if c.spec.paused || hold {
+            busy = hold;
         } else {
             self.announce_spec().await;
             // StatefulSet size follows the member list (never what is running).
@@ -490,6 +518,7 @@ impl<'a> Pass<'a> {
         }
         let summary = Summary {
             formed,
+            restoring: restoring.is_some(),
             voters,
             healthy_voters,
             members: member_status.len(),
@@ -743,6 +772,9 @@ impl<'a> Pass<'a> {
         };
         self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
         let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
+        if let Some(src) = &self.restore {
+            restore::add_to(&mut sts, c, src, c.image(&self.ctx.settings.default_repository));
+        }
         if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
             spec.volume_claim_templates = Some(existing.clone());
         }

@@ -275,3 +275,145 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     assert!(ev.contains("BackupSucceeded"), "{ev}");
     bed.kubectl(&["delete", "cc", "bk", "-n", &ns, "--wait=false"]).await.unwrap();
 }
+
+/// Waits until a Backup is Succeeded and returns its status.
+async fn succeeded(api: &Api<Backup>, name: &str) -> cairn_operator::crd::BackupStatus {
+    wait_for(&format!("backup {name} Succeeded"), STEP_TIMEOUT, || async {
+        let s = api.get(name).await?.status.unwrap_or_default();
+        match s.phase {
+            Some(BackupPhase::Failed) => Err(anyhow::anyhow!("backup {name} failed: {s:?}")),
+            Some(BackupPhase::Succeeded) => Ok(Some(s)),
+            _ => Ok(None),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
+    let bed = bed::shared();
+    operator(bed).await;
+    let ns = bed.namespace("op-restore").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let client = bed.client().await.unwrap();
+    let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
+    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
+    bed.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: backups, namespace: {ns}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+    ))
+    .await
+    .unwrap();
+    let src = create(bed, &ns, "src", 1, "").await;
+    let mut c = etcd(&[client_url(&ns, "src", 0)]).await.unwrap();
+    for i in 0..300 {
+        c.put(format!("restore/{i:04}"), format!("value-{i}"), None).await.unwrap();
+    }
+    c.delete("restore/0000", None).await.unwrap();
+    let lease = c.lease_grant(3600, None).await.unwrap().id();
+    c.put("restore/leased", "x", Some(etcd_client::PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    bed.apply(&format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: Backup\nmetadata: {{name: snap, namespace: {ns}}}\nspec:\n  clusterName: src\n  destination: {{pvc: {{claimName: backups}}}}\n"
+    ))
+    .await
+    .unwrap();
+    let snap = succeeded(&backups, "snap").await;
+    let revision = snap.revision.unwrap();
+
+    // A new 3-member cluster from the backup: the seed restores, two learners join.
+    let started = Instant::now();
+    let dst = create(bed, &ns, "dst", 3, "  bootstrap: {fromBackup: {name: snap}}\n").await;
+    eprintln!(
+        "restore: 3-member cluster from backup Available after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
+    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "dst", o)).collect();
+    let mut d = etcd(&urls[..1]).await.unwrap();
+    let got = d.get("restore/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), 300, "299 written keys left plus the leased one");
+    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
+    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+
+    // A member restored by hand from the same file answers the same HashKV.
+    let file = bed.pvc_dir(&ns, "backups").join("snap.db");
+    let work = tempfile::tempdir().unwrap();
+    let (cport, pport) = (bed::free_port().unwrap(), bed::free_port().unwrap());
+    let peer = format!("http://127.0.0.1:{pport}");
+    let data = work.path().join("hand");
+    let out = std::process::Command::new(bed::cairn_bin().unwrap())
+        .args(["snapshot", "restore", file.to_str().unwrap(), "--name", "hand"])
+        .args(["--data-dir", data.to_str().unwrap(), "--initial-cluster", &format!("hand={peer}")])
+        .args(["--initial-cluster-token", "hand", "--initial-advertise-peer-urls", &peer])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client_url_hand = format!("http://127.0.0.1:{cport}");
+    let _hand = bed
+        .command(bed::cairn_bin().unwrap())
+        .args([
+            "--name=hand",
+            &format!("--data-dir={}", data.display()),
+            &format!("--listen-client-urls={client_url_hand}"),
+            &format!("--advertise-client-urls={client_url_hand}"),
+            &format!("--listen-peer-urls={peer}"),
+            &format!("--initial-advertise-peer-urls={peer}"),
+            &format!("--initial-cluster=hand={peer}"),
+            "--initial-cluster-token=hand",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("hand.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let hand_hash =
+        wait_for("the hand-restored member answers HashKV", Duration::from_secs(60), || {
+            let u = client_url_hand.clone();
+            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
+        })
+        .await
+        .unwrap();
+    for u in &urls {
+        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
+            let u = u.clone();
+            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(h, hand_hash, "{u}: HashKV at {revision} differs from the hand-restored member");
+    }
+    eprintln!(
+        "restore: HashKV at revision {revision} equal on 3 members and the hand-restored one: {hand_hash:x}"
+    );
+
+    // A wrong checksum stops the restore with a condition that says so.
+    let zero = format!("sha256:{}", "0".repeat(64));
+    bed.apply(&manifest(
+        &ns,
+        "bad",
+        1,
+        &format!("  bootstrap: {{fromBackup: {{location: \"pvc://backups/snap.db\", checksum: \"{zero}\"}}}}\n"),
+    ))
+    .await
+    .unwrap();
+    let cond = wait_for("RestoreFailed condition", STEP_TIMEOUT, || async {
+        let s = status(&api, "bad").await?;
+        Ok(s.conditions
+            .iter()
+            .find(|c| {
+                c.type_ == "Degraded"
+                    && c.reason == "RestoreFailed"
+                    && c.message.contains("checksum mismatch")
+            })
+            .cloned()
+            .filter(|_| s.phase == Some(cairn_operator::crd::Phase::Restoring)))
+    })
+    .await
+    .unwrap();
+    eprintln!("restore: bad checksum reported: {}", cond.message);
+    for name in ["dst", "bad", "src"] {
+        bed.kubectl(&["delete", "cc", name, "-n", &ns, "--wait=false"]).await.unwrap();
+    }
+}
