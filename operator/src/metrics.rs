@@ -21,6 +21,8 @@ pub struct Metrics {
     pub ready_members: IntGaugeVec,
     /// `cairn_operator_cluster_has_quorum{namespace,cluster}`: 1 while a quorum of voters is healthy.
     pub has_quorum: IntGaugeVec,
+    /// Unix seconds of each Cluster's newest successful backup (absent until one succeeded).
+    pub backup_last_success: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,8 +63,21 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(members.clone()))?;
         registry.register(Box::new(ready_members.clone()))?;
+        let backup_last_success = gauge(
+            "cairn_operator_backup_last_success_timestamp",
+            "Unix seconds of the newest successful backup (status.lastBackup.time).",
+        )?;
         registry.register(Box::new(has_quorum.clone()))?;
-        Ok(Self { registry, reconciles, duration, members, ready_members, has_quorum })
+        registry.register(Box::new(backup_last_success.clone()))?;
+        Ok(Self {
+            registry,
+            reconciles,
+            duration,
+            members,
+            ready_members,
+            has_quorum,
+            backup_last_success,
+        })
     }
 
     /// Starts timing a pass; the duration is observed when the guard drops.
@@ -72,7 +87,7 @@ impl Metrics {
 
     /// Removes a deleted Cluster's gauges.
     pub fn forget(&self, namespace: &str, cluster: &str) {
-        for g in [&self.members, &self.ready_members, &self.has_quorum] {
+        for g in [&self.members, &self.ready_members, &self.has_quorum, &self.backup_last_success] {
             let _ = g.remove_label_values(&[namespace, cluster]);
         }
     }
@@ -112,6 +127,7 @@ mod tests {
         m.members.with_label_values(&["ns", "a"]).set(3);
         m.ready_members.with_label_values(&["ns", "a"]).set(3);
         m.has_quorum.with_label_values(&["ns", "a"]).set(1);
+        m.backup_last_success.with_label_values(&["ns", "a"]).set(1_700_000_000);
         drop(m.timer());
         let text = m.render();
         for name in [
@@ -119,6 +135,7 @@ mod tests {
             "cairn_operator_reconcile_duration_seconds_count 1",
             "cairn_operator_cluster_members{cluster=\"a\",namespace=\"ns\"} 3",
             "cairn_operator_cluster_has_quorum{cluster=\"a\",namespace=\"ns\"} 1",
+            "cairn_operator_backup_last_success_timestamp{cluster=\"a\",namespace=\"ns\"} 1700000000",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -538,6 +538,9 @@ impl<'a> Pass<'a> {
         m.has_quorum
             .with_label_values(&labels)
             .set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
+        if let Some(t) = backups.last.as_ref().and_then(|l| l.time.parse::<Timestamp>().ok()) {
+            m.backup_last_success.with_label_values(&labels).set(t.as_second());
+        }
         let now = self.now.to_string();
         let ready = i32::try_from(healthy_voters).unwrap_or(0);
         let new = ClusterStatus {
