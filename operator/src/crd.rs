@@ -128,7 +128,7 @@ pub struct ClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction: Option<CompactionSpec>,
 
-    /// Scheduled defragmentation (day two; accepted and validated now).
+    /// Defragmentation, one member at a time, followers first and the leader last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defrag: Option<DefragSpec>,
 
@@ -544,6 +544,9 @@ pub struct ClusterStatus {
     /// The scheduled compactor's memory: its last tick and the revisions it recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction: Option<CompactionState>,
+    /// Defragmentation: the run in progress and each member's last defragmentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defrag: Option<DefragState>,
     /// The last successful backup (day two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
@@ -656,6 +659,48 @@ pub struct CompactionState {
     /// Revisions recorded at ticks, oldest first (duration retention only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<RevisionSample>,
+}
+
+/// What the defragmenter remembers between passes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragState {
+    /// When the last run started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick: Option<String>,
+    /// The run in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<DefragRun>,
+    /// Each member's last defragmentation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberDefrag>,
+}
+
+/// A defragmentation run: members one at a time, followers first, the leader last.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragRun {
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// Members done so far, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<String>,
+}
+
+/// One member's last defragmentation.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberDefrag {
+    /// Member (pod) name.
+    pub name: String,
+    /// When it finished (RFC 3339).
+    pub time: String,
+    /// It led the cluster then.
+    #[serde(default)]
+    pub leader: bool,
+    /// Database size before, in bytes.
+    #[serde(default)]
+    pub size_before: i64,
 }
 
 /// The store's revision at one moment.
@@ -771,9 +816,6 @@ impl Cluster {
     pub fn inert_sections(&self) -> Vec<&'static str> {
         let s = &self.spec;
         let mut out = Vec::new();
-        if s.defrag.is_some() {
-            out.push("defrag");
-        }
         if s.recovery.as_ref().is_some_and(|r| r.quorum_loss != QuorumLossPolicy::Manual) {
             out.push("recovery");
         }

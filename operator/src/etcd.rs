@@ -1,5 +1,5 @@
 //! A thin etcd v3 client over the `cairn-proto` tonic stubs: the membership calls
-//! (MemberList/Add/Remove/Promote), Status, MoveLeader, HashKV and Compact, each with a deadline,
+//! (MemberList/Add/Remove/Promote), Status, MoveLeader, HashKV, Compact, Defragment and Alarm, each with a deadline,
 //! over channels with HTTP/2 keepalive.
 //!
 //! It knows nothing of Kubernetes; it speaks to one endpoint per client, so it manages a
@@ -15,6 +15,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// How long one call may take before it fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a defragmentation may take.
+pub const DEFRAG_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long connecting may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -99,6 +101,12 @@ pub struct Status {
     pub is_learner: bool,
     /// The etcd API version it reports.
     pub version: String,
+    /// Size of its database file in bytes.
+    pub db_size: i64,
+    /// Bytes of the database in use (the rest is free space a defragmentation returns).
+    pub db_size_in_use: i64,
+    /// Raised alarms, as etcd lists them (`memberID:<id> alarm:NOSPACE `).
+    pub errors: Vec<String>,
 }
 
 /// A client of one member's etcd API.
@@ -114,11 +122,19 @@ impl Client {
     /// # Errors
     /// [`Error::Connect`] when the URL is bad or the member is unreachable.
     pub async fn connect(endpoint: &str) -> Result<Self, Error> {
+        Self::connect_with_deadline(endpoint, CALL_TIMEOUT).await
+    }
+
+    /// Connects to `endpoint` with `deadline` for every call (long calls: Defragment).
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the URL is bad or the member is unreachable.
+    pub async fn connect_with_deadline(endpoint: &str, deadline: Duration) -> Result<Self, Error> {
         let fail = |message: String| Error::Connect { endpoint: endpoint.to_owned(), message };
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| fail(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
+            .timeout(deadline)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -223,6 +239,9 @@ impl Client {
             revision: h.revision,
             is_learner: r.is_learner,
             version: r.version,
+            db_size: r.db_size,
+            db_size_in_use: r.db_size_in_use,
+            errors: r.errors,
         })
     }
 
@@ -248,6 +267,35 @@ impl Client {
             .compact(pb::CompactionRequest { revision, physical: true })
             .await
             .map_err(self.rpc("Compact"))?;
+        Ok(())
+    }
+
+    /// Defragments this member's database (connect with [`DEFRAG_TIMEOUT`]: it may take
+    /// long).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the member refuses or the defragmentation fails.
+    pub async fn defragment(&self) -> Result<(), Error> {
+        self.maintenance()
+            .defragment(pb::DefragmentRequest {})
+            .await
+            .map_err(self.rpc("Defragment"))?;
+        Ok(())
+    }
+
+    /// Clears the NOSPACE alarm of every member (etcdctl alarm disarm).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the cluster refuses.
+    pub async fn disarm_nospace(&self) -> Result<(), Error> {
+        self.maintenance()
+            .alarm(pb::AlarmRequest {
+                action: pb::alarm_request::AlarmAction::Deactivate as i32,
+                member_id: 0,
+                alarm: pb::AlarmType::Nospace as i32,
+            })
+            .await
+            .map_err(self.rpc("Alarm"))?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! - `resources`: pure builders of the owned objects;
 //! - `membership`: the pure one-step membership decision;
 //! - `compaction`: the pure scheduled-compaction decision;
+//! - `defrag`: the pure defragmentation order (followers first, the leader last);
 //! - `backup`: the backup Job builders and the schedule/retention decisions;
 //! - `backup_run`: the `Backup` reconciler (Job, report, file cleanup);
 //! - `restore`: the seed's restore init container (`spec.bootstrap.fromBackup`);
@@ -13,6 +14,7 @@
 pub mod backup;
 pub mod backup_run;
 pub mod compaction;
+pub mod defrag;
 pub mod membership;
 pub mod reconcile;
 pub mod resources;

@@ -27,10 +27,11 @@ use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use super::{backup, compaction, restore};
+use super::{backup, compaction, defrag, restore};
 use crate::crd::{
     Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
-    LastBackup, LastCompaction, MemberStatus, Target,
+    DefragRun, DefragSpec, DefragState, LastBackup, LastCompaction, MemberDefrag, MemberStatus,
+    Target,
 };
 use crate::etcd::{self, hex_id};
 use crate::{Error, FIELD_MANAGER, Result};
@@ -502,6 +503,22 @@ impl<'a> Pass<'a> {
         {
             failure.get_or_insert(e);
         }
+        let mut defrag_state = self.old.defrag.clone();
+        let mut defrag_next = None;
+        let all_healthy =
+            formed && !member_status.is_empty() && member_status.iter().all(|m| m.healthy);
+        if let Some(spec) = c.spec.defrag.as_ref().filter(|_| {
+            !c.spec.paused && all_healthy && matches!(step, Step::Steady) && target.is_none()
+        }) {
+            let state = defrag_state.get_or_insert_with(Default::default);
+            match self.defrag_step(spec, &store, &member_status, state).await {
+                Ok(true) => defrag_next = Some(plus(self.now, BUSY)),
+                Ok(false) => defrag_next = defrag::next_tick(spec, state),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
         let backups = match self.backups(quorate && !c.spec.paused).await {
             Ok(b) => b,
             Err(e) => {
@@ -569,11 +586,12 @@ impl<'a> Pass<'a> {
             target,
             last_compaction: compactor.last,
             compaction: compactor.state,
+            defrag: defrag_state,
             last_backup: backups.last,
         };
         self.write_status(&new).await?;
         let mut requeue = if busy { BUSY } else { IDLE };
-        for next in [compactor.next_tick, backups.next_tick].into_iter().flatten() {
+        for next in [compactor.next_tick, backups.next_tick, defrag_next].into_iter().flatten() {
             requeue = requeue.min(since(next, self.now).max(Duration::from_millis(200)));
         }
         Ok(Action::requeue(requeue))
@@ -626,6 +644,95 @@ impl<'a> Pass<'a> {
                 Err(msg)
             }
         }
+    }
+
+    /// One defragmentation step: start a run when due, else defragment the next member
+    /// (followers first, the leader last), else finish the run (and disarm NOSPACE if it
+    /// was raised). Returns whether a run is still in progress.
+    async fn defrag_step(
+        &self,
+        spec: &DefragSpec,
+        store: &Store,
+        members: &[MemberStatus],
+        state: &mut DefragState,
+    ) -> Result<bool, String> {
+        let candidates: Vec<defrag::Candidate> = members
+            .iter()
+            .filter_map(|m| {
+                let s = store.health.get(&ordinal_of_pod(&self.name, &m.name)?)?;
+                Some(defrag::Candidate {
+                    name: m.name.clone(),
+                    leader: m.leader,
+                    db_size: s.db_size,
+                    db_size_in_use: s.db_size_in_use,
+                })
+            })
+            .collect();
+        if let Some(why) = defrag::due(spec, state, &candidates, self.now)
+            .map_err(|e| format!("spec.defrag: {e}"))?
+        {
+            state.running = Some(DefragRun { started: self.now.to_string(), done: Vec::new() });
+            state.last_tick = Some(self.now.to_string());
+            self.event(
+                EventType::Normal,
+                "DefragStarted",
+                format!("defragmentation run started ({why})"),
+            )
+            .await;
+        }
+        let Some(run) = state.running.as_mut() else { return Ok(false) };
+        let Some(m) = defrag::next(&candidates, &run.done).cloned() else {
+            let nospace =
+                store.health.values().any(|s| s.errors.iter().any(|e| e.contains("NOSPACE")));
+            if nospace {
+                let disarmed = match self.leader_client(store).await {
+                    Ok(c) => c.disarm_nospace().await.map_err(Error::Etcd),
+                    Err(e) => Err(e),
+                };
+                match disarmed {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "AlarmDisarmed",
+                            "NOSPACE disarmed after defragmentation".into(),
+                        )
+                        .await
+                    }
+                    Err(e) => return Err(format!("disarming NOSPACE after defragmentation: {e}")),
+                }
+            }
+            let done = run.done.join(", ");
+            state.running = None;
+            self.event(EventType::Normal, "DefragFinished", format!("defragmented {done}")).await;
+            return Ok(false);
+        };
+        let url =
+            ordinal_of_pod(&self.name, &m.name).map(|o| self.client_url(o)).unwrap_or_default();
+        let result = match etcd::Client::connect_with_deadline(&url, etcd::DEFRAG_TIMEOUT).await {
+            Ok(c) => c.defragment().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let msg = format!("defragmenting {}: {e}", m.name);
+            self.event(EventType::Warning, "DefragFailed", msg.clone()).await;
+            return Err(msg);
+        }
+        let role = if m.leader { "leader" } else { "follower" };
+        state.members.retain(|d| d.name != m.name);
+        state.members.push(MemberDefrag {
+            name: m.name.clone(),
+            time: Timestamp::now().to_string(),
+            leader: m.leader,
+            size_before: m.db_size,
+        });
+        run.done.push(m.name.clone());
+        self.event(
+            EventType::Normal,
+            "Defragmented",
+            format!("{} ({role}) defragmented, {} bytes before", m.name, m.db_size),
+        )
+        .await;
+        Ok(true)
     }
 
     /// This cluster's Backups: the newest good one for status, and with `spec.backup` the

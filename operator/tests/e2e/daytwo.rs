@@ -1,7 +1,9 @@
 //! The operator's day two on the test bed: scheduled compaction (status.lastCompaction
-//! advances, an old revision answers "required revision has been compacted") and backups
-//! (a `Backup` runs a Job with the cairn image that saves a snapshot into a PVC; scheduled
-//! backups honour retention).
+//! advances, an old revision answers "required revision has been compacted"), backups (a
+//! `Backup` runs a Job with the cairn image that saves a snapshot into a PVC; scheduled
+//! backups honour retention), restore into a new Cluster (HashKV equal to a member restored
+//! by hand; a wrong checksum stops it with a condition), and a defragmentation run that
+//! takes the followers before the leader.
 //!
 //! Shares the operator process and helpers of `operator.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -416,4 +418,63 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
     for name in ["dst", "bad", "src"] {
         bed.kubectl(&["delete", "cc", name, "-n", &ns, "--wait=false"]).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_defragmentation_run_takes_followers_first_and_the_leader_last() {
+    let bed = bed::shared();
+    operator(bed).await;
+    let ns = bed.namespace("op-defrag").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let api: Api<Cluster> = Api::namespaced(bed.client().await.unwrap(), &ns);
+    create(bed, &ns, "df", 3, "").await;
+    let mut c = etcd(&[client_url(&ns, "df", 0)]).await.unwrap();
+    for i in 0..200 {
+        c.put(format!("defrag/{i:04}"), "x".repeat(512), None).await.unwrap();
+    }
+    c.delete("defrag/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let started = Instant::now();
+    bed.kubectl(&[
+        "patch",
+        "cc",
+        "df",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"defrag":{"schedule":"@every 1h"}}}"#,
+    ])
+    .await
+    .unwrap();
+    let state = wait_for("a finished defragmentation run over 3 members", STEP_TIMEOUT, || async {
+        let s = status(&api, "df").await?;
+        Ok(s.defrag.filter(|d| d.running.is_none() && d.members.len() == 3))
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "defrag: run over 3 members finished {:.1}s after enabling",
+        started.elapsed().as_secs_f64()
+    );
+    let t = |s: &str| s.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+    let leaders: Vec<_> = state.members.iter().filter(|m| m.leader).collect();
+    assert_eq!(leaders.len(), 1, "{state:?}");
+    for f in state.members.iter().filter(|m| !m.leader) {
+        assert!(
+            t(&f.time) < t(&leaders[0].time),
+            "follower {f:?} after the leader {:?}",
+            leaders[0]
+        );
+    }
+    let ev = events(bed, &ns).await;
+    // Events of one reason are aggregated, so the run's order is read from DefragFinished,
+    // which lists the members in the order they were done.
+    assert!(ev.contains("Defragmented"), "{ev}");
+    let finished = ev.lines().find(|l| l.starts_with("DefragFinished")).unwrap_or_default();
+    assert!(
+        finished.trim_end().ends_with(&leaders[0].name),
+        "the leader must come last: {finished}"
+    );
+    assert!(ev.contains("DefragFinished"), "{ev}");
+    bed.kubectl(&["delete", "cc", "df", "-n", &ns, "--wait=false"]).await.unwrap();
 }
