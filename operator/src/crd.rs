@@ -544,6 +544,12 @@ pub struct ClusterStatus {
     /// The scheduled compactor's memory: its last tick and the revisions it recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction: Option<CompactionState>,
+    /// Since when a quorum of voters has not answered (RFC 3339), while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum_lost_since: Option<String>,
+    /// A recovery from quorum loss in progress (`recovery.quorumLoss: FromSurvivor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryProgress>,
     /// Defragmentation: the run in progress and each member's last defragmentation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defrag: Option<DefragState>,
@@ -659,6 +665,26 @@ pub struct CompactionState {
     /// Revisions recorded at ticks, oldest first (duration retention only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<RevisionSample>,
+}
+
+/// A recovery from quorum loss: the survivor restarts alone with `--force-new-cluster`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryProgress {
+    /// The member (pod) recovered from: the answering voter with the highest applied index.
+    pub survivor: String,
+    /// Its member id (hex).
+    #[serde(rename = "survivorID")]
+    pub survivor_id: String,
+    /// When the recovery started (RFC 3339).
+    pub since: String,
+    /// When the force flag was published (RFC 3339); the survivor restarts after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_at: Option<String>,
+    /// When the survivor was found alone (RFC 3339); the flag is withdrawn, then the other
+    /// pods restart empty and join as learners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<String>,
 }
 
 /// What the defragmenter remembers between passes.
@@ -816,7 +842,7 @@ impl Cluster {
     pub fn inert_sections(&self) -> Vec<&'static str> {
         let s = &self.spec;
         let mut out = Vec::new();
-        if s.recovery.as_ref().is_some_and(|r| r.quorum_loss != QuorumLossPolicy::Manual) {
+        if s.recovery.as_ref().is_some_and(|r| r.quorum_loss == QuorumLossPolicy::FromBackup) {
             out.push("recovery");
         }
         out

@@ -168,9 +168,22 @@ impl Client {
     /// # Errors
     /// [`Error::Rpc`] when the member refuses.
     pub async fn member_list(&self) -> Result<(u64, Vec<Member>), Error> {
+        self.member_list_with(true).await
+    }
+
+    /// The member list as this member knows it, without asking a quorum (it answers while
+    /// quorum is lost, possibly stale).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the member refuses.
+    pub async fn local_member_list(&self) -> Result<(u64, Vec<Member>), Error> {
+        self.member_list_with(false).await
+    }
+
+    async fn member_list_with(&self, linearizable: bool) -> Result<(u64, Vec<Member>), Error> {
         let r = self
             .cluster()
-            .member_list(pb::MemberListRequest { linearizable: true })
+            .member_list(pb::MemberListRequest { linearizable })
             .await
             .map_err(self.rpc("MemberList"))?
             .into_inner();

@@ -40,6 +40,15 @@ pub fn error_policy(b: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Creates a Job; one that exists already (a pass repeated after a crash) is fine.
+async fn create_job(jobs: &Api<Job>, job: &Job) -> Result<()> {
+    match jobs.create(&PostParams::default(), job).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 struct Run<'a> {
     b: &'a Backup,
     ctx: &'a Context,
@@ -133,11 +142,7 @@ impl Run<'_> {
                 &endpoints,
                 &self.ctx.settings.default_repository,
             )?;
-            match jobs.create(&PostParams::default(), &job).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+            create_job(&jobs, &job).await?;
             self.write(BackupStatus {
                 phase: Some(BackupPhase::Running),
                 start_time: Some(Timestamp::now().to_string()),
@@ -264,11 +269,7 @@ impl Run<'_> {
                         pvc,
                         &self.ctx.settings.default_repository,
                     )?;
-                    match jobs.create(&PostParams::default(), &job).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    create_job(&jobs, &job).await?;
                     return Ok(Action::requeue(POLL));
                 }
                 Some(j) => {

@@ -31,9 +31,10 @@ use super::{backup, compaction, defrag, restore};
 use crate::crd::{
     Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
     DefragRun, DefragSpec, DefragState, LastBackup, LastCompaction, MemberDefrag, MemberStatus,
-    Target,
+    QuorumLossPolicy, RecoveryProgress, Target,
 };
 use crate::etcd::{self, hex_id};
+use crate::schedule::parse_duration;
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// Requeue while a change is in flight.
@@ -120,6 +121,8 @@ struct Store {
     members: Vec<etcd::Member>,
     /// Status per ordinal.
     health: HashMap<u32, etcd::Status>,
+    /// When no member gave a linearizable member list: one member's own view of it.
+    local_members: Vec<etcd::Member>,
 }
 
 struct Pass<'a> {
@@ -129,6 +132,8 @@ struct Pass<'a> {
     name: String,
     now: Timestamp,
     old: ClusterStatus,
+    /// Publish the force flag in the members ConfigMap (a recovery is forcing).
+    force: bool,
     /// The snapshot the seed restores (`spec.bootstrap.fromBackup`), once resolved.
     restore: Option<restore::Source>,
     /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
@@ -147,6 +152,7 @@ impl<'a> Pass<'a> {
             old: c.status.clone().unwrap_or_default(),
             existing_claims: None,
             restore: None,
+            force: false,
         })
     }
 
@@ -213,6 +219,14 @@ impl<'a> Pass<'a> {
                     break;
                 }
                 Err(e) => tracing::debug!(error = %e, "member list failed"),
+            }
+        }
+        if store.members.is_empty() {
+            for (_, client, _) in &clients {
+                if let Ok((_, members)) = client.local_member_list().await {
+                    store.local_members = members;
+                    break;
+                }
             }
         }
         store
@@ -340,9 +354,88 @@ impl<'a> Pass<'a> {
         }
         let goal = target.as_ref().map_or(spec_replicas, |t| t.replicas);
         let formed = cluster_id.is_some();
+
+        // Quorum loss, and with `recovery.quorumLoss: FromSurvivor` past its window, a
+        // recovery from the most caught-up voter that still answers.
+        // Voters as (ordinal, id, applied index if it answers): from the member list, or,
+        // when no member could give one (a linearizable MemberList needs a quorum), from a
+        // member's local view of it.
+        let voter_health: Vec<(Option<u32>, u64, Option<u64>)> = if members.is_empty() {
+            store
+                .local_members
+                .iter()
+                .filter(|m| !m.is_learner)
+                .map(|m| {
+                    let o = m
+                        .peer_urls
+                        .iter()
+                        .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
+                    let s = o.and_then(|o| store.health.get(&o)).filter(|s| s.member_id == m.id);
+                    (o, m.id, s.map(|s| s.applied_index))
+                })
+                .collect()
+        } else {
+            members
+                .iter()
+                .filter(|m| !m.learner)
+                .map(|m| {
+                    let applied = m.status.filter(|h| h.member_id == m.id).map(|h| h.applied);
+                    (m.ordinal, m.id, applied)
+                })
+                .collect()
+        };
+        let voters_now = voter_health.len();
+        let healthy_now = voter_health.iter().filter(|v| v.2.is_some()).count();
+        let lost = formed && voters_now > 0 && healthy_now < membership::quorum(voters_now);
+        let quorum_lost_since = if lost {
+            let since = self.old.quorum_lost_since.clone();
+            if since.is_none() {
+                self.event(
+                    EventType::Warning,
+                    "QuorumLost",
+                    format!("only {healthy_now} of {voters_now} voters answer"),
+                )
+                .await;
+            }
+            Some(since.unwrap_or_else(|| self.now.to_string()))
+        } else {
+            None
+        };
+        let mut recovery = self.old.recovery.clone();
+        let policy =
+            c.spec.recovery.as_ref().filter(|r| r.quorum_loss == QuorumLossPolicy::FromSurvivor);
+        if let (None, Some(p), Some(lost_since)) = (&recovery, policy, &quorum_lost_since) {
+            let window = parse_duration(&p.window).unwrap_or(Duration::from_secs(300));
+            let lost_for = parse_time(lost_since).map_or(Duration::ZERO, |t| since(self.now, t));
+            let survivor = voter_health
+                .iter()
+                .filter_map(|(o, id, applied)| Some((o.as_ref()?, id, applied.as_ref()?)))
+                .max_by_key(|v| *v.2);
+            if lost_for >= window
+                && !c.spec.paused
+                && let Some((o, id, applied)) = survivor
+            {
+                let name = res::pod_name(&self.name, *o);
+                self.event(
+                        EventType::Warning,
+                        "QuorumLossRecovery",
+                        format!("quorum lost for {}s: recovering from {name} (applied index {applied}), the other members are dropped", lost_for.as_secs()),
+                    )
+                    .await;
+                recovery = Some(RecoveryProgress {
+                    survivor: name,
+                    survivor_id: hex_id(*id),
+                    since: self.now.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+        self.force =
+            recovery.as_ref().is_some_and(|r| r.forced_at.is_some() && r.settled_at.is_none());
         if formed
             && !members.is_empty()
             && target.is_none()
+            && recovery.is_none()
             // Paused: no change starts, so no lock is taken on a spec edited meanwhile.
             && !c.spec.paused
             && members.len() != usize::try_from(goal).unwrap_or(0)
@@ -389,7 +482,9 @@ impl<'a> Pass<'a> {
             failure_window: self.ctx.settings.failure_window,
             promote_lag: self.ctx.settings.promote_lag,
         };
-        let step = if goal == 0 {
+        let step = if let Some(r) = &recovery {
+            Step::Wait(format!("recovering from quorum loss from {}", r.survivor))
+        } else if goal == 0 {
             Step::Wait("spec.replicas is 0: pods stopped, membership kept".into())
         } else {
             membership::decide(&observed)
@@ -428,10 +523,15 @@ impl<'a> Pass<'a> {
         } else {
             self.announce_spec().await;
             // StatefulSet size follows the member list (never what is running).
+            // A recovery keeps no pod above the survivor: the dropped members' pods are not
+            // recreated on their old claims while those are being deleted.
+            let survivor = recovery.as_ref().and_then(|r| ordinal_of_pod(&self.name, &r.survivor));
             let replicas = if goal == 0 {
                 0
             } else if !formed {
                 1
+            } else if let Some(o) = survivor {
+                i32::try_from(o + 1).unwrap_or(1)
             } else if member_ordinals.is_empty() {
                 sts_replicas.unwrap_or(1)
             } else {
@@ -439,8 +539,29 @@ impl<'a> Pass<'a> {
             };
             let voters = members.iter().filter(|m| !m.learner).count();
             let pdb_voters = voters.max(usize::try_from(goal).unwrap_or(0));
-            self.apply_objects(formed, &member_ordinals, replicas, pdb_voters).await?;
+            // Without a linearizable member list (quorum lost), `--initial-cluster` keeps the
+            // members a member still knows of: an empty one would stop every restart.
+            // A recovering survivor starts alone, so it is the whole list then; otherwise the
+            // voters a member still knows of, else what the ConfigMap already says.
+            let mut known = member_ordinals.clone();
+            if let Some(o) = survivor
+                && (known.is_empty() || self.force)
+            {
+                known = vec![o];
+            }
+            if known.is_empty() {
+                known = voter_health.iter().filter_map(|v| v.0).collect();
+            }
+            if known.is_empty() && formed {
+                known = self.configured_ordinals().await?;
+            }
+            self.apply_objects(formed, &known, replicas, pdb_voters).await?;
             self.label_roles(&pods, &members).await?;
+            match self.recover(&mut recovery, &store, &pods, &claims).await {
+                Ok(Some(w)) => waiting = Some(w),
+                Ok(None) => {}
+                Err(e) => failure = Some(format!("recovery from quorum loss: {e}")),
+            }
             match self.act(&step, &store, &member_ordinals, &claims, &pods, &mut target).await {
                 Ok(Outcome::Done) => {}
                 Ok(Outcome::Waiting(w)) => waiting = Some(w),
@@ -587,6 +708,8 @@ impl<'a> Pass<'a> {
             last_compaction: compactor.last,
             compaction: compactor.state,
             defrag: defrag_state,
+            quorum_lost_since,
+            recovery,
             last_backup: backups.last,
         };
         self.write_status(&new).await?;
@@ -644,6 +767,96 @@ impl<'a> Pass<'a> {
                 Err(msg)
             }
         }
+    }
+
+    /// The ordinals the members ConfigMap's `initial-cluster` names now.
+    async fn configured_ordinals(&self) -> Result<Vec<u32>> {
+        let cm = self.api::<ConfigMap>().get_opt(&res::config_map_name(&self.name)).await?;
+        let list = cm.and_then(|cm| cm.data?.get("initial-cluster").cloned()).unwrap_or_default();
+        Ok(list
+            .split(',')
+            .filter_map(|e| ordinal_of_pod(&self.name, e.split_once('=')?.0))
+            .collect())
+    }
+
+    /// One recovery step (level-triggered, see `RecoveryProgress`): drop the other members'
+    /// pods and data, publish the force flag, restart the survivor, wait until it is alone,
+    /// withdraw the flag and restart the others empty; membership then grows the cluster
+    /// back by learners. Returns what it waits for.
+    async fn recover(
+        &self,
+        recovery: &mut Option<RecoveryProgress>,
+        store: &Store,
+        pods: &BTreeMap<u32, Pod>,
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+    ) -> Result<Option<String>> {
+        let Some(r) = recovery.as_mut() else { return Ok(None) };
+        let survivor = ordinal_of_pod(&self.name, &r.survivor).ok_or_else(|| {
+            Error::InvalidSpec(format!("survivor {} is not a pod of this cluster", r.survivor))
+        })?;
+        let others: std::collections::BTreeSet<u32> =
+            pods.keys().chain(claims.keys()).copied().filter(|o| *o != survivor).collect();
+        let before = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                      t: Timestamp| { created(meta).is_none_or(|c| c < t) };
+        let started = parse_time(&r.since).unwrap_or(self.now);
+        if let Some(settled) = r.settled_at.as_deref().and_then(parse_time) {
+            // The flag is gone from this pass's ConfigMap: pods started before hold it (or a
+            // stale member list) in their environment.
+            for o in &others {
+                if pods.get(o).is_some_and(|p| before(p.meta(), settled)) {
+                    ignore_missing(
+                        self.api::<Pod>()
+                            .delete(&res::pod_name(&self.name, *o), &DeleteParams::default())
+                            .await
+                            .map(|_| ()),
+                    )?;
+                }
+            }
+            self.event(
+                EventType::Normal,
+                "Recovered",
+                format!(
+                    "{} runs alone with its data after {}s; members are added back as learners",
+                    r.survivor,
+                    since(self.now, started).as_secs()
+                ),
+            )
+            .await;
+            *recovery = None;
+            return Ok(None);
+        }
+        let Some(forced) = r.forced_at.as_deref().and_then(parse_time) else {
+            let mut dropping = false;
+            for o in &others {
+                let old_pod = pods.get(o).is_some_and(|p| before(p.meta(), started));
+                let old_claim = claims.get(o).is_some_and(|p| {
+                    before(p.meta(), started) || p.meta().deletion_timestamp.is_some()
+                });
+                if old_pod || old_claim {
+                    self.delete_member_volume(*o, pods, claims).await?;
+                    dropping = true;
+                }
+            }
+            if dropping {
+                return Ok(Some("dropping the other members' pods and data".into()));
+            }
+            r.forced_at = Some(self.now.to_string());
+            return Ok(Some(format!("publishing --force-new-cluster for {}", r.survivor)));
+        };
+        if pods.get(&survivor).is_some_and(|p| before(p.meta(), forced)) {
+            ignore_missing(
+                self.api::<Pod>().delete(&r.survivor, &DeleteParams::default()).await.map(|_| ()),
+            )?;
+            return Ok(Some(format!("restarting {} with --force-new-cluster", r.survivor)));
+        }
+        let id = u64::from_str_radix(&r.survivor_id, 16).unwrap_or(0);
+        let alone = matches!(store.members.as_slice(), [m] if m.id == id)
+            && store.health.get(&survivor).is_some_and(|s| s.member_id == id);
+        if alone {
+            r.settled_at = Some(self.now.to_string());
+            return Ok(Some(format!("{} is alone; withdrawing the force flag", r.survivor)));
+        }
+        Ok(Some(format!("waiting for {} to come back alone", r.survivor)))
     }
 
     /// One defragmentation step: start a run when due, else defragment the next member
@@ -880,7 +1093,11 @@ impl<'a> Pass<'a> {
         } else {
             (res::initial_cluster(&self.name, &self.ns, &[0]), "new")
         };
-        self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
+        let mut cm = res::config_map(c, &initial, state)?;
+        if self.force {
+            cm.data.get_or_insert_with(BTreeMap::new).insert(res::FORCE_KEY.into(), "true".into());
+        }
+        self.apply::<ConfigMap>(&cm).await?;
         let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
         if let Some(src) = &self.restore {
             restore::add_to(&mut sts, c, src, c.image(&self.ctx.settings.default_repository));

@@ -2,8 +2,9 @@
 //! advances, an old revision answers "required revision has been compacted"), backups (a
 //! `Backup` runs a Job with the cairn image that saves a snapshot into a PVC; scheduled
 //! backups honour retention), restore into a new Cluster (HashKV equal to a member restored
-//! by hand; a wrong checksum stops it with a condition), and a defragmentation run that
-//! takes the followers before the leader.
+//! by hand; a wrong checksum stops it with a condition), a defragmentation run that takes
+//! the followers before the leader, and recovery from quorum loss from the survivor with
+//! every acknowledged write kept.
 //!
 //! Shares the operator process and helpers of `operator.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -126,6 +127,15 @@ async fn scheduled_compaction_advances_and_old_revisions_answer_compacted() {
     bed.kubectl(&["delete", "cc", "cp", "-n", &ns, "--wait=false"]).await.unwrap();
 }
 
+/// Creates the claim `backups` that backups go to.
+async fn backup_claim(bed: &Bed, ns: &str) {
+    bed.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: backups, namespace: {ns}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+    ))
+    .await
+    .unwrap();
+}
+
 /// The sha256 of a file, as `sha256sum` prints it.
 fn sha256_of(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
@@ -155,11 +165,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     let client = bed.client().await.unwrap();
     let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
     let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
-    bed.apply(&format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: backups, namespace: {ns}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
-    ))
-    .await
-    .unwrap();
+    backup_claim(bed, &ns).await;
     // A one-shot Backup of a Cluster that does not exist fails with a reason that says so.
     bed.apply(&format!(
         "apiVersion: cairn.dev/v1alpha1\nkind: Backup\nmetadata: {{name: orphan, namespace: {ns}}}\nspec: {{clusterName: nosuch}}\n"
@@ -301,11 +307,7 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
     let client = bed.client().await.unwrap();
     let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
     let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
-    bed.apply(&format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: backups, namespace: {ns}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
-    ))
-    .await
-    .unwrap();
+    backup_claim(bed, &ns).await;
     let src = create(bed, &ns, "src", 1, "").await;
     let mut c = etcd(&[client_url(&ns, "src", 0)]).await.unwrap();
     for i in 0..300 {
@@ -477,4 +479,92 @@ async fn a_defragmentation_run_takes_followers_first_and_the_leader_last() {
     );
     assert!(ev.contains("DefragFinished"), "{ev}");
     bed.kubectl(&["delete", "cc", "df", "-n", &ns, "--wait=false"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_is_recovered_from_the_survivor_with_every_acknowledged_write() {
+    let bed = bed::shared();
+    operator(bed).await;
+    let ns = bed.namespace("op-recover").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let api: Api<Cluster> = Api::namespaced(bed.client().await.unwrap(), &ns);
+    let extra = "  recovery: {quorumLoss: FromSurvivor, window: 5s}\n";
+    create(bed, &ns, "rc", 3, extra).await;
+    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "rc", o)).collect();
+
+    // A client writes until quorum is lost; every acknowledged write is remembered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, urls) = (stop.clone(), urls.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut c = etcd(&urls).await.unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (k, v) = (format!("recover/{i:05}"), format!("v{i}"));
+                if tokio::time::timeout(Duration::from_secs(2), c.put(k.clone(), v.clone(), None))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    acked.push((k, v));
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two of three members lose their data for good: quorum is gone.
+    let lost_at = Instant::now();
+    for pod in ["rc-1", "rc-2"] {
+        bed.wipe_pvc(&ns, &format!("data-{pod}")).unwrap();
+        bed.kill_container(&ns, pod).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 10, "too few writes before the loss: {}", acked.len());
+
+    wait_for("the operator sees the quorum loss", STEP_TIMEOUT, || async {
+        let s = status(&api, "rc").await?;
+        Ok((s.quorum_lost_since.is_some() || s.recovery.is_some()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let s =
+        wait_for("rc: 3 voters again after the recovery", STEP_TIMEOUT, || settled(&api, "rc", 3))
+            .await
+            .unwrap();
+    eprintln!(
+        "recovery: quorum lost -> 3 voters again after {:.1}s ({} acknowledged writes)",
+        lost_at.elapsed().as_secs_f64(),
+        acked.len()
+    );
+    assert!(s.recovery.is_none() && s.quorum_lost_since.is_none(), "{s:?}");
+    let mut c = etcd(&urls[..1]).await.unwrap();
+    for (k, v) in &acked {
+        let r = c.get(k.as_str(), None).await.unwrap();
+        let got = r.kvs().first().map(|kv| kv.value_str().unwrap().to_owned());
+        assert_eq!(got.as_deref(), Some(v.as_str()), "acknowledged write {k} lost");
+    }
+    let rev = c.get("recover/00000", None).await.unwrap().header().unwrap().revision();
+    let hashes = wait_for("equal HashKV on 3 members", Duration::from_secs(60), || {
+        let urls = urls.clone();
+        async move {
+            let mut hashes = Vec::new();
+            for u in &urls {
+                hashes.push(etcd(std::slice::from_ref(u)).await?.hash_kv(rev).await?.hash());
+            }
+            Ok(hashes.iter().all(|h| *h == hashes[0]).then_some(hashes))
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!("recovery: HashKV at {rev} equal on 3 members: {:x}", hashes[0]);
+    let ev = events(bed, &ns).await;
+    for reason in ["QuorumLost", "QuorumLossRecovery", "Recovered"] {
+        assert!(ev.contains(reason), "no {reason} event in\n{ev}");
+    }
+    bed.kubectl(&["delete", "cc", "rc", "-n", &ns, "--wait=false"]).await.unwrap();
 }
