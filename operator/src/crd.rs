@@ -41,9 +41,8 @@ pub const MANAGED_FLAGS: &[&str] = &[
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 /// A Kubernetes quantity (`8Gi`, `500M`, `1073741824`).
 const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
-/// A five-field cron schedule or one of the `@` shorthands.
-const SCHEDULE_PATTERN: &str =
-    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
+/// A five-field cron schedule (UTC), one of the `@` shorthands, or `@every <duration>`.
+const SCHEDULE_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every ([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+|(\S+\s+){4}\S+)$";
 
 /// The desired state of one Cairn cluster.
 // kube's `printcolumn(...)` entries repeat `type_ = "string"`; clippy reads them as duplicates.
@@ -124,11 +123,12 @@ pub struct ClusterSpec {
     #[serde(default)]
     pub options: StoreOptions,
 
-    /// Scheduled compaction (acted on by the day-two controller; accepted and validated now).
+    /// Scheduled compaction: record the revision every tick, compact to the one recorded a
+    /// retention earlier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction: Option<CompactionSpec>,
 
-    /// Scheduled defragmentation (day two; accepted and validated now).
+    /// Defragmentation, one member at a time, followers first and the leader last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defrag: Option<DefragSpec>,
 
@@ -538,9 +538,21 @@ pub struct ClusterStatus {
     /// The locked membership change in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
-    /// The last scheduled compaction (day two).
+    /// The last scheduled compaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_compaction: Option<LastCompaction>,
+    /// The scheduled compactor's memory: its last tick and the revisions it recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction: Option<CompactionState>,
+    /// Since when a quorum of voters has not answered (RFC 3339), while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum_lost_since: Option<String>,
+    /// A recovery from quorum loss in progress (`recovery.quorumLoss: FromSurvivor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryProgress>,
+    /// Defragmentation: the run in progress and each member's last defragmentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defrag: Option<DefragState>,
     /// The last successful backup (day two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
@@ -632,13 +644,98 @@ pub struct Target {
     pub replacing_id: Option<String>,
 }
 
-/// The last compaction (day two).
+/// The last compaction.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastCompaction {
     /// When it ran (RFC 3339).
     pub time: String,
     /// The revision compacted to.
+    pub revision: i64,
+}
+
+/// What the scheduled compactor remembers between passes (kept in status, so an operator
+/// restart or a new leader continues where the last one stopped).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactionState {
+    /// The last schedule tick (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick: Option<String>,
+    /// Revisions recorded at ticks, oldest first (duration retention only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<RevisionSample>,
+}
+
+/// A recovery from quorum loss: the survivor restarts alone with `--force-new-cluster`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryProgress {
+    /// The member (pod) recovered from: the answering voter with the highest applied index.
+    pub survivor: String,
+    /// Its member id (hex).
+    #[serde(rename = "survivorID")]
+    pub survivor_id: String,
+    /// When the recovery started (RFC 3339).
+    pub since: String,
+    /// When the force flag was published (RFC 3339); the survivor restarts after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_at: Option<String>,
+    /// When the survivor was found alone (RFC 3339); the flag is withdrawn, then the other
+    /// pods restart empty and join as learners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<String>,
+}
+
+/// What the defragmenter remembers between passes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragState {
+    /// When the last run started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick: Option<String>,
+    /// The run in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<DefragRun>,
+    /// Each member's last defragmentation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberDefrag>,
+}
+
+/// A defragmentation run: members one at a time, followers first, the leader last.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragRun {
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// Members done so far, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<String>,
+}
+
+/// One member's last defragmentation.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberDefrag {
+    /// Member (pod) name.
+    pub name: String,
+    /// When it finished (RFC 3339).
+    pub time: String,
+    /// It led the cluster then.
+    #[serde(default)]
+    pub leader: bool,
+    /// Database size before, in bytes.
+    #[serde(default)]
+    pub size_before: i64,
+}
+
+/// The store's revision at one moment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionSample {
+    /// When it was read (RFC 3339).
+    pub time: String,
+    /// The revision then.
     pub revision: i64,
 }
 
@@ -745,19 +842,7 @@ impl Cluster {
     pub fn inert_sections(&self) -> Vec<&'static str> {
         let s = &self.spec;
         let mut out = Vec::new();
-        if s.compaction.is_some() {
-            out.push("compaction");
-        }
-        if s.defrag.is_some() {
-            out.push("defrag");
-        }
-        if s.backup.is_some() {
-            out.push("backup");
-        }
-        if s.bootstrap.is_some() {
-            out.push("bootstrap");
-        }
-        if s.recovery.as_ref().is_some_and(|r| r.quorum_loss != QuorumLossPolicy::Manual) {
+        if s.recovery.as_ref().is_some_and(|r| r.quorum_loss == QuorumLossPolicy::FromBackup) {
             out.push("recovery");
         }
         out

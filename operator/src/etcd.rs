@@ -1,5 +1,5 @@
 //! A thin etcd v3 client over the `cairn-proto` tonic stubs: the membership calls
-//! (MemberList/Add/Remove/Promote), Status, MoveLeader and HashKV, each with a deadline,
+//! (MemberList/Add/Remove/Promote), Status, MoveLeader, HashKV, Compact, Defragment and Alarm, each with a deadline,
 //! over channels with HTTP/2 keepalive.
 //!
 //! It knows nothing of Kubernetes; it speaks to one endpoint per client, so it manages a
@@ -8,11 +8,15 @@
 use std::time::Duration;
 
 use cairn_proto::etcdserverpb as pb;
-use pb::{cluster_client::ClusterClient, maintenance_client::MaintenanceClient};
+use pb::{
+    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 /// How long one call may take before it fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a defragmentation may take.
+pub const DEFRAG_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long connecting may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -54,6 +58,11 @@ impl Error {
         matches!(self, Error::Rpc { status, .. } if status.message().contains("not enough started members"))
     }
 
+    /// True when the revision asked for is at or below the compacted revision.
+    pub fn compacted(&self) -> bool {
+        matches!(self, Error::Rpc { status, .. } if status.message().contains("required revision has been compacted"))
+    }
+
     /// True when the member or id the call named is not in the member list.
     pub fn member_not_found(&self) -> bool {
         matches!(self, Error::Rpc { status, .. } if status.code() == tonic::Code::NotFound)
@@ -92,6 +101,12 @@ pub struct Status {
     pub is_learner: bool,
     /// The etcd API version it reports.
     pub version: String,
+    /// Size of its database file in bytes.
+    pub db_size: i64,
+    /// Bytes of the database in use (the rest is free space a defragmentation returns).
+    pub db_size_in_use: i64,
+    /// Raised alarms, as etcd lists them (`memberID:<id> alarm:NOSPACE `).
+    pub errors: Vec<String>,
 }
 
 /// A client of one member's etcd API.
@@ -107,11 +122,19 @@ impl Client {
     /// # Errors
     /// [`Error::Connect`] when the URL is bad or the member is unreachable.
     pub async fn connect(endpoint: &str) -> Result<Self, Error> {
+        Self::connect_with_deadline(endpoint, CALL_TIMEOUT).await
+    }
+
+    /// Connects to `endpoint` with `deadline` for every call (long calls: Defragment).
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the URL is bad or the member is unreachable.
+    pub async fn connect_with_deadline(endpoint: &str, deadline: Duration) -> Result<Self, Error> {
         let fail = |message: String| Error::Connect { endpoint: endpoint.to_owned(), message };
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| fail(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
+            .timeout(deadline)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -145,9 +168,22 @@ impl Client {
     /// # Errors
     /// [`Error::Rpc`] when the member refuses.
     pub async fn member_list(&self) -> Result<(u64, Vec<Member>), Error> {
+        self.member_list_with(true).await
+    }
+
+    /// The member list as this member knows it, without asking a quorum (it answers while
+    /// quorum is lost, possibly stale).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the member refuses.
+    pub async fn local_member_list(&self) -> Result<(u64, Vec<Member>), Error> {
+        self.member_list_with(false).await
+    }
+
+    async fn member_list_with(&self, linearizable: bool) -> Result<(u64, Vec<Member>), Error> {
         let r = self
             .cluster()
-            .member_list(pb::MemberListRequest { linearizable: true })
+            .member_list(pb::MemberListRequest { linearizable })
             .await
             .map_err(self.rpc("MemberList"))?
             .into_inner();
@@ -216,6 +252,9 @@ impl Client {
             revision: h.revision,
             is_learner: r.is_learner,
             version: r.version,
+            db_size: r.db_size,
+            db_size_in_use: r.db_size_in_use,
+            errors: r.errors,
         })
     }
 
@@ -228,6 +267,48 @@ impl Client {
             .move_leader(pb::MoveLeaderRequest { target_id: target })
             .await
             .map_err(self.rpc("MoveLeader"))?;
+        Ok(())
+    }
+
+    /// Compacts the key space's history up to `revision` (physical: the call returns once
+    /// the compaction is applied, as `etcdctl compact --physical`).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`]; [`Error::compacted`] tells apart a revision already compacted.
+    pub async fn compact(&self, revision: i64) -> Result<(), Error> {
+        KvClient::new(self.channel.clone())
+            .compact(pb::CompactionRequest { revision, physical: true })
+            .await
+            .map_err(self.rpc("Compact"))?;
+        Ok(())
+    }
+
+    /// Defragments this member's database (connect with [`DEFRAG_TIMEOUT`]: it may take
+    /// long).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the member refuses or the defragmentation fails.
+    pub async fn defragment(&self) -> Result<(), Error> {
+        self.maintenance()
+            .defragment(pb::DefragmentRequest {})
+            .await
+            .map_err(self.rpc("Defragment"))?;
+        Ok(())
+    }
+
+    /// Clears the NOSPACE alarm of every member (etcdctl alarm disarm).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the cluster refuses.
+    pub async fn disarm_nospace(&self) -> Result<(), Error> {
+        self.maintenance()
+            .alarm(pb::AlarmRequest {
+                action: pb::alarm_request::AlarmAction::Deactivate as i32,
+                member_id: 0,
+                alarm: pb::AlarmType::Nospace as i32,
+            })
+            .await
+            .map_err(self.rpc("Alarm"))?;
         Ok(())
     }
 

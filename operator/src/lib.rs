@@ -10,12 +10,14 @@
 //! - [`etcd`]: the thin etcd v3 client (member list/add/remove/promote, status, move leader).
 //! - [`election`]: leader election over a `coordination.k8s.io` Lease.
 //! - [`metrics`]: the Prometheus registry and the operator's metrics.
+//! - [`schedule`]: cron, `@every` and Go-duration parsing for the day-two schedules.
 
 pub mod controller;
 pub mod crd;
 pub mod election;
 pub mod etcd;
 pub mod metrics;
+pub mod schedule;
 
 /// The one field manager of every server-side apply this operator makes.
 pub const FIELD_MANAGER: &str = "cairn-operator";

@@ -4,19 +4,30 @@
 //! - `reconcile`: one pass, observe → decide → act → status;
 //! - `resources`: pure builders of the owned objects;
 //! - `membership`: the pure one-step membership decision;
+//! - `compaction`: the pure scheduled-compaction decision;
+//! - `defrag`: the pure defragmentation order (followers first, the leader last);
+//! - `backup`: the backup Job builders and the schedule/retention decisions;
+//! - `backup_run`: the `Backup` reconciler (Job, report, file cleanup);
+//! - `restore`: the seed's restore init container (`spec.bootstrap.fromBackup`);
 //! - `status`: conditions and phase.
 
+pub mod backup;
+pub mod backup_run;
+pub mod compaction;
+pub mod defrag;
 pub mod membership;
 pub mod reconcile;
 pub mod resources;
+pub mod restore;
 pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Action, Controller};
@@ -25,7 +36,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use crate::crd::Cluster;
+use crate::crd::{Backup, Cluster};
 use crate::metrics::Metrics;
 use crate::{Error, FIELD_MANAGER};
 
@@ -93,6 +104,11 @@ fn cluster_of_pod(pod: Pod) -> Option<ObjectRef<Cluster>> {
     Some(ObjectRef::new(&instance).within(&pod.namespace()?))
 }
 
+/// The Cluster a Backup belongs to (a finished backup updates the Cluster's status).
+fn cluster_of_backup(b: Backup) -> Option<ObjectRef<Cluster>> {
+    Some(ObjectRef::new(&b.spec.cluster_name).within(&b.namespace()?))
+}
+
 /// Runs the controller until `shutdown` resolves, then drains in-flight passes.
 ///
 /// # Errors
@@ -109,19 +125,30 @@ pub async fn run(
         .map_err(Error::CrdNotInstalled)?;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
     let pods = watcher::Config::default().labels("app.kubernetes.io/name=cairn");
-    Controller::new(clusters, watcher::Config::default())
+    let shutdown = shutdown.shared();
+    let backups = Controller::new(Api::<Backup>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Job>::all(client.clone()), owned.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(backup_run::reconcile, backup_run::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "backup controller event");
+            }
+        });
+    let clusters = Controller::new(clusters, watcher::Config::default())
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
-        .watches(Api::<Pod>::all(client), pods, cluster_of_pod)
+        .watches(Api::<Pod>::all(client.clone()), pods, cluster_of_pod)
+        .watches(Api::<Backup>::all(client), watcher::Config::default(), cluster_of_backup)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    futures::future::join(clusters, backups).await;
     Ok(())
 }

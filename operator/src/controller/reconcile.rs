@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -27,8 +27,14 @@ use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use crate::crd::{Cluster, ClusterStatus, MemberStatus, Target};
+use super::{backup, compaction, defrag, restore};
+use crate::crd::{
+    Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
+    DefragRun, DefragSpec, DefragState, LastBackup, LastCompaction, MemberDefrag, MemberStatus,
+    QuorumLossPolicy, RecoveryProgress, Target,
+};
 use crate::etcd::{self, hex_id};
+use crate::schedule::parse_duration;
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// Requeue while a change is in flight.
@@ -115,6 +121,8 @@ struct Store {
     members: Vec<etcd::Member>,
     /// Status per ordinal.
     health: HashMap<u32, etcd::Status>,
+    /// When no member gave a linearizable member list: one member's own view of it.
+    local_members: Vec<etcd::Member>,
 }
 
 struct Pass<'a> {
@@ -124,6 +132,10 @@ struct Pass<'a> {
     name: String,
     now: Timestamp,
     old: ClusterStatus,
+    /// Publish the force flag in the members ConfigMap (a recovery is forcing).
+    force: bool,
+    /// The snapshot the seed restores (`spec.bootstrap.fromBackup`), once resolved.
+    restore: Option<restore::Source>,
     /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
     /// as created (a grown `storage.size` needs volume expansion, reported by an Event).
     existing_claims: Option<Vec<PersistentVolumeClaim>>,
@@ -139,6 +151,8 @@ impl<'a> Pass<'a> {
             now: Timestamp::now(),
             old: c.status.clone().unwrap_or_default(),
             existing_claims: None,
+            restore: None,
+            force: false,
         })
     }
 
@@ -205,6 +219,14 @@ impl<'a> Pass<'a> {
                     break;
                 }
                 Err(e) => tracing::debug!(error = %e, "member list failed"),
+            }
+        }
+        if store.members.is_empty() {
+            for (_, client, _) in &clients {
+                if let Ok((_, members)) = client.local_member_list().await {
+                    store.local_members = members;
+                    break;
+                }
             }
         }
         store
@@ -332,9 +354,88 @@ impl<'a> Pass<'a> {
         }
         let goal = target.as_ref().map_or(spec_replicas, |t| t.replicas);
         let formed = cluster_id.is_some();
+
+        // Quorum loss, and with `recovery.quorumLoss: FromSurvivor` past its window, a
+        // recovery from the most caught-up voter that still answers.
+        // Voters as (ordinal, id, applied index if it answers): from the member list, or,
+        // when no member could give one (a linearizable MemberList needs a quorum), from a
+        // member's local view of it.
+        let voter_health: Vec<(Option<u32>, u64, Option<u64>)> = if members.is_empty() {
+            store
+                .local_members
+                .iter()
+                .filter(|m| !m.is_learner)
+                .map(|m| {
+                    let o = m
+                        .peer_urls
+                        .iter()
+                        .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
+                    let s = o.and_then(|o| store.health.get(&o)).filter(|s| s.member_id == m.id);
+                    (o, m.id, s.map(|s| s.applied_index))
+                })
+                .collect()
+        } else {
+            members
+                .iter()
+                .filter(|m| !m.learner)
+                .map(|m| {
+                    let applied = m.status.filter(|h| h.member_id == m.id).map(|h| h.applied);
+                    (m.ordinal, m.id, applied)
+                })
+                .collect()
+        };
+        let voters_now = voter_health.len();
+        let healthy_now = voter_health.iter().filter(|v| v.2.is_some()).count();
+        let lost = formed && voters_now > 0 && healthy_now < membership::quorum(voters_now);
+        let quorum_lost_since = if lost {
+            let since = self.old.quorum_lost_since.clone();
+            if since.is_none() {
+                self.event(
+                    EventType::Warning,
+                    "QuorumLost",
+                    format!("only {healthy_now} of {voters_now} voters answer"),
+                )
+                .await;
+            }
+            Some(since.unwrap_or_else(|| self.now.to_string()))
+        } else {
+            None
+        };
+        let mut recovery = self.old.recovery.clone();
+        let policy =
+            c.spec.recovery.as_ref().filter(|r| r.quorum_loss == QuorumLossPolicy::FromSurvivor);
+        if let (None, Some(p), Some(lost_since)) = (&recovery, policy, &quorum_lost_since) {
+            let window = parse_duration(&p.window).unwrap_or(Duration::from_secs(300));
+            let lost_for = parse_time(lost_since).map_or(Duration::ZERO, |t| since(self.now, t));
+            let survivor = voter_health
+                .iter()
+                .filter_map(|(o, id, applied)| Some((o.as_ref()?, id, applied.as_ref()?)))
+                .max_by_key(|v| *v.2);
+            if lost_for >= window
+                && !c.spec.paused
+                && let Some((o, id, applied)) = survivor
+            {
+                let name = res::pod_name(&self.name, *o);
+                self.event(
+                        EventType::Warning,
+                        "QuorumLossRecovery",
+                        format!("quorum lost for {}s: recovering from {name} (applied index {applied}), the other members are dropped", lost_for.as_secs()),
+                    )
+                    .await;
+                recovery = Some(RecoveryProgress {
+                    survivor: name,
+                    survivor_id: hex_id(*id),
+                    since: self.now.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+        self.force =
+            recovery.as_ref().is_some_and(|r| r.forced_at.is_some() && r.settled_at.is_none());
         if formed
             && !members.is_empty()
             && target.is_none()
+            && recovery.is_none()
             // Paused: no change starts, so no lock is taken on a spec edited meanwhile.
             && !c.spec.paused
             && members.len() != usize::try_from(goal).unwrap_or(0)
@@ -381,7 +482,9 @@ impl<'a> Pass<'a> {
             failure_window: self.ctx.settings.failure_window,
             promote_lag: self.ctx.settings.promote_lag,
         };
-        let step = if goal == 0 {
+        let step = if let Some(r) = &recovery {
+            Step::Wait(format!("recovering from quorum loss from {}", r.survivor))
+        } else if goal == 0 {
             Step::Wait("spec.replicas is 0: pods stopped, membership kept".into())
         } else {
             membership::decide(&observed)
@@ -390,15 +493,45 @@ impl<'a> Pass<'a> {
         let mut failure = None;
         let mut waiting = None;
         let mut busy = !matches!(step, Step::Steady);
-        if c.spec.paused {
-            busy = false;
+        // Restore at creation: the seed must never start without the snapshot, so an
+        // unresolvable source holds everything back until the cluster has formed.
+        let restoring = c.spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        let mut hold = false;
+        if let Some(from) = restoring {
+            let backups = self
+                .api::<Backup>()
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            match restore::resolve(from, &backups) {
+                Ok(src) => self.restore = Some(src),
+                Err(e) if !formed => {
+                    failure = Some(e);
+                    hold = true;
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %self.name, error = %e, "restore source gone after formation")
+                }
+            }
+            if !formed && let Some(why) = pods.get(&0).and_then(restore::failure) {
+                failure = Some(format!("restore from backup failed: {why}"));
+            }
+        }
+        if c.spec.paused || hold {
+            busy = hold;
         } else {
             self.announce_spec().await;
             // StatefulSet size follows the member list (never what is running).
+            // A recovery keeps no pod above the survivor: the dropped members' pods are not
+            // recreated on their old claims while those are being deleted.
+            let survivor = recovery.as_ref().and_then(|r| ordinal_of_pod(&self.name, &r.survivor));
             let replicas = if goal == 0 {
                 0
             } else if !formed {
                 1
+            } else if let Some(o) = survivor {
+                i32::try_from(o + 1).unwrap_or(1)
             } else if member_ordinals.is_empty() {
                 sts_replicas.unwrap_or(1)
             } else {
@@ -406,8 +539,29 @@ impl<'a> Pass<'a> {
             };
             let voters = members.iter().filter(|m| !m.learner).count();
             let pdb_voters = voters.max(usize::try_from(goal).unwrap_or(0));
-            self.apply_objects(formed, &member_ordinals, replicas, pdb_voters).await?;
+            // Without a linearizable member list (quorum lost), `--initial-cluster` keeps the
+            // members a member still knows of: an empty one would stop every restart.
+            // A recovering survivor starts alone, so it is the whole list then; otherwise the
+            // voters a member still knows of, else what the ConfigMap already says.
+            let mut known = member_ordinals.clone();
+            if let Some(o) = survivor
+                && (known.is_empty() || self.force)
+            {
+                known = vec![o];
+            }
+            if known.is_empty() {
+                known = voter_health.iter().filter_map(|v| v.0).collect();
+            }
+            if known.is_empty() && formed {
+                known = self.configured_ordinals().await?;
+            }
+            self.apply_objects(formed, &known, replicas, pdb_voters).await?;
             self.label_roles(&pods, &members).await?;
+            match self.recover(&mut recovery, &store, &pods, &claims).await {
+                Ok(Some(w)) => waiting = Some(w),
+                Ok(None) => {}
+                Err(e) => failure = Some(format!("recovery from quorum loss: {e}")),
+            }
             match self.act(&step, &store, &member_ordinals, &claims, &pods, &mut target).await {
                 Ok(Outcome::Done) => {}
                 Ok(Outcome::Waiting(w)) => waiting = Some(w),
@@ -459,6 +613,40 @@ impl<'a> Pass<'a> {
             .collect();
         let healthy_voters = member_status.iter().filter(|m| m.healthy && !m.learner).count();
         let voters = member_status.iter().filter(|m| !m.learner).count();
+        let mut compactor = Compactor {
+            state: self.old.compaction.clone(),
+            last: self.old.last_compaction.clone(),
+            next_tick: None,
+        };
+        let quorate = formed && voters > 0 && healthy_voters >= membership::quorum(voters);
+        if let Some(spec) = c.spec.compaction.as_ref().filter(|_| !c.spec.paused && quorate)
+            && let Err(e) = self.scheduled_compaction(spec, &store, &mut compactor).await
+        {
+            failure.get_or_insert(e);
+        }
+        let mut defrag_state = self.old.defrag.clone();
+        let mut defrag_next = None;
+        let all_healthy =
+            formed && !member_status.is_empty() && member_status.iter().all(|m| m.healthy);
+        if let Some(spec) = c.spec.defrag.as_ref().filter(|_| {
+            !c.spec.paused && all_healthy && matches!(step, Step::Steady) && target.is_none()
+        }) {
+            let state = defrag_state.get_or_insert_with(Default::default);
+            match self.defrag_step(spec, &store, &member_status, state).await {
+                Ok(true) => defrag_next = Some(plus(self.now, BUSY)),
+                Ok(false) => defrag_next = defrag::next_tick(spec, state),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let backups = match self.backups(quorate && !c.spec.paused).await {
+            Ok(b) => b,
+            Err(e) => {
+                failure.get_or_insert(e);
+                Backups { last: self.old.last_backup.clone(), ..Default::default() }
+            }
+        };
         if let Step::Wait(w) | Step::Blocked(w) = &step {
             if matches!(step, Step::Blocked(_)) {
                 failure.get_or_insert_with(|| w.clone());
@@ -468,6 +656,7 @@ impl<'a> Pass<'a> {
         }
         let summary = Summary {
             formed,
+            restoring: restoring.is_some(),
             voters,
             healthy_voters,
             members: member_status.len(),
@@ -488,7 +677,7 @@ impl<'a> Pass<'a> {
             .with_label_values(&labels)
             .set(i64::from(formed && voters > 0 && healthy_voters >= membership::quorum(voters)));
         m.backup_scheduled.with_label_values(&labels).set(i64::from(c.spec.backup.is_some()));
-        match self.old.last_backup.as_ref().and_then(|b| parse_time(&b.time)) {
+        match backups.last.as_ref().and_then(|l| parse_time(&l.time)) {
             Some(t) => m.backup_last_success.with_label_values(&labels).set(t.as_second()),
             None => {
                 let _ = m.backup_last_success.remove_label_values(&labels);
@@ -501,7 +690,7 @@ impl<'a> Pass<'a> {
             phase: Some(status::phase(&summary)),
             conditions: status::merge(
                 &self.old.conditions,
-                status::conditions(&summary),
+                status::conditions(&summary).into_iter().chain(backups.condition).collect(),
                 c.meta().generation,
                 &now,
             ),
@@ -520,11 +709,322 @@ impl<'a> Pass<'a> {
                 .or(self.old.version.clone()),
             members: member_status,
             target,
-            last_compaction: self.old.last_compaction.clone(),
-            last_backup: self.old.last_backup.clone(),
+            last_compaction: compactor.last,
+            compaction: compactor.state,
+            defrag: defrag_state,
+            quorum_lost_since,
+            recovery,
+            last_backup: backups.last,
         };
         self.write_status(&new).await?;
-        Ok(Action::requeue(if busy { BUSY } else { IDLE }))
+        let mut requeue = if busy { BUSY } else { IDLE };
+        for next in [compactor.next_tick, backups.next_tick, defrag_next].into_iter().flatten() {
+            requeue = requeue.min(since(next, self.now).max(Duration::from_millis(200)));
+        }
+        Ok(Action::requeue(requeue))
+    }
+
+    /// One scheduled-compaction step: on a due tick, record the revision and compact to the
+    /// one a retention old (through the leader), unless a backup of this cluster is running.
+    /// A failed compaction is an Event and a failure message; the next tick retries.
+    async fn scheduled_compaction(
+        &self,
+        spec: &CompactionSpec,
+        store: &Store,
+        out: &mut Compactor,
+    ) -> Result<(), String> {
+        let current = store
+            .health
+            .values()
+            .find(|s| s.member_id == s.leader)
+            .or_else(|| store.health.values().max_by_key(|s| s.revision))
+            .map_or(0, |s| s.revision);
+        let plan = compaction::plan(spec, out.state.as_ref(), out.last.as_ref(), self.now, current)
+            .map_err(|e| format!("spec.compaction: {e}"))?;
+        out.next_tick = plan.next_tick;
+        out.state = Some(plan.state);
+        let Some(revision) = plan.compact_to else { return Ok(()) };
+        if let Some(b) = self.running_backup().await {
+            tracing::info!(cluster = %self.name, backup = %b, revision, "compaction deferred while a backup runs");
+            return Ok(());
+        }
+        let result = match self.leader_client(store).await {
+            Ok(client) => client.compact(revision).await.map_err(Error::Etcd),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                out.last = Some(LastCompaction { time: self.now.to_string(), revision });
+                self.event(
+                    EventType::Normal,
+                    "Compacted",
+                    format!("compacted history to revision {revision} (current {current})"),
+                )
+                .await;
+                Ok(())
+            }
+            // Someone compacted further already (etcdctl, the store's own compactor).
+            Err(Error::Etcd(e)) if e.compacted() => Ok(()),
+            Err(e) => {
+                let msg = format!("compaction to revision {revision} failed: {e}");
+                self.event(EventType::Warning, "CompactionFailed", msg.clone()).await;
+                Err(msg)
+            }
+        }
+    }
+
+    /// The ordinals the members ConfigMap's `initial-cluster` names now.
+    async fn configured_ordinals(&self) -> Result<Vec<u32>> {
+        let cm = self.api::<ConfigMap>().get_opt(&res::config_map_name(&self.name)).await?;
+        let list = cm.and_then(|cm| cm.data?.get("initial-cluster").cloned()).unwrap_or_default();
+        Ok(list
+            .split(',')
+            .filter_map(|e| ordinal_of_pod(&self.name, e.split_once('=')?.0))
+            .collect())
+    }
+
+    /// One recovery step (level-triggered, see `RecoveryProgress`): drop the other members'
+    /// pods and data, publish the force flag, restart the survivor, wait until it is alone,
+    /// withdraw the flag and restart the others empty; membership then grows the cluster
+    /// back by learners. Returns what it waits for.
+    async fn recover(
+        &self,
+        recovery: &mut Option<RecoveryProgress>,
+        store: &Store,
+        pods: &BTreeMap<u32, Pod>,
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+    ) -> Result<Option<String>> {
+        let Some(r) = recovery.as_mut() else { return Ok(None) };
+        let survivor = ordinal_of_pod(&self.name, &r.survivor).ok_or_else(|| {
+            Error::InvalidSpec(format!("survivor {} is not a pod of this cluster", r.survivor))
+        })?;
+        let others: std::collections::BTreeSet<u32> =
+            pods.keys().chain(claims.keys()).copied().filter(|o| *o != survivor).collect();
+        let before = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                      t: Timestamp| { created(meta).is_none_or(|c| c < t) };
+        let started = parse_time(&r.since).unwrap_or(self.now);
+        if let Some(settled) = r.settled_at.as_deref().and_then(parse_time) {
+            // The flag is gone from this pass's ConfigMap: pods started before hold it (or a
+            // stale member list) in their environment.
+            for o in &others {
+                if pods.get(o).is_some_and(|p| before(p.meta(), settled)) {
+                    ignore_missing(
+                        self.api::<Pod>()
+                            .delete(&res::pod_name(&self.name, *o), &DeleteParams::default())
+                            .await
+                            .map(|_| ()),
+                    )?;
+                }
+            }
+            self.event(
+                EventType::Normal,
+                "Recovered",
+                format!(
+                    "{} runs alone with its data after {}s; members are added back as learners",
+                    r.survivor,
+                    since(self.now, started).as_secs()
+                ),
+            )
+            .await;
+            *recovery = None;
+            return Ok(None);
+        }
+        let Some(forced) = r.forced_at.as_deref().and_then(parse_time) else {
+            let mut dropping = false;
+            for o in &others {
+                let old_pod = pods.get(o).is_some_and(|p| before(p.meta(), started));
+                let old_claim = claims.get(o).is_some_and(|p| {
+                    before(p.meta(), started) || p.meta().deletion_timestamp.is_some()
+                });
+                if old_pod || old_claim {
+                    self.delete_member_volume(*o, pods, claims).await?;
+                    dropping = true;
+                }
+            }
+            if dropping {
+                return Ok(Some("dropping the other members' pods and data".into()));
+            }
+            r.forced_at = Some(self.now.to_string());
+            return Ok(Some(format!("publishing --force-new-cluster for {}", r.survivor)));
+        };
+        if pods.get(&survivor).is_some_and(|p| before(p.meta(), forced)) {
+            ignore_missing(
+                self.api::<Pod>().delete(&r.survivor, &DeleteParams::default()).await.map(|_| ()),
+            )?;
+            return Ok(Some(format!("restarting {} with --force-new-cluster", r.survivor)));
+        }
+        let id = u64::from_str_radix(&r.survivor_id, 16).unwrap_or(0);
+        let alone = matches!(store.members.as_slice(), [m] if m.id == id)
+            && store.health.get(&survivor).is_some_and(|s| s.member_id == id);
+        if alone {
+            r.settled_at = Some(self.now.to_string());
+            return Ok(Some(format!("{} is alone; withdrawing the force flag", r.survivor)));
+        }
+        Ok(Some(format!("waiting for {} to come back alone", r.survivor)))
+    }
+
+    /// One defragmentation step: start a run when due, else defragment the next member
+    /// (followers first, the leader last), else finish the run (and disarm NOSPACE if it
+    /// was raised). Returns whether a run is still in progress.
+    async fn defrag_step(
+        &self,
+        spec: &DefragSpec,
+        store: &Store,
+        members: &[MemberStatus],
+        state: &mut DefragState,
+    ) -> Result<bool, String> {
+        let candidates: Vec<defrag::Candidate> = members
+            .iter()
+            .filter_map(|m| {
+                let s = store.health.get(&ordinal_of_pod(&self.name, &m.name)?)?;
+                Some(defrag::Candidate {
+                    name: m.name.clone(),
+                    leader: m.leader,
+                    db_size: s.db_size,
+                    db_size_in_use: s.db_size_in_use,
+                })
+            })
+            .collect();
+        if let Some(why) = defrag::due(spec, state, &candidates, self.now)
+            .map_err(|e| format!("spec.defrag: {e}"))?
+        {
+            state.running = Some(DefragRun { started: self.now.to_string(), done: Vec::new() });
+            state.last_tick = Some(self.now.to_string());
+            self.event(
+                EventType::Normal,
+                "DefragStarted",
+                format!("defragmentation run started ({why})"),
+            )
+            .await;
+        }
+        let Some(run) = state.running.as_mut() else { return Ok(false) };
+        let Some(m) = defrag::next(&candidates, &run.done).cloned() else {
+            let nospace =
+                store.health.values().any(|s| s.errors.iter().any(|e| e.contains("NOSPACE")));
+            if nospace {
+                let disarmed = match self.leader_client(store).await {
+                    Ok(c) => c.disarm_nospace().await.map_err(Error::Etcd),
+                    Err(e) => Err(e),
+                };
+                match disarmed {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "AlarmDisarmed",
+                            "NOSPACE disarmed after defragmentation".into(),
+                        )
+                        .await
+                    }
+                    Err(e) => return Err(format!("disarming NOSPACE after defragmentation: {e}")),
+                }
+            }
+            let done = run.done.join(", ");
+            state.running = None;
+            self.event(EventType::Normal, "DefragFinished", format!("defragmented {done}")).await;
+            return Ok(false);
+        };
+        let url =
+            ordinal_of_pod(&self.name, &m.name).map(|o| self.client_url(o)).unwrap_or_default();
+        let result = match etcd::Client::connect_with_deadline(&url, etcd::DEFRAG_TIMEOUT).await {
+            Ok(c) => c.defragment().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let msg = format!("defragmenting {}: {e}", m.name);
+            self.event(EventType::Warning, "DefragFailed", msg.clone()).await;
+            return Err(msg);
+        }
+        let role = if m.leader { "leader" } else { "follower" };
+        state.members.retain(|d| d.name != m.name);
+        state.members.push(MemberDefrag {
+            name: m.name.clone(),
+            time: Timestamp::now().to_string(),
+            leader: m.leader,
+            size_before: m.db_size,
+        });
+        run.done.push(m.name.clone());
+        self.event(
+            EventType::Normal,
+            "Defragmented",
+            format!("{} ({role}) defragmented, {} bytes before", m.name, m.db_size),
+        )
+        .await;
+        Ok(true)
+    }
+
+    /// This cluster's Backups: the newest good one for status, and with `spec.backup` the
+    /// schedule's step (a new Backup when due and `act`, retention's deletions) and the
+    /// `BackupHealthy` condition.
+    async fn backups(&self, act: bool) -> Result<Backups, String> {
+        let Ok(list) = self.api::<Backup>().list(&ListParams::default()).await else {
+            // The Backup resource is not installed: nothing to report.
+            return Ok(Backups { last: self.old.last_backup.clone(), ..Default::default() });
+        };
+        let mine: Vec<Backup> =
+            list.items.into_iter().filter(|b| b.spec.cluster_name == self.name).collect();
+        let last = backup::last_good(&mine);
+        let Some(spec) = &self.c.spec.backup else {
+            return Ok(Backups { last, ..Default::default() });
+        };
+        let plan = backup::plan_schedule(&spec.schedule, spec.keep.as_ref(), &mine, self.now)
+            .map_err(|e| format!("spec.backup: {e}"))?;
+        if act && plan.create {
+            let b = backup::scheduled_backup(self.c, self.now).map_err(|e| e.to_string())?;
+            match self.api::<Backup>().create(&PostParams::default(), &b).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(format!("creating scheduled backup {}: {e}", b.name_any())),
+            }
+        }
+        if act {
+            for name in &plan.delete {
+                match self.api::<Backup>().delete(name, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        self.event(
+                            EventType::Normal,
+                            "BackupPruned",
+                            format!("backup {name} deleted by spec.backup.keep"),
+                        )
+                        .await;
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(format!("deleting backup {name}: {e}")),
+                }
+            }
+        }
+        let last_done = last.as_ref().and_then(|l| l.time.parse::<Timestamp>().ok());
+        let last_failure = mine
+            .iter()
+            .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed))
+            .filter(|b| {
+                let created = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                last_done.is_none_or(|d| created.is_some_and(|c| c > d))
+            })
+            .max_by_key(|b| b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .and_then(|b| b.status.as_ref()?.reason.clone());
+        let (ok, reason, message) =
+            backup::health(&spec.schedule, last.as_ref(), last_failure.as_deref(), self.now);
+        let condition = Condition {
+            type_: "BackupHealthy".into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            ..Default::default()
+        };
+        Ok(Backups { last, condition: Some(condition), next_tick: plan.next_tick })
+    }
+
+    /// The name of a Backup of this cluster that is running, if any (none when the Backup
+    /// resource is not installed).
+    async fn running_backup(&self) -> Option<String> {
+        let list = self.api::<Backup>().list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|b| {
+                b.spec.cluster_name == self.name
+                    && b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Running)
+            })
+            .map(|b| b.name_any())
     }
 
     /// Warning Events, once per spec generation, for an even size and for accepted but
@@ -600,9 +1100,18 @@ impl<'a> Pass<'a> {
         // No member list this pass (no member answered): keep the ConfigMap as it is rather
         // than hand a starting pod an empty `--initial-cluster`.
         if !initial.is_empty() {
-            self.apply::<ConfigMap>(&res::config_map(c, &initial, state)?).await?;
+            let mut cm = res::config_map(c, &initial, state)?;
+            if self.force {
+                cm.data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(res::FORCE_KEY.into(), "true".into());
+            }
+            self.apply::<ConfigMap>(&cm).await?;
         }
         let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
+        if let Some(src) = &self.restore {
+            restore::add_to(&mut sts, c, src, c.image(&self.ctx.settings.default_repository));
+        }
         if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
             spec.volume_claim_templates = Some(existing.clone());
         }
@@ -845,6 +1354,21 @@ fn ignore_missing(r: Result<(), kube::Error>) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// This cluster's backups as one pass sees them.
+#[derive(Default)]
+struct Backups {
+    last: Option<LastBackup>,
+    condition: Option<Condition>,
+    next_tick: Option<Timestamp>,
+}
+
+/// The scheduled compactor's state through one pass.
+struct Compactor {
+    state: Option<CompactionState>,
+    last: Option<LastCompaction>,
+    next_tick: Option<Timestamp>,
 }
 
 /// How an act ended when it did not fail.

@@ -262,6 +262,37 @@ fn env_config(name: &str, cm: &str, key: &str) -> EnvVar {
     }
 }
 
+/// The ConfigMap key that, while present, makes a starting store pod restart its member
+/// alone with `--force-new-cluster` (recovery from quorum loss; see `reconcile`).
+pub const FORCE_KEY: &str = "force-new-cluster";
+
+/// The store container's environment: downward API, the members ConfigMap, and with
+/// `recovery.quorumLoss: FromSurvivor` the optional force flag (`ETCD_FORCE_NEW_CLUSTER`,
+/// read by `cairn` like the flag; absent key, unset variable).
+fn store_env(c: &Cluster, cm: &str) -> Vec<EnvVar> {
+    let mut env = vec![
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env_field("POD_IP", "status.podIP"),
+        env_config("INITIAL_CLUSTER", cm, "initial-cluster"),
+        env_config("INITIAL_CLUSTER_STATE", cm, "initial-cluster-state"),
+        env_config("INITIAL_CLUSTER_TOKEN", cm, "initial-cluster-token"),
+    ];
+    let recovers = c
+        .spec
+        .recovery
+        .as_ref()
+        .is_some_and(|r| r.quorum_loss == crate::crd::QuorumLossPolicy::FromSurvivor);
+    if recovers {
+        let mut force = env_config("ETCD_FORCE_NEW_CLUSTER", cm, FORCE_KEY);
+        if let Some(r) = force.value_from.as_mut().and_then(|v| v.config_map_key_ref.as_mut()) {
+            r.optional = Some(true);
+        }
+        env.push(force);
+    }
+    env
+}
+
 /// The store container's arguments, all `--flag=value`.
 ///
 /// # Errors
@@ -365,14 +396,7 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["cairn".into()]),
         args: Some(store_args(c)?),
-        env: Some(vec![
-            env_field("POD_NAME", "metadata.name"),
-            env_field("POD_NAMESPACE", "metadata.namespace"),
-            env_field("POD_IP", "status.podIP"),
-            env_config("INITIAL_CLUSTER", &cm, "initial-cluster"),
-            env_config("INITIAL_CLUSTER_STATE", &cm, "initial-cluster-state"),
-            env_config("INITIAL_CLUSTER_TOKEN", &cm, "initial-cluster-token"),
-        ]),
+        env: Some(store_env(c, &cm)),
         ports: Some(vec![
             ContainerPort {
                 name: Some("client".into()),

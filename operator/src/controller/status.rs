@@ -8,6 +8,8 @@ use crate::crd::{Condition, Phase};
 pub struct Summary {
     /// The cluster has formed (a cluster id is recorded).
     pub formed: bool,
+    /// The cluster is created from a backup (`spec.bootstrap.fromBackup`).
+    pub restoring: bool,
     /// Voters in the member list.
     pub voters: usize,
     /// Voters that answered Status.
@@ -96,7 +98,8 @@ pub fn conditions(s: &Summary) -> Vec<Condition> {
         condition("Progressing", false, "Stable", format!("{} members as specified", s.members))
     };
     let degraded = if let Some(f) = &s.failure {
-        condition("Degraded", true, "ActionBlocked", f.clone())
+        let reason = if s.restoring && !s.formed { "RestoreFailed" } else { "ActionBlocked" };
+        condition("Degraded", true, reason, f.clone())
     } else if s.formed && s.healthy_voters < s.voters {
         condition(
             "Degraded",
@@ -114,6 +117,8 @@ pub fn conditions(s: &Summary) -> Vec<Condition> {
 pub fn phase(s: &Summary) -> Phase {
     if s.paused {
         Phase::Paused
+    } else if !s.formed && s.restoring {
+        Phase::Restoring
     } else if !s.formed {
         Phase::Creating
     } else if s.failure.is_some() || s.healthy_voters < s.voters {

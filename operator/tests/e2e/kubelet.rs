@@ -49,8 +49,10 @@
 //!   with the container's env, outside its mount namespace;
 //! - no `kubectl exec/logs/port-forward/attach` (logs are files under `<bed>/logs/`), no
 //!   ephemeral containers, no sidecar (restartable init) containers, no lifecycle hooks,
-//!   no `terminationMessagePath`, no pod readiness gates, no Kubernetes service env vars
-//!   except KUBERNETES_SERVICE_HOST/PORT;
+//!   no pod readiness gates, no Kubernetes service env vars except
+//!   KUBERNETES_SERVICE_HOST/PORT; `terminationMessagePath` (a file of the pod's bound at
+//!   the path; `FallbackToLogsOnError` takes the log tail) works with mount namespaces only;
+//! - an image's PATH is the host PATH with the mapped binary's directory first;
 //! - pod IPs are reused: a recreated Pod usually gets the IP its predecessor had (the
 //!   lowest free one), where a real cluster would usually hand out a new one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -1064,13 +1066,18 @@ impl Run {
 
     /// The container's environment, in the order a kubelet builds it.
     async fn env(&self, c: &Container) -> anyhow::Result<Vec<(String, String)>> {
+        let mut path = std::env::var("PATH").unwrap_or_else(|_| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
+        });
+        // The image's own PATH: its binary's directory comes first, so a shell in the
+        // container finds `cairn` as it would in the real image.
+        if let Some(dir) =
+            c.image.as_deref().and_then(|i| self.shared.images.resolve(i)).and_then(Path::parent)
+        {
+            path = format!("{}:{path}", dir.display());
+        }
         let mut env: Vec<(String, String)> = vec![
-            (
-                "PATH".to_owned(),
-                std::env::var("PATH").unwrap_or_else(|_| {
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
-                }),
-            ),
+            ("PATH".to_owned(), path),
             ("HOSTNAME".to_owned(), self.spec().hostname.unwrap_or_else(|| self.ctx.name.clone())),
             ("HOME".to_owned(), "/root".to_owned()),
             ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
@@ -1203,6 +1210,19 @@ impl Run {
             };
             mounts.push((m.mount_path.clone(), src));
         }
+        // terminationMessagePath: a file of the pod's own, bound at the path (mount
+        // namespaces only); read into the terminated state when the container ends.
+        let termination = match c.termination_message_path.as_deref() {
+            Some(p) if self.shared.mount_ns && p.starts_with('/') => {
+                let dir = self.pod_dir.join("termination");
+                std::fs::create_dir_all(&dir)?;
+                let file = dir.join(&c.name);
+                std::fs::write(&file, b"")?;
+                mounts.push((p.to_owned(), file.clone()));
+                Some(file)
+            }
+            _ => None,
+        };
         if self.shared.mount_ns {
             // unshare → sh (bind mounts) → exec the program: one PID throughout.
             mounts.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1223,7 +1243,7 @@ impl Run {
             wrapped.push("--".to_owned());
             wrapped.push(exe.to_string_lossy().into_owned());
             wrapped.extend(argv);
-            Ok(Launch { program: PathBuf::from("unshare"), args: wrapped, env })
+            Ok(Launch { program: PathBuf::from("unshare"), args: wrapped, env, termination })
         } else {
             // Longest mountPath first, so /a/b wins over /a.
             mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
@@ -1240,7 +1260,7 @@ impl Run {
             };
             let argv = argv.iter().map(|a| rewrite(a)).collect();
             let env = env.into_iter().map(|(k, v)| (k, rewrite(&v))).collect();
-            Ok(Launch { program: exe, args: argv, env })
+            Ok(Launch { program: exe, args: argv, env, termination })
         }
     }
 
@@ -1258,6 +1278,8 @@ struct Launch {
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The host file behind the container's terminationMessagePath.
+    termination: Option<PathBuf>,
 }
 
 /// Binds `$1` on `$2`, `$3` on `$4`, ... up to `--`, then execs the rest.
@@ -1367,6 +1389,7 @@ impl Supervisor {
                         }
                     };
                     let code = status.map(exit_code).unwrap_or(137);
+                    let message = self.termination_message(code);
                     let finished = now();
                     self.set(|c| {
                         let reason = if code == 0 { "Completed" } else { "Error" };
@@ -1376,6 +1399,9 @@ impl Supervisor {
                         c.exit_code = Some(code);
                         c.state = json!({"terminated": {"exitCode": code, "reason": reason,
                             "startedAt": started_at, "finishedAt": finished, "containerID": format!("bed://{pid}")}});
+                        if !message.is_empty() {
+                            c.state["terminated"]["message"] = json!(message);
+                        }
                     });
                     Some(code)
                 }
@@ -1424,7 +1450,11 @@ impl Supervisor {
     }
 
     fn start(&self) -> Result<tokio::process::Child, String> {
-        let Launch { program, args, env } = self.command.clone()?;
+        let Launch { program, args, env, termination } = self.command.clone()?;
+        if let Some(t) = &termination {
+            // Each run starts with an empty message, as each real container instance does.
+            std::fs::write(t, b"").map_err(|e| format!("{}: {e}", t.display()))?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1453,6 +1483,25 @@ impl Supervisor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", program.display()))
+    }
+
+    /// The container's termination message: its terminationMessagePath file (at most 4096
+    /// bytes, as the kubelet reads), or with `FallbackToLogsOnError` after a failure and an
+    /// empty file, the tail of its log.
+    fn termination_message(&self, code: i32) -> String {
+        let Ok(Launch { termination: Some(file), .. }) = &self.command else {
+            return String::new();
+        };
+        let tail = |bytes: Vec<u8>, max: usize| {
+            let start = bytes.len().saturating_sub(max);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        };
+        let mut message = std::fs::read(file).map(|b| tail(b, 4096)).unwrap_or_default();
+        let policy = self.container.termination_message_policy.as_deref();
+        if message.is_empty() && code != 0 && policy == Some("FallbackToLogsOnError") {
+            message = std::fs::read(&self.log).map(|b| tail(b, 2048)).unwrap_or_default();
+        }
+        message
     }
 
     /// Starts the probe task; it stops when `None` is sent and learns where to ask for

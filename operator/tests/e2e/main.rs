@@ -6,6 +6,7 @@
 
 mod bed;
 mod chart;
+mod daytwo;
 mod kubelet;
 mod operator;
 mod smoke;

@@ -24,12 +24,12 @@ use kube::api::{Api, ListParams};
 use crate::bed::{self, Bed, wait_for};
 
 /// Long enough for members to start, join and be promoted on two shared cores.
-const STEP_TIMEOUT: Duration = Duration::from_secs(240);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 
 static OPERATOR: OnceLock<tokio::sync::Mutex<Option<tokio::process::Child>>> = OnceLock::new();
 
 /// Starts the operator once for the whole run (it watches every namespace).
-async fn operator(bed: &Bed) {
+pub(crate) async fn operator(bed: &Bed) {
     let slot = OPERATOR.get_or_init(|| tokio::sync::Mutex::new(None));
     let mut guard = slot.lock().await;
     if guard.is_some() {
@@ -40,6 +40,8 @@ async fn operator(bed: &Bed) {
         "--server-side",
         "-f",
         concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/cluster.yaml"),
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/backup.yaml"),
     ])
     .await
     .unwrap();
@@ -47,6 +49,7 @@ async fn operator(bed: &Bed) {
         "wait",
         "--for=condition=Established",
         "crd/clusters.cairn.dev",
+        "crd/backups.cairn.dev",
         "--timeout=60s",
     ])
     .await
@@ -70,17 +73,17 @@ async fn operator(bed: &Bed) {
     eprintln!("operator: started, metrics on 127.0.0.1:{port}");
 }
 
-fn manifest(ns: &str, name: &str, replicas: u32, extra: &str) -> String {
+pub(crate) fn manifest(ns: &str, name: &str, replicas: u32, extra: &str) -> String {
     format!(
         "apiVersion: cairn.dev/v1alpha1\nkind: Cluster\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  replicas: {replicas}\n  image: registry.example/cairn:dev\n  storage: {{size: 1Gi}}\n{extra}"
     )
 }
 
-fn client_url(ns: &str, cluster: &str, ordinal: u32) -> String {
+pub(crate) fn client_url(ns: &str, cluster: &str, ordinal: u32) -> String {
     format!("http://{cluster}-{ordinal}.{cluster}-peer.{ns}.svc:2379")
 }
 
-async fn etcd(urls: &[String]) -> anyhow::Result<Etcd> {
+pub(crate) async fn etcd(urls: &[String]) -> anyhow::Result<Etcd> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(10))
@@ -88,17 +91,20 @@ async fn etcd(urls: &[String]) -> anyhow::Result<Etcd> {
     Etcd::connect(urls, Some(opts)).await.with_context(|| format!("connecting to {urls:?}"))
 }
 
-async fn status(api: &Api<Cluster>, name: &str) -> anyhow::Result<ClusterStatus> {
+pub(crate) async fn status(api: &Api<Cluster>, name: &str) -> anyhow::Result<ClusterStatus> {
     Ok(api.get(name).await?.status.unwrap_or_default())
 }
 
-fn condition<'a>(s: &'a ClusterStatus, t: &str) -> Option<&'a cairn_operator::crd::Condition> {
+pub(crate) fn condition<'a>(
+    s: &'a ClusterStatus,
+    t: &str,
+) -> Option<&'a cairn_operator::crd::Condition> {
     s.conditions.iter().find(|c| c.type_ == t)
 }
 
 /// The status once the cluster has `n` healthy voters, no learner, no change in flight, and
 /// is Available.
-async fn settled(
+pub(crate) async fn settled(
     api: &Api<Cluster>,
     name: &str,
     n: usize,
@@ -128,11 +134,11 @@ async fn sts_replicas(bed: &Bed, ns: &str, name: &str) -> anyhow::Result<i32> {
 }
 
 /// A merge patch of a Cluster (the spec edits a user makes with `kubectl patch`).
-async fn patch_spec(bed: &Bed, ns: &str, name: &str, patch: &str) {
+pub(crate) async fn patch_spec(bed: &Bed, ns: &str, name: &str, patch: &str) {
     bed.kubectl(&["patch", "cc", name, "-n", ns, "--type=merge", "-p", patch]).await.unwrap();
 }
 
-async fn events(bed: &Bed, ns: &str) -> String {
+pub(crate) async fn events(bed: &Bed, ns: &str) -> String {
     bed.kubectl(&[
         "get",
         "events",
@@ -146,7 +152,7 @@ async fn events(bed: &Bed, ns: &str) -> String {
     .unwrap_or_default()
 }
 
-async fn apply_and_settle(
+pub(crate) async fn apply_and_settle(
     bed: &Bed,
     ns: &str,
     name: &str,
