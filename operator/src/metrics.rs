@@ -75,10 +75,6 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(members.clone()))?;
         registry.register(Box::new(ready_members.clone()))?;
-        let backup_last_success = gauge(
-            "cairn_operator_backup_last_success_timestamp",
-            "Unix seconds of the newest successful backup (status.lastBackup.time).",
-        )?;
         registry.register(Box::new(has_quorum.clone()))?;
         registry.register(Box::new(backup_scheduled.clone()))?;
         registry.register(Box::new(backup_last_success.clone()))?;
