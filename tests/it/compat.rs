@@ -202,7 +202,14 @@ async fn three_member_move_leader_cases(urls: &[String]) -> Vec<Moved> {
         move_leader(&mut clients[follower], follower_id).await,
         move_leader(&mut clients[leader], follower_id).await,
     ];
-    let now = clients[follower].status().await.unwrap().leader();
+    // The new leader may still be between its election and its first status update; give
+    // it a moment rather than reading its view once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = clients[follower].status().await.unwrap().leader();
+    while now != follower_id && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = clients[follower].status().await.unwrap().leader();
+    }
     assert_eq!(now, follower_id, "leadership moved to the follower");
     cases
 }
