@@ -14,39 +14,18 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::Cairn;
+use crate::harness::{Cairn, Rng};
 
-/// A small xorshift generator with a fixed seed per test.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, max: u64) -> Vec<u8> {
-        let len = self.below(max + 1);
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// A varint value that is often an edge case.
-    fn interesting(&mut self) -> u64 {
-        match self.below(7) {
-            0 => 0,
-            1 => 1,
-            2 => u64::MAX,
-            3 => i64::MAX as u64,
-            4 => (-1i64) as u64,
-            5 => self.below(100),
-            _ => self.next(),
-        }
+/// A varint value that is often an edge case.
+fn interesting(rng: &mut Rng) -> u64 {
+    match rng.below(7) {
+        0 => 0,
+        1 => 1,
+        2 => u64::MAX,
+        3 => i64::MAX as u64,
+        4 => (-1i64) as u64,
+        5 => rng.below(100),
+        _ => rng.next(),
     }
 }
 
@@ -66,7 +45,7 @@ fn random_message(rng: &mut Rng, depth: u32) -> Vec<u8> {
         match rng.below(4) {
             0 => {
                 varint(&mut out, field << 3);
-                let v = rng.interesting();
+                let v = interesting(rng);
                 varint(&mut out, v);
             }
             1 => {

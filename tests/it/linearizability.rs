@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use crate::cluster::Cluster;
+use crate::harness::Rng;
 
 /// The checker: histories of single registers and the Wing–Gong–Lowe search.
 pub mod checker {
@@ -236,18 +237,6 @@ fn key(k: u64) -> String {
 
 fn nanos(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap()
-}
-
-/// A small xorshift generator: deterministic per client, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// The value a response carried for the key (0 when absent).

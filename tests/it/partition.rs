@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions};
 
 use crate::cluster::{self, Acked, Cluster};
-use crate::harness::{Cairn, wait_ready};
+use crate::harness::Cairn;
 use crate::linearizability::{self, History};
 
 /// Runs `ip` with `args`, panicking with its stderr when it fails.
@@ -130,7 +130,7 @@ impl Net {
 
     /// Starts an `n`-member cluster, member `i` in namespace `i`.
     pub async fn cluster(&self, extra: &[&str]) -> Cluster {
-        let mut members: Vec<Cairn> = (0..self.size)
+        let members: Vec<Cairn> = (0..self.size)
             .map(|i| {
                 let mut m = Cairn::new(&format!("m{i}"), tempfile::tempdir().unwrap(), extra);
                 m.client_url = format!("http://{}:2379", self.ip(i));
@@ -139,18 +139,7 @@ impl Net {
                 m
             })
             .collect();
-        let initial: Vec<String> =
-            members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
-        for m in &mut members {
-            m.initial_cluster = initial.join(",");
-            m.spawn_only();
-        }
-        for m in &members {
-            wait_ready(&m.client_url).await;
-        }
-        let cluster = Cluster { members, proxies: Vec::new() };
-        cluster.wait_published(self.size).await;
-        cluster
+        Cluster::start_members(members, Vec::new()).await
     }
 }
 
