@@ -2095,9 +2095,22 @@ impl HostsFile {
             out.push_str(&end);
             out.push('\n');
         }
-        // Written in place: /etc/hosts is often a bind mount that cannot be renamed over.
-        std::fs::write(&self.path, out)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+        // Replaced atomically (a resolver reading it meanwhile sees the old or the new file,
+        // never a half-written one); in place where it cannot be renamed over (a bind mount).
+        let tmp = self.path.with_file_name(format!(".hosts.cairn-bed.{}", std::process::id()));
+        let renamed = std::fs::write(&tmp, &out)
+            .and_then(|()| {
+                if let Ok(meta) = std::fs::metadata(&self.path) {
+                    std::fs::set_permissions(&tmp, meta.permissions())?;
+                }
+                std::fs::rename(&tmp, &self.path)
+            })
+            .is_ok();
+        if !renamed {
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::write(&self.path, out)
+                .with_context(|| format!("writing {}", self.path.display()))?;
+        }
         Ok(())
     }
 }
