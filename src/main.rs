@@ -153,6 +153,9 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             _ = told_removed.wait_for(|r| *r) => {}
             () = server.raft().stopped() => raft_failed = true,
         }
+        // Tasks that end with raft close their channels too, and select picks any ready
+        // branch: whatever woke it, a raft task that is already gone is the failure.
+        raft_failed |= server.raft().is_stopped();
         if let Some(task) = corrupt_check {
             task.abort();
         }

@@ -267,6 +267,11 @@ impl RaftHandle {
         matches!(tokio::time::timeout(limit, status.wait_for(|s| s.leader != 0)).await, Ok(Ok(_)))
     }
 
+    /// True once the raft task has ended.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Resolves once the raft task has ended: at shutdown, or on a fatal error it logged
     /// (a failed log write, a log that lost acknowledged entries).
     pub async fn stopped(&self) {
