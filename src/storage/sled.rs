@@ -135,14 +135,25 @@ impl SledEngine {
             let path = path.to_owned();
             move |source| Error::Io { path, source }
         };
+        // sled deletes blob files it no longer needs while this walks (a flush that
+        // supersedes them); a file gone between the listing and its open needs no sync, and
+        // the directory's own sync below makes its removal durable.
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
             let path = entry.path();
-            let kind = entry.file_type().map_err(io(&path))?;
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(io(&path)(e)),
+            };
             if kind.is_dir() {
                 Self::fsync_tree(&path)?;
             } else if kind.is_file() {
-                File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+                match File::open(&path).and_then(|f| f.sync_all()) {
+                    Err(e) if !gone(&e) => return Err(io(&path)(e)),
+                    _ => {}
+                }
             }
         }
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
