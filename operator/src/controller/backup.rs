@@ -283,11 +283,11 @@ pub fn scheduled_backup(cluster: &Cluster, now: Timestamp) -> Result<Backup> {
 }
 
 fn time(s: Option<&String>) -> Option<Timestamp> {
-    s.and_then(|s| s.parse().ok())
+    s.and_then(|s| super::parse_time(s))
 }
 
 fn created(b: &Backup) -> Option<Timestamp> {
-    b.metadata.creation_timestamp.as_ref().map(|t| t.0)
+    super::created(&b.metadata)
 }
 
 fn phase(b: &Backup) -> Option<BackupPhase> {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use super::parse_time;
 use crate::crd::{CompactionSpec, CompactionState, LastCompaction, RevisionSample};
 use crate::schedule::{Schedule, parse_duration};
 
@@ -27,10 +28,6 @@ pub struct Plan {
     pub compact_to: Option<i64>,
     /// When the next tick is due (for the requeue).
     pub next_tick: Option<Timestamp>,
-}
-
-fn parse_time(s: &str) -> Option<Timestamp> {
-    s.parse().ok()
 }
 
 fn minus(t: Timestamp, d: Duration) -> Timestamp {

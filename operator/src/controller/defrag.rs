@@ -39,7 +39,7 @@ pub fn due(
     }
     if let Some(s) = &spec.schedule {
         let schedule = Schedule::parse(s)?;
-        let last = state.last_tick.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+        let last = state.last_tick.as_deref().and_then(super::parse_time);
         if last.is_none_or(|t| schedule.next_after(t).is_some_and(|n| n <= now)) {
             return Ok(Some(format!("schedule {s}")));
         }

@@ -85,6 +85,18 @@ impl Context {
     }
 }
 
+/// An RFC 3339 time as status fields hold it.
+pub(crate) fn parse_time(s: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    s.parse().ok()
+}
+
+/// When an object was created.
+pub(crate) fn created(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<k8s_openapi::jiff::Timestamp> {
+    meta.creation_timestamp.as_ref().map(|t| t.0)
+}
+
 /// Requeue delay after a failed pass: short for transient store errors, longer for API
 /// errors, long for a spec the user must fix (a spec edit triggers a pass anyway).
 pub fn error_policy(c: Arc<Cluster>, error: &Error, _ctx: Arc<Context>) -> Action {

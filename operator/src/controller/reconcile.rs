@@ -27,7 +27,7 @@ use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use super::{backup, compaction, defrag, restore};
+use super::{backup, compaction, created, defrag, parse_time, restore};
 use crate::crd::{
     Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
     DefragRun, DefragSpec, DefragState, LastBackup, LastCompaction, MemberDefrag, MemberStatus,
@@ -93,14 +93,6 @@ async fn publish(
 
 fn ordinal_of_pod(cluster: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
-}
-
-fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Timestamp> {
-    meta.creation_timestamp.as_ref().map(|t| t.0)
-}
-
-fn parse_time(s: &str) -> Option<Timestamp> {
-    s.parse().ok()
 }
 
 fn plus(t: Timestamp, d: Duration) -> Timestamp {
@@ -326,7 +318,7 @@ impl<'a> Pass<'a> {
         let mut target = self.old.target.clone();
         let mut deadline_exceeded = false;
         if let Some(t) = &target {
-            let past = t.deadline.parse::<Timestamp>().map_or(true, |d| d < self.now);
+            let past = parse_time(&t.deadline).is_none_or(|d| d < self.now);
             if past && t.replicas != spec_replicas && t.replacing.is_none() {
                 target = None;
             } else {
@@ -992,7 +984,7 @@ impl<'a> Pass<'a> {
                 }
             }
         }
-        let last_done = last.as_ref().and_then(|l| l.time.parse::<Timestamp>().ok());
+        let last_done = last.as_ref().and_then(|l| parse_time(&l.time));
         let last_failure = mine
             .iter()
             .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed))
