@@ -146,16 +146,15 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
             },
         ));
         let mut removed = server.removed();
-        let mut raft_failed = false;
         tokio::select! {
             () = shutdown_signal() => {}
             _ = removed.wait_for(|r| *r) => {}
             _ = told_removed.wait_for(|r| *r) => {}
-            () = server.raft().stopped() => raft_failed = true,
+            () = server.raft().stopped() => {}
         }
-        // Tasks that end with raft close their channels too, and select picks any ready
-        // branch: whatever woke it, a raft task that is already gone is the failure.
-        raft_failed |= server.raft().is_stopped();
+        // Whatever woke the wait (select picks any ready branch), a raft task that is
+        // already gone is the failure.
+        let raft_failed = server.raft().is_stopped();
         if let Some(task) = corrupt_check {
             task.abort();
         }

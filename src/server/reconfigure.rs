@@ -51,12 +51,11 @@ impl Server {
             if learners >= self.cfg.raw.max_learners {
                 return Err(MemberError::TooManyLearners.into());
             }
-        } else {
+        } else if members.iter().filter(|m| !m.is_learner).count() > 1 {
+            // etcd's one exception: a voter may always join a one-member cluster (how a
+            // cluster restored from a snapshot or `--force-new-cluster` grows back).
             ready_to_add_voter(&members, false)?;
-            // A voter may join a one-member cluster whatever it hears (etcd's exception).
-            if members.iter().filter(|m| !m.is_learner).count() > 1 {
-                self.quorum_stays_after(|voters, active| (voters + 1, active)).await?;
-            }
+            self.quorum_stays_after(|voters, active| (voters + 1, active)).await?;
         }
         // etcd derives an added member's id from its URLs and the time of the request.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -338,17 +337,13 @@ async fn publish(server: Arc<Server>) {
 
 /// etcd's check before a voter joins (`IsReadyToAddVotingMember`, or with `promoting`
 /// `IsReadyToPromoteMember`): the started voters (those that published their name), counting
-/// a promoted learner as started, must be a quorum of the voters after the change. A voter
-/// may always join a one-member cluster (how a cluster restored from a snapshot or
-/// `--force-new-cluster` grows back). Counting started members, not recently heard ones, as
-/// etcd does, keeps a loaded but healthy cluster from refusing a change.
+/// a promoted learner as started, must be a quorum of the voters after the change. Counting
+/// started members, not recently heard ones, as etcd does, keeps a loaded but healthy
+/// cluster from refusing a change.
 fn ready_to_add_voter(members: &[Member], promoting: bool) -> Result<(), Error> {
     let voters: Vec<&Member> = members.iter().filter(|m| !m.is_learner).collect();
     let started = voters.iter().filter(|m| !m.name.is_empty()).count() + usize::from(promoting);
     let after = voters.len() + 1;
-    if !promoting && started == 1 && after == 2 {
-        return Ok(());
-    }
     if started < after / 2 + 1 {
         return Err(MemberError::NotEnoughStarted.into());
     }

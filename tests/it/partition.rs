@@ -194,12 +194,6 @@ impl Load {
     }
 }
 
-/// How long the cluster made no progress: the time until a write through `endpoints`
-/// succeeds.
-async fn writable_after(endpoints: Vec<String>) -> Duration {
-    cluster::time_until_writable(&endpoints).await
-}
-
 /// A linearizable read through `url` must not answer while the member is cut off from a
 /// quorum (it fails or times out).
 async fn assert_no_linearizable_read(url: &str) {
@@ -223,7 +217,7 @@ async fn an_isolated_leader_steps_down_and_the_majority_elects_and_writes_on() {
     net.isolate(old);
     let others: Vec<String> =
         (0..3).filter(|i| *i != old).map(|i| cluster.members[i].client_url.clone()).collect();
-    let gap = writable_after(others).await;
+    let gap = cluster::time_until_writable(&others).await;
     eprintln!("PARTITION isolated leader: writes resumed after {gap:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut c = cluster.members[old].client().await;
@@ -248,12 +242,12 @@ async fn five_members_split_two_three_then_one_two_two_and_heal() {
     // 2/3: the side of three writes; the side of two cannot read linearizably.
     net.split(&[0, 1], &[2, 3, 4]);
     let majority: Vec<String> = (2..5).map(|i| cluster.members[i].client_url.clone()).collect();
-    let gap = writable_after(majority).await;
+    let gap = cluster::time_until_writable(&majority).await;
     eprintln!("PARTITION 2/3: the majority wrote after {gap:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_no_linearizable_read(&cluster.members[0].client_url).await;
     net.heal();
-    let gap = writable_after(cluster.endpoints()).await;
+    let gap = cluster::time_until_writable(&cluster.endpoints()).await;
     eprintln!("PARTITION 2/3 healed: writable after {gap:?}");
 
     // 1/2/2: no side has a quorum, so nothing may be written anywhere.
@@ -264,7 +258,7 @@ async fn five_members_split_two_three_then_one_two_two_and_heal() {
         assert_no_linearizable_read(&cluster.members[side].client_url).await;
     }
     net.heal();
-    let gap = writable_after(cluster.endpoints()).await;
+    let gap = cluster::time_until_writable(&cluster.endpoints()).await;
     eprintln!("PARTITION 1/2/2 healed: writable after {gap:?}");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     load.finish(&mut cluster).await;
@@ -283,7 +277,7 @@ async fn a_member_that_sees_both_sides_keeps_the_cluster_writing_and_flapping_li
     let cut_off = (leader + 1) % 3;
     net.cut(leader, cut_off);
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    let gap = writable_after(cluster.endpoints()).await;
+    let gap = cluster::time_until_writable(&cluster.endpoints()).await;
     eprintln!("PARTITION bridge: writable after {gap:?} (3 s into the cut)");
     net.heal();
 
@@ -295,7 +289,7 @@ async fn a_member_that_sees_both_sides_keeps_the_cluster_writing_and_flapping_li
         net.heal();
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    let gap = writable_after(cluster.endpoints()).await;
+    let gap = cluster::time_until_writable(&cluster.endpoints()).await;
     eprintln!("PARTITION flapping healed: writable after {gap:?}");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     load.finish(&mut cluster).await;
