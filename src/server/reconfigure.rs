@@ -184,6 +184,9 @@ impl Server {
         f: impl Fn(usize, usize) -> (usize, usize),
     ) -> Result<(), Error> {
         for _ in 0..4 {
+            if !self.raft.is_leader() {
+                break; // only the leader's view counts; a lost leadership is not a pass
+            }
             if self.check_quorum_after(&f).is_ok() {
                 return Ok(());
             }
