@@ -182,6 +182,19 @@ pub struct Config {
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
     pub listen_metrics_urls: String,
 
+    /// Specify a v3 authentication token type and its options ('simple' or 'jwt').
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// Time (in seconds) of the auth-token-ttl.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
+    /// Specify the cost / strength of the bcrypt algorithm for hashing auth passwords.
+    /// Valid values are between 4 and 31.
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
+
     /// Client TLS flags.
     #[command(flatten)]
     pub tls: TlsFlags,
@@ -660,6 +673,17 @@ impl Config {
             })?;
         let corrupt_check_interval =
             (!corrupt_check_interval.is_zero()).then_some(corrupt_check_interval);
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(bad("bcrypt-cost", &self.bcrypt_cost, "must be between 4 and 31"));
+        }
+        if self.auth_token != "simple" {
+            // etcd's other token provider, jwt (with its sign-method/key options), is not
+            // implemented: refusing it is better than silently issuing simple tokens.
+            return Err(bad("auth-token", &self.auth_token, "only 'simple' is supported"));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(bad("auth-token-ttl", &self.auth_token_ttl, "must be positive"));
+        }
         Ok(Validated {
             raw: self.clone(),
             data_dir,

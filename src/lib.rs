@@ -10,6 +10,8 @@
 //! - [`mvcc`]: the revisioned keyspace: range, put, delete, txn, compaction.
 //! - [`lease`]: leases: replicated lessor state and the leader's expiry clock (knows only
 //!   storage).
+//! - [`auth`]: users, roles, range permissions, the auth revision and simple tokens (knows
+//!   only storage).
 //! - [`raft`]: the raft-rs owner task and its durable, fdatasynced log.
 //! - [`apply`]: applies committed entries in order, atomically with the applied index; one
 //!   op router with a chain of wrapper appliers.
@@ -24,6 +26,7 @@
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
 
 pub mod apply;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod gateway;

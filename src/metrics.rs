@@ -212,6 +212,9 @@ pub struct ServerMetrics {
     pub proposals_pending: IntGauge,
     /// Proposals that failed (dropped for want of a leader, timed out, raft stopped).
     pub proposals_failed_total: IntCounter,
+    /// Authenticate calls refused for a wrong password, an unknown user or a user without
+    /// password (Cairn's own; etcd has none).
+    pub auth_failures_total: IntCounter,
     /// The backend quota in bytes.
     pub quota_backend_bytes: IntGauge,
     /// 1 for this member's id in hex (`server_id` label).
@@ -422,6 +425,10 @@ impl Metrics {
             proposals_failed_total: b.counter(
                 "etcd_server_proposals_failed_total",
                 "The total number of failed proposals seen.",
+            )?,
+            auth_failures_total: b.counter(
+                "cairn_server_auth_failures_total",
+                "The total number of failed authentications (wrong password, unknown user or a user without password).",
             )?,
             quota_backend_bytes: b.gauge(
                 "etcd_server_quota_backend_bytes",

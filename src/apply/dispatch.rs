@@ -36,6 +36,7 @@ use cairn_proto::internal::internal_request::Op;
 
 use super::members::Members;
 use super::{ApplyResult, Error, Response, convert};
+use crate::auth::{self, AuthStore};
 use crate::lease::{LeaseId, Lessor};
 use crate::mvcc::{self, LeaseLookup, WriteTxn};
 
@@ -48,6 +49,10 @@ pub struct Ctx<'a, 'txn> {
     pub leases: &'a Lessor,
     /// The member records.
     pub members: &'a mut Members,
+    /// Users, roles, permissions and the simple tokens.
+    pub auth: &'a AuthStore,
+    /// The raft index of the entry being applied (names the simple token it assigns).
+    pub index: u64,
 }
 
 /// One link of the applier chain (see the module docs for how to add one).
@@ -144,12 +149,121 @@ fn txn_puts(txn: &TxnRequest) -> bool {
     puts(&txn.success) || puts(&txn.failure)
 }
 
+/// What the auth wrapper checks before a request applies (etcd's authApplierV3).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Needs<'a> {
+    /// Nothing: Authenticate, lease grants and checkpoints, compactions, alarms and member
+    /// records, which etcd does not check at apply.
+    Nothing,
+    /// The `root` role: auth management, status and listings.
+    Admin,
+    /// UserGet: the `root` role, or being that user.
+    UserGet(&'a str),
+    /// RoleGet: the `root` role, or holding that role.
+    RoleGet(&'a str),
+    /// Access to key ranges (`key`, `range_end` with etcd's conventions), and write access
+    /// to every key attached to each lease named (a put's lease, a revoked lease).
+    Keys {
+        /// The ranges read or written.
+        ranges: Vec<(auth::Access, &'a [u8], &'a [u8])>,
+        /// Leases whose attached keys must be writable.
+        leases: Vec<i64>,
+    },
+}
+
+/// Classifies `req` for the auth wrapper.
+pub fn needs(req: &InternalRequest) -> Needs<'_> {
+    use auth::Access::{Read, Write};
+    let mut ranges = Vec::new();
+    let mut leases = Vec::new();
+    match &req.op {
+        Some(Op::Put(p)) => {
+            ranges.push((Write, p.key.as_slice(), &[][..]));
+            if p.prev_kv {
+                ranges.push((Read, p.key.as_slice(), &[][..]));
+            }
+            if p.lease != 0 {
+                leases.push(p.lease);
+            }
+        }
+        Some(Op::DeleteRange(d)) => {
+            ranges.push((Write, d.key.as_slice(), d.range_end.as_slice()));
+            if d.prev_kv {
+                ranges.push((Read, d.key.as_slice(), d.range_end.as_slice()));
+            }
+        }
+        Some(Op::Txn(t)) => txn_ranges(t, &mut ranges),
+        Some(Op::LeaseRevoke(r)) => leases.push(r.id),
+        Some(Op::UserGet(u)) => return Needs::UserGet(&u.name),
+        Some(Op::RoleGet(r)) => return Needs::RoleGet(&r.role),
+        Some(
+            Op::AuthEnable(_)
+            | Op::AuthDisable(_)
+            | Op::AuthStatus(_)
+            | Op::UserAdd(_)
+            | Op::UserList(_)
+            | Op::UserDelete(_)
+            | Op::UserChangePassword(_)
+            | Op::UserGrantRole(_)
+            | Op::UserRevokeRole(_)
+            | Op::RoleAdd(_)
+            | Op::RoleList(_)
+            | Op::RoleDelete(_)
+            | Op::RoleGrantPermission(_)
+            | Op::RoleRevokePermission(_),
+        ) => return Needs::Admin,
+        Some(
+            Op::Authenticate(_)
+            | Op::Compaction(_)
+            | Op::LeaseGrant(_)
+            | Op::LeaseCheckpoint(_)
+            | Op::MemberUpdate(_)
+            | Op::MemberPublish(_)
+            | Op::Alarm(_),
+        )
+        | None => return Needs::Nothing,
+    }
+    Needs::Keys { ranges, leases }
+}
+
+/// The ranges a txn reads (its compares, ranges and `prev_kv` deletes) and writes, in both
+/// branches and nested txns (etcd's checkTxnAuth).
+fn txn_ranges<'a>(t: &'a TxnRequest, out: &mut Vec<(auth::Access, &'a [u8], &'a [u8])>) {
+    use auth::Access::{Read, Write};
+    for c in &t.compare {
+        out.push((Read, c.key.as_slice(), c.range_end.as_slice()));
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                out.push((Read, r.key.as_slice(), r.range_end.as_slice()));
+            }
+            Some(request_op::Request::RequestPut(p)) => {
+                out.push((Write, p.key.as_slice(), &[][..]));
+                if p.prev_kv {
+                    out.push((Read, p.key.as_slice(), &[][..]));
+                }
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                out.push((Write, d.key.as_slice(), d.range_end.as_slice()));
+                if d.prev_kv {
+                    out.push((Read, d.key.as_slice(), d.range_end.as_slice()));
+                }
+            }
+            Some(request_op::Request::RequestTxn(inner)) => txn_ranges(inner, out),
+            None => {}
+        }
+    }
+}
+
 /// The base applier: routes `req`'s op to the state machine that owns it.
 ///
 /// # Errors
 /// The state machines' refusals; [`super::ConvertError::EmptyOp`] for a request without op.
 pub fn base(ctx: &mut Ctx<'_, '_>, req: InternalRequest) -> ApplyResult {
-    let Ctx { txn, leases, members } = ctx;
+    let Ctx { txn, leases, members, auth, index } = ctx;
+    let auth: &AuthStore = auth;
+    let index = *index;
     let leases: &Lessor = leases;
     let lookup = Leases(leases);
     match req.op {
@@ -189,6 +303,64 @@ pub fn base(ctx: &mut Ctx<'_, '_>, req: InternalRequest) -> ApplyResult {
         }
         Some(Op::MemberPublish(m)) => members.publish_member(txn.batch_mut(), m.into()),
         Some(Op::MemberUpdate(u)) => members.update_member(txn.batch_mut(), u.id, u.peer_ur_ls),
+        Some(Op::AuthEnable(_)) => {
+            auth.enable(txn.batch_mut())?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::AuthDisable(_)) => {
+            auth.disable(txn.batch_mut());
+            Ok(Response::AuthDone)
+        }
+        Some(Op::AuthStatus(_)) => {
+            Ok(Response::AuthStatus { enabled: auth.is_enabled(), revision: auth.revision() })
+        }
+        Some(Op::Authenticate(a)) => {
+            auth.check_authenticate(&a.name)?;
+            let token = format!("{}.{}", a.simple_token, index);
+            auth.tokens().assign(token.clone(), &a.name);
+            Ok(Response::AuthToken(token))
+        }
+        Some(Op::UserAdd(u)) => {
+            let no_password = u.options.is_some_and(|o| o.no_password);
+            auth.user_add(txn.batch_mut(), &u.name, u.hashed_password.as_bytes(), no_password)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::UserGet(u)) => Ok(Response::Names(auth.user_get(&u.name)?)),
+        Some(Op::UserList(_)) => Ok(Response::Names(auth.user_list())),
+        Some(Op::UserDelete(u)) => {
+            auth.user_delete(txn.batch_mut(), &u.name)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::UserChangePassword(u)) => {
+            auth.user_change_password(txn.batch_mut(), &u.name, u.hashed_password.as_bytes())?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::UserGrantRole(g)) => {
+            auth.user_grant_role(txn.batch_mut(), &g.user, &g.role)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::UserRevokeRole(r)) => {
+            auth.user_revoke_role(txn.batch_mut(), &r.name, &r.role)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::RoleAdd(r)) => {
+            auth.role_add(txn.batch_mut(), &r.name)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::RoleGet(r)) => Ok(Response::Permissions(auth.role_get(&r.role)?)),
+        Some(Op::RoleList(_)) => Ok(Response::Names(auth.role_list())),
+        Some(Op::RoleDelete(r)) => {
+            auth.role_delete(txn.batch_mut(), &r.role)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::RoleGrantPermission(g)) => {
+            auth.role_grant_permission(txn.batch_mut(), &g.name, g.perm)?;
+            Ok(Response::AuthDone)
+        }
+        Some(Op::RoleRevokePermission(r)) => {
+            auth.role_revoke_permission(txn.batch_mut(), &r.role, &r.key, &r.range_end)?;
+            Ok(Response::AuthDone)
+        }
         // Alarm requests belong to the alarm wrapper (`alarm.rs`), which never hands them on.
         Some(Op::Alarm(_)) => Err(Error::NoApplier { op: "alarm" }),
         None => Err(Error::Convert(convert::ConvertError::EmptyOp)),

@@ -14,7 +14,9 @@
 //! Files: this one runs the loop (grouping entries into write transactions, committing,
 //! checkpoints, snapshot export and install); [`dispatch`] is the router, the one place an
 //! op is matched, with its chain of wrapper appliers (quota, auth, alarms add one wrapper
-//! each); [`alarm`] is the alarm wrapper (raised alarms, NOSPACE and CORRUPT refusals); [`members`] holds the member records and applies membership changes to them;
+//! each); [`alarm`] is the alarm wrapper (raised alarms, NOSPACE and CORRUPT refusals);
+//! [`auth`] is the auth wrapper (the caller's permissions for every key a request reads or
+//! writes, the root role for auth management); [`members`] holds the member records and applies membership changes to them;
 //! `wait` pairs results with proposers; [`convert`] turns etcd request messages into mvcc's
 //! domain requests.
 //!
@@ -25,6 +27,7 @@
 //! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
 
 pub mod alarm;
+pub mod auth;
 pub mod convert;
 pub mod dispatch;
 pub mod members;
@@ -42,6 +45,7 @@ use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
 
 pub use self::alarm::{AlarmWrapper, Alarms};
+pub use self::auth::AuthWrapper;
 pub use self::convert::ConvertError;
 pub use self::dispatch::{Ctx, Kind, Next, Wrapper};
 pub use self::members::{Member, Members};
@@ -76,6 +80,9 @@ pub enum Error {
     /// A CORRUPT alarm is raised: no write is applied.
     #[error("corrupt cluster")]
     Corrupt,
+    /// The auth store refused the request (etcd's auth errors).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
     /// The op is served by a wrapper applier that is not installed.
     #[error("no applier for {op} requests is installed")]
     NoApplier {
@@ -119,6 +126,21 @@ pub enum Response {
     Alarms(Vec<alarm::Alarm>),
     /// A membership change was applied; the members after it.
     Members(Vec<Member>),
+    /// An auth change was applied.
+    AuthDone,
+    /// Whether auth is enabled, and the auth revision.
+    AuthStatus {
+        /// Auth is enabled.
+        enabled: bool,
+        /// The auth revision.
+        revision: u64,
+    },
+    /// The simple token an `Authenticate` assigned.
+    AuthToken(String),
+    /// Names: a user's roles, every user, or every role.
+    Names(Vec<String>),
+    /// A role's permissions.
+    Permissions(Vec<cairn_proto::authpb::Permission>),
 }
 
 /// What the proposer of an entry receives.
@@ -200,6 +222,8 @@ pub struct StateMachine {
     pub engine: Arc<dyn Engine>,
     /// The raised alarms (the alarm wrapper applies and enforces them).
     pub alarms: Alarms,
+    /// Users, roles and permissions (the auth wrapper enforces them).
+    pub auth: crate::auth::AuthStore,
 }
 
 /// What apply tells the rest of the member: results, progress, membership and snapshots.
@@ -386,6 +410,9 @@ impl Applier {
             })
             .and_then(|()| attach_leased_keys(&sm.kv, &sm.leases))
             .and_then(|()| sm.alarms.reload(sm.engine.as_ref()).map_err(mvcc::Error::from))
+            .and_then(|()| {
+                sm.auth.reload(sm.engine.as_ref()).map_err(|e| mvcc::Error::Corrupt(e.to_string()))
+            })
             .and_then(|()| members::load(sm.engine.as_ref()));
         match installed {
             Ok(members) => {
@@ -438,6 +465,8 @@ impl Applier {
                                 txn: &mut txn,
                                 leases: &self.state.leases,
                                 members: &mut self.members,
+                                auth: &self.state.auth,
+                                index: entry.index,
                             };
                             let res = self.router.apply(&mut ctx, req);
                             group.results.push((id, res));
@@ -569,7 +598,17 @@ mod tests {
             on_snapshot: Arc::new(|_, _| {}),
         };
         let a = Applier::new(
-            StateMachine { kv, leases, engine: engine.clone(), alarms: Alarms::default() },
+            StateMachine {
+                kv,
+                leases,
+                engine: engine.clone(),
+                alarms: Alarms::default(),
+                auth: crate::auth::AuthStore::load(
+                    engine.as_ref(),
+                    std::time::Duration::from_secs(60),
+                )
+                .unwrap(),
+            },
             1000,
             hooks,
         );
@@ -649,7 +688,9 @@ mod tests {
         e.set_entry_type(EntryType::EntryNormal);
         e.index = index;
         e.term = 1;
-        e.data = cairn_proto::internal::InternalRequest { id, op: Some(op) }.encode_to_vec().into();
+        e.data = cairn_proto::internal::InternalRequest { id, op: Some(op), auth: None }
+            .encode_to_vec()
+            .into();
         e
     }
 

@@ -26,8 +26,8 @@ pub use self::ops::{Member, MemberProbe};
 pub use self::routes::Gateway;
 use crate::config::GRPC_OVERHEAD_BYTES;
 use crate::grpc::{
-    ClusterService, ElectionService, KvService, LeaseService, LockService, MaintenanceService,
-    WatchService,
+    AuthService, ClusterService, ElectionService, KvService, LeaseService, LockService,
+    MaintenanceService, WatchService,
 };
 use crate::metrics;
 use crate::server::Server;
@@ -47,6 +47,7 @@ pub fn router(server: &Arc<Server>) -> axum::Router {
         .watch(WatchService::new(server.clone()))
         .cluster(ClusterService::new(server.clone()))
         .maintenance(MaintenanceService::new(server.clone()))
+        .auth(AuthService::new(server.clone()))
         .lock(LockService::new(server.clone()))
         .election(ElectionService::new(server.clone()))
         .into_router()

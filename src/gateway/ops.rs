@@ -95,6 +95,14 @@ impl Member for MemberProbe {
             ..Default::default()
         };
         match tokio::time::timeout(self.timeout, self.kv.range(tonic::Request::new(req))).await {
+            // With auth on, an anonymous read is refused after the member served it: the
+            // member is healthy (etcd ignores ErrUserEmpty and ErrPermissionDenied here).
+            Ok(Err(s))
+                if s.code() == tonic::Code::PermissionDenied
+                    || s.message() == crate::grpc::status::msg::USER_EMPTY =>
+            {
+                Ok(())
+            }
             Ok(res) => res.map(|_| ()),
             Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
         }

@@ -4,8 +4,7 @@
 //! `Unimplemented` ("unknown service ...", as grpc-go answers for a service that is not
 //! registered). Each service method (`kv`, `watch`, `lease`, `cluster`, `maintenance`) takes
 //! any impl of the tonic-generated trait and claims that service's paths, so wiring a new
-//! service is one line where the gateway is composed (`gateway::router`). Auth gets a
-//! method of the same shape when Cairn serves it.
+//! service is one line where the gateway is composed (`gateway::router`).
 //!
 //! Calls go straight to the trait impl, the same code gRPC clients reach, and are counted in
 //! the `grpc_server_*` metrics as etcd counts its gateway's loopback gRPC calls.
@@ -18,8 +17,8 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::routing::post;
 use cairn_proto::etcdserverpb::{
-    cluster_server::Cluster, kv_server::Kv, lease_server::Lease, maintenance_server::Maintenance,
-    watch_server::Watch,
+    auth_server::Auth, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
+    maintenance_server::Maintenance, watch_server::Watch,
 };
 use cairn_proto::v3electionpb::election_server::Election;
 use cairn_proto::v3lockpb::lock_server::Lock;
@@ -341,6 +340,37 @@ impl Gateway {
             |s, r| async move { s.move_leader(r).await },
         );
         self.unary("/maintenance/downgrade", &s, |s, r| async move { s.downgrade(r).await });
+        self
+    }
+
+    /// Serves etcd's auth paths with `svc`.
+    pub fn auth<S: Auth>(mut self, svc: S) -> Self {
+        let s = Arc::new(svc);
+        self.unary("/auth/enable", &s, |s, r| async move { s.auth_enable(r).await });
+        self.unary("/auth/disable", &s, |s, r| async move { s.auth_disable(r).await });
+        self.unary("/auth/status", &s, |s, r| async move { s.auth_status(r).await });
+        self.unary("/auth/authenticate", &s, |s, r| async move { s.authenticate(r).await });
+        self.unary("/auth/user/add", &s, |s, r| async move { s.user_add(r).await });
+        self.unary("/auth/user/get", &s, |s, r| async move { s.user_get(r).await });
+        self.unary("/auth/user/list", &s, |s, r| async move { s.user_list(r).await });
+        self.unary("/auth/user/delete", &s, |s, r| async move { s.user_delete(r).await });
+        self.unary(
+            "/auth/user/changepw",
+            &s,
+            |s, r| async move { s.user_change_password(r).await },
+        );
+        self.unary("/auth/user/grant", &s, |s, r| async move { s.user_grant_role(r).await });
+        self.unary("/auth/user/revoke", &s, |s, r| async move { s.user_revoke_role(r).await });
+        self.unary("/auth/role/add", &s, |s, r| async move { s.role_add(r).await });
+        self.unary("/auth/role/get", &s, |s, r| async move { s.role_get(r).await });
+        self.unary("/auth/role/list", &s, |s, r| async move { s.role_list(r).await });
+        self.unary("/auth/role/delete", &s, |s, r| async move { s.role_delete(r).await });
+        self.unary("/auth/role/grant", &s, |s, r| async move { s.role_grant_permission(r).await });
+        self.unary(
+            "/auth/role/revoke",
+            &s,
+            |s, r| async move { s.role_revoke_permission(r).await },
+        );
         self
     }
 

@@ -31,6 +31,12 @@ impl ClusterService {
     /// A client of the leader's Cluster service when this member is a follower that knows
     /// the leader; `None` on the leader. Membership changes run on the leader: only it knows
     /// which members are active (the strict reconfiguration check) and how far a learner is.
+    /// Refuses a caller without the `root` role while auth is on (etcd's
+    /// checkMembershipOperationPermission; MemberList is open to everyone).
+    async fn admin(&self) -> Result<(), Status> {
+        self.server.check_admin().await.map_err(status::from_server)
+    }
+
     async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
         let leader = self.server.await_leader().await;
         if self.server.is_leader() || leader == 0 {
@@ -56,6 +62,19 @@ impl ClusterService {
     }
 }
 
+/// A request to forward to the leader, carrying the caller's token so the leader checks
+/// the same user.
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(token) = crate::server::current_caller()
+        .and_then(|c| c.token)
+        .and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok())
+    {
+        req.metadata_mut().insert("token", token);
+    }
+    req
+}
+
 fn members(list: &[Member]) -> Vec<pb::Member> {
     list.iter().map(pb::Member::from).collect()
 }
@@ -67,8 +86,9 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
         let r = request.into_inner();
+        self.admin().await?;
         if let Some(mut leader) = self.leader_client().await? {
-            return leader.member_add(r).await;
+            return leader.member_add(forwarded(r)).await;
         }
         let (member, after) = self
             .server
@@ -87,8 +107,9 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         let id = request.into_inner().id;
+        self.admin().await?;
         if let Some(mut leader) = self.leader_client().await? {
-            return leader.member_remove(pb::MemberRemoveRequest { id }).await;
+            return leader.member_remove(forwarded(pb::MemberRemoveRequest { id })).await;
         }
         let after = self.server.member_remove(id).await.map_err(status::from_server)?;
         Ok(Response::new(pb::MemberRemoveResponse {
@@ -102,6 +123,7 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
         let r = request.into_inner();
+        self.admin().await?;
         let after =
             self.server.member_update(r.id, r.peer_ur_ls).await.map_err(status::from_server)?;
         Ok(Response::new(pb::MemberUpdateResponse {
@@ -128,6 +150,7 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         let id = request.into_inner().id;
+        self.admin().await?;
         match self.server.member_promote(id).await {
             Ok(after) => Ok(Response::new(pb::MemberPromoteResponse {
                 header: convert::current_header(&self.server),
@@ -136,7 +159,9 @@ impl Cluster for ClusterService {
             // Only the leader knows whether the learner caught up: ask it (etcd forwards
             // promotions to the leader too).
             Err(crate::server::Error::NotLeader { .. }) => match self.leader_client().await? {
-                Some(mut leader) => leader.member_promote(pb::MemberPromoteRequest { id }).await,
+                Some(mut leader) => {
+                    leader.member_promote(forwarded(pb::MemberPromoteRequest { id })).await
+                }
                 None => Err(status::from_server(crate::server::Error::NoLeader)),
             },
             Err(e) => Err(status::from_server(e)),

@@ -23,6 +23,12 @@ impl MaintenanceService {
     pub fn new(server: Arc<Server>) -> Self {
         Self { server }
     }
+
+    /// Refuses a caller without the `root` role while auth is on (etcd's
+    /// authMaintenanceServer guards Defragment, Hash, HashKV and Snapshot).
+    async fn admin(&self) -> Result<(), Status> {
+        self.server.check_admin().await.map_err(super::status::from_server)
+    }
 }
 
 /// A stream fed by a task through a small channel (the task stops when the client leaves).
@@ -104,6 +110,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.admin().await?;
         self.server.defragment().await.map_err(super::status::from_server)?;
         Ok(Response::new(pb::DefragmentResponse { header: convert::current_header(&self.server) }))
     }
@@ -112,6 +119,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        self.admin().await?;
         let (hash, revision) = self.server.hash().await.map_err(super::status::from_server)?;
         Ok(Response::new(pb::HashResponse {
             header: convert::header(self.server.header(), revision),
@@ -123,6 +131,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.admin().await?;
         let (hash, compact_revision, hash_revision) =
             self.server.hash_kv(request.get_ref().revision).map_err(super::status::from_server)?;
         Ok(Response::new(pb::HashKvResponse {
@@ -143,6 +152,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.admin().await?;
         let mut snap = self.server.snapshot().await.map_err(super::status::from_server)?;
         let mut header = convert::header(self.server.header(), snap.header.revision);
         let mut remaining = snap.size_hint;

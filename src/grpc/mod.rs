@@ -7,10 +7,12 @@
 //! (`peer/`) is the exception DESIGN names: it implements raft's `Transport` and steps
 //! inbound messages into raft. DESIGN's single `peer.rs` is the `peer/` folder: transport
 //! client, peer service, leader forwarding and join calls, one file each. Lock and Election
-//! (`lock.rs`, `election.rs`) are thin shells over the server's concurrency recipes. The
-//! service Cairn does not serve yet (Auth) is not registered, so clients get gRPC's
-//! `Unimplemented` for it rather than a fake answer.
+//! (`lock.rs`, `election.rs`) are thin shells over the server's concurrency recipes.
+//! `auth.rs` is etcd's Auth service; `caller.rs` runs every client request (gRPC and the
+//! gateway sharing the port) as its caller, the token and certificate CN it carries.
 
+mod auth;
+mod caller;
 mod cluster;
 pub mod convert;
 pub mod corrupt;
@@ -31,8 +33,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cairn_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use cairn_proto::v3electionpb::election_server::ElectionServer;
 use cairn_proto::v3lockpb::lock_server::LockServer;
@@ -41,6 +43,8 @@ use tonic::server::NamedService;
 
 pub use self::tls::{Acceptor, Listener};
 
+pub use self::auth::AuthService;
+pub use self::caller::CallerLayer;
 pub use self::cluster::ClusterService;
 pub use self::election::ElectionService;
 pub use self::kv::KvService;
@@ -136,6 +140,7 @@ pub async fn serve(
         // The gateway and /metrics answer plain HTTP/1.1 clients (curl) too.
         .accept_http1(true)
         .layer(MetricsLayer)
+        .layer(CallerLayer)
         .add_routes(tonic::service::Routes::from(http))
         .add_service(metered(
             KvServer::new(KvService::new(server.clone()))
@@ -161,6 +166,9 @@ pub async fn serve(
         .add_service(metered(
             ElectionServer::new(ElectionService::new(server.clone()))
                 .max_decoding_message_size(max_recv),
+        ))
+        .add_service(metered(
+            AuthServer::new(AuthService::new(server.clone())).max_decoding_message_size(max_recv),
         ))
         .add_service(metered(
             ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),

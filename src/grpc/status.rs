@@ -60,6 +60,8 @@ pub mod msg {
         "etcdserver: the member has been permanently removed from the cluster";
     /// MoveLeader to a member that cannot lead.
     pub const BAD_LEADER_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+    /// A request without a user while auth is enabled.
+    pub const USER_EMPTY: &str = "etcdserver: user name is empty";
     /// MoveLeader whose transfer did not finish in time.
     pub const LEADER_TRANSFER_TIMEOUT: &str =
         "etcdserver: request timed out, leader transfer took too long";
@@ -104,10 +106,37 @@ pub fn from_server(e: server::Error) -> Status {
             tracing::error!(error = %e, "storage failure serving a request");
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
+        E::Auth(e) => from_auth(e),
         e @ (E::Internal(_) | E::Startup(_)) => {
             Status::new(Code::Internal, format!("etcdserver: {e}"))
         }
     }
+}
+
+/// Maps an auth refusal to etcd's status (codes as rpctypes' ErrGRPC* auth errors).
+pub fn from_auth(e: crate::server::AuthError) -> Status {
+    use crate::server::AuthError as A;
+    let code = match e {
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::UserAlreadyExist
+        | A::UserNotFound
+        | A::RoleAlreadyExist
+        | A::RoleNotFound
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::NotEnabled => Code::FailedPrecondition,
+        A::UserEmpty
+        | A::RoleEmpty
+        | A::AuthFailed
+        | A::PermissionNotGiven
+        | A::InvalidAuthMgmt
+        | A::OldRevision => Code::InvalidArgument,
+        A::PermissionDenied => Code::PermissionDenied,
+        A::InvalidToken => Code::Unauthenticated,
+        A::Storage(_) => Code::Internal,
+    };
+    Status::new(code, format!("etcdserver: {e}"))
 }
 
 /// Maps an error of etcd's concurrency services (Lock, Election). etcd serves them through

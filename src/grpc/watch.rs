@@ -10,6 +10,11 @@
 //!
 //! As in etcd, a client that half-closes its side keeps receiving events; the stream ends
 //! when the client cancels the call or goes away, and its watchers go with it.
+//!
+//! With auth on, each create is checked for READ on the watched range with the stream's
+//! credentials (etcd's isWatchPermitted); a refused create gets etcd's answer, a created
+//! and canceled response with watch id -1 and the permission-denied status text. Unlike etcd
+//! 3.5, which checks a `>= key` watch as the single key, the whole open range is checked.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -28,7 +33,7 @@ use crate::server::types::{
     CreateRequest, Event, EventKind, ResponseKind, ResponseSource, WatchError, WatchResponse,
     WatchStream as Requests,
 };
-use crate::server::{HeaderInfo, Server};
+use crate::server::{Caller, HeaderInfo, Server};
 
 /// Consecutive leader checks without a leader after which a `hasleader` stream is
 /// canceled (etcd's `maxNoLeaderCnt`: reconnecting costs more than refusing new calls).
@@ -46,6 +51,14 @@ pub type LeaderFn = Arc<dyn Fn() -> bool + Send + Sync>;
 /// Opens one watch stream on the member: its request and response sides.
 pub type OpenFn = Arc<dyn Fn() -> (Requests, ResponseSource) + Send + Sync>;
 
+/// Decides whether the stream's caller may watch `[key, range_end)`; a refusal carries the
+/// current revision for the refusal's header.
+pub type PermitFn = Arc<
+    dyn Fn(Option<Caller>, Vec<u8>, Vec<u8>) -> futures::future::BoxFuture<'static, Result<(), i64>>
+        + Send
+        + Sync,
+>;
+
 /// The Watch service over one member's watchers.
 #[derive(Clone)]
 pub struct WatchService {
@@ -57,6 +70,8 @@ pub struct WatchService {
     fragment_bytes: usize,
     /// How often a `hasleader` stream checks for a leader (etcd: the election timeout).
     leader_check: Duration,
+    /// The auth check of each create (everything passes when none is set).
+    permit: Option<PermitFn>,
 }
 
 impl std::fmt::Debug for WatchService {
@@ -77,14 +92,28 @@ impl WatchService {
         let election = cfg.heartbeat * u32::try_from(cfg.election_ticks).unwrap_or(10);
         let for_open = server.clone();
         let for_header = server.clone();
+        let for_permit = server.clone();
         let has_leader: LeaderFn = Arc::new(move || server.leader() != 0);
-        Self::from_parts(
+        let permit: PermitFn = Arc::new(move |caller, key, range_end| {
+            let server = for_permit.clone();
+            Box::pin(async move {
+                let Some(caller) = caller else { return Ok(()) };
+                let check = server.check_read(&key, &range_end);
+                match crate::server::with_caller(caller, check).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(server.current_revision()),
+                }
+            })
+        });
+        let mut svc = Self::from_parts(
             Arc::new(move || for_open.open_watch_stream()),
             Arc::new(move || for_header.header()),
             has_leader,
             fragment_bytes,
             election,
-        )
+        );
+        svc.permit = Some(permit);
+        svc
     }
 
     /// Creates the service from its parts (tests inject the leader check, so that losing
@@ -96,7 +125,7 @@ impl WatchService {
         fragment_bytes: usize,
         leader_check: Duration,
     ) -> Self {
-        Self { open, header, has_leader, fragment_bytes, leader_check }
+        Self { open, header, has_leader, fragment_bytes, leader_check, permit: None }
     }
 }
 
@@ -117,7 +146,14 @@ impl Watch for WatchService {
             return Err(Status::unavailable(status::msg::NO_LEADER));
         }
         let (requests, source) = (self.open)();
-        let reader = AbortOnDrop(tokio::spawn(read_requests(request.into_inner(), requests)));
+        let (denied_tx, denied) = tokio::sync::mpsc::channel(16);
+        let auth = self.permit.clone().map(|permit| Permit {
+            permit,
+            caller: crate::server::current_caller(),
+            header: self.header.clone(),
+            denied: denied_tx,
+        });
+        let reader = AbortOnDrop(tokio::spawn(read_requests(request.into_inner(), requests, auth)));
         let leader = require_leader.then(|| LeaderWatch {
             has_leader: self.has_leader.clone(),
             ticks: tokio::time::interval_at(
@@ -132,6 +168,7 @@ impl Watch for WatchService {
             header: self.header.clone(),
             fragment_bytes: self.fragment_bytes,
             leader,
+            denied,
             done: false,
             _reader: reader,
         };
@@ -143,13 +180,56 @@ impl Watch for WatchService {
     }
 }
 
+/// The auth check of one stream's creates, and where its refusals go.
+struct Permit {
+    permit: PermitFn,
+    caller: Option<Caller>,
+    header: HeaderFn,
+    denied: tokio::sync::mpsc::Sender<pb::WatchResponse>,
+}
+
+impl Permit {
+    /// True when the create may proceed; otherwise its refusal is queued for the client.
+    async fn allows(&self, c: &pb::WatchCreateRequest) -> bool {
+        // Watch maps an empty key to "\0", the smallest key (etcd's recvLoop).
+        let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
+        let Err(revision) = (self.permit)(self.caller.clone(), key, c.range_end.clone()).await
+        else {
+            return true;
+        };
+        let refusal = pb::WatchResponse {
+            header: convert::header((self.header)(), revision),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            // etcd sends the gRPC error's text (ErrGRPCPermissionDenied.Error()).
+            cancel_reason: "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+                .to_owned(),
+            ..Default::default()
+        };
+        let _ = self.denied.send(refusal).await;
+        false
+    }
+}
+
 /// Feeds the client's requests to the stream until the client stops sending.
-async fn read_requests(mut inbound: Streaming<pb::WatchRequest>, requests: Requests) {
+async fn read_requests(
+    mut inbound: Streaming<pb::WatchRequest>,
+    requests: Requests,
+    auth: Option<Permit>,
+) {
     // A half-close ends only this loop (etcd keeps the stream for events); an error
     // means the client is gone, and tonic drops the response side too.
     while let Ok(Some(req)) = inbound.message().await {
         match req.request_union {
-            Some(RequestUnion::CreateRequest(c)) => requests.create(create_request(c)).await,
+            Some(RequestUnion::CreateRequest(c)) => {
+                if let Some(auth) = &auth
+                    && !auth.allows(&c).await
+                {
+                    continue;
+                }
+                requests.create(create_request(c)).await;
+            }
             Some(RequestUnion::CancelRequest(c)) => requests.cancel(c.watch_id).await,
             Some(RequestUnion::ProgressRequest(_)) => requests.request_progress().await,
             None => {}
@@ -198,8 +278,23 @@ struct Outgoing {
     header: HeaderFn,
     fragment_bytes: usize,
     leader: Option<LeaderWatch>,
+    /// Refused creates, answered in order with the other responses.
+    denied: tokio::sync::mpsc::Receiver<pb::WatchResponse>,
     done: bool,
     _reader: AbortOnDrop,
+}
+
+/// Waits for the next leader check of a `hasleader` stream (forever without one); true
+/// when the stream has gone too long without a leader.
+async fn leader_lost(leader: &mut Option<LeaderWatch>) -> bool {
+    let Some(leader) = leader else { return std::future::pending().await };
+    leader.ticks.tick().await;
+    if (leader.has_leader)() {
+        leader.misses = 0;
+    } else {
+        leader.misses += 1;
+    }
+    leader.misses >= MAX_NO_LEADER_CHECKS
 }
 
 impl Outgoing {
@@ -212,23 +307,16 @@ impl Outgoing {
             return Some(Ok(m));
         }
         loop {
-            let response = match &mut self.leader {
-                None => self.source.next().await?,
-                Some(leader) => tokio::select! {
-                    r = self.source.next() => r?,
-                    _ = leader.ticks.tick() => {
-                        if (leader.has_leader)() {
-                            leader.misses = 0;
-                        } else {
-                            leader.misses += 1;
-                        }
-                        if leader.misses >= MAX_NO_LEADER_CHECKS {
-                            self.done = true;
-                            return Some(Err(Status::unavailable(status::msg::NO_LEADER)));
-                        }
-                        continue;
+            let response = tokio::select! {
+                Some(refusal) = self.denied.recv() => return Some(Ok(refusal)),
+                r = self.source.next() => r?,
+                lost = leader_lost(&mut self.leader) => {
+                    if lost {
+                        self.done = true;
+                        return Some(Err(Status::unavailable(status::msg::NO_LEADER)));
                     }
-                },
+                    continue;
+                }
             };
             let mut messages = to_messages((self.header)(), response, self.fragment_bytes);
             let first = messages.pop_front();

@@ -104,6 +104,9 @@ pub enum Error {
     /// Proclaim or Resign without a leader key (etcd's v3election `ErrMissingLeaderKey`).
     #[error("\"leader\" field must be provided")]
     MissingLeaderKey,
+    /// The auth store refused the request (etcd's auth errors).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
     /// A failure that is a bug or a damaged entry, not the client's doing.
     #[error("{0}")]
     Internal(String),
@@ -156,6 +159,7 @@ impl From<apply::Error> for Error {
             apply::Error::Membership { id, reason } => Error::MemberRefused { id, reason },
             apply::Error::NoSpace => Error::NoSpace,
             apply::Error::Corrupt => Error::Corrupt,
+            apply::Error::Auth(e) => Error::Auth(e),
             e @ (apply::Error::Decode { .. } | apply::Error::NoApplier { .. }) => {
                 Error::Internal(e.to_string())
             }

@@ -37,6 +37,8 @@ impl Server {
             }
             self.linearizable_barrier().await?;
         }
+        // After the barrier, so the check sees every auth change committed before the read.
+        self.check_read(&r.key, &r.range_end).await?;
         Ok(req)
     }
 

@@ -22,6 +22,7 @@
 //! edge's `grpc → server` arrow is enforced by re-exporting the domain types in [`types`]
 //! rather than letting the edge import `mvcc` and `watch`.
 
+mod auth;
 mod compactor;
 mod concurrency;
 mod datadir;
@@ -51,6 +52,7 @@ use crate::raft::{self, LogStore, RaftConfig, RaftHandle, RaftStatus, Transport}
 use crate::storage::{Engine, SledEngine};
 use crate::watch::{WatchConfig, WatchHub};
 
+pub use self::auth::{Caller, current_caller, with_caller, with_caller_sync};
 pub use self::concurrency::{Campaigned, LeaderKey, LeaderState, Locked, prefix_end};
 pub use self::datadir::{Error as DataDirError, Identity, create_restored};
 pub use self::error::Error;
@@ -59,6 +61,7 @@ pub use self::lease::TimeToLive;
 pub use self::propose::IdGen;
 pub use self::quota::Alarm;
 pub use self::snapshot::SnapshotStream;
+pub use crate::auth::Error as AuthError;
 
 /// The etcd version Cairn reports in `Status` and `/version`: the etcd API level whose
 /// behaviour it matches (clients such as Kubernetes gate features on it).
@@ -120,6 +123,8 @@ pub struct Server {
     lease_clock: Mutex<LeaderClock>,
     engine: Arc<dyn Engine>,
     alarms: apply::Alarms,
+    /// Users, roles, permissions and tokens (apply changes them; reads are checked here).
+    auth: crate::auth::AuthStore,
     wait: Arc<Wait>,
     applied: watch::Receiver<u64>,
     ids: IdGen,
@@ -237,6 +242,11 @@ impl Server {
         let min_ttl = i64::try_from(min_ttl_ms.div_ceil(1000)).unwrap_or(2);
         let leases = Lessor::open(engine.as_ref(), min_ttl).map_err(|e| startup(&e))?;
         let alarms = apply::Alarms::load(engine.as_ref()).map_err(|e| startup(&e))?;
+        let auth = crate::auth::AuthStore::load(
+            engine.as_ref(),
+            Duration::from_secs(cfg.raw.auth_token_ttl),
+        )
+        .map_err(|e| startup(&e))?;
         apply::attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
         let mut applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
         let log = LogStore::open(&dir.raft_dir()).map_err(|e| startup(&e))?;
@@ -305,14 +315,15 @@ impl Server {
                 ..WatchConfig::default()
             },
         );
-        // The applier chain, in etcd's order (see `apply::dispatch`): alarms first; auth
-        // adds its wrapper after it.
+        // The applier chain, in etcd's order (see `apply::dispatch`): alarms first, then
+        // auth.
         let applier = Applier::new(
             apply::StateMachine {
                 kv: kv.clone(),
                 leases: leases.clone(),
                 engine: engine.clone(),
                 alarms: alarms.clone(),
+                auth: auth.clone(),
             },
             cfg.raw.snapshot_count,
             apply::Hooks {
@@ -331,6 +342,7 @@ impl Server {
             },
         )
         .with_wrapper(Box::new(apply::AlarmWrapper::new(alarms.clone())))
+        .with_wrapper(Box::new(apply::AuthWrapper::new(auth.clone())))
         .with_watch(watch_hub.clone());
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
@@ -363,6 +375,7 @@ impl Server {
             lease_clock: Mutex::new(LeaderClock::new()),
             engine,
             alarms,
+            auth,
             wait,
             applied: applied_rx,
             reads,

@@ -56,8 +56,10 @@ impl Server {
         if self.raft.commit().saturating_sub(*self.applied.borrow()) > MAX_APPLY_LAG {
             return Err(Error::TooManyRequests);
         }
+        // Who asks travels with the request: the auth wrapper checks it at apply.
+        let auth = self.auth_header().await?;
         let id = self.ids.next();
-        let data = InternalRequest { id, op: Some(op) }.encode_to_vec();
+        let data = InternalRequest { id, op: Some(op), auth }.encode_to_vec();
         if data.len() > usize::try_from(self.cfg.raw.max_request_bytes).unwrap_or(usize::MAX) {
             return Err(Error::TooLarge);
         }

@@ -157,7 +157,9 @@ impl Server {
     pub fn observe(self: &Arc<Self>, name: &[u8]) -> mpsc::Receiver<LeaderState> {
         let (tx, rx) = mpsc::channel(OBSERVE_BUFFER);
         let (server, prefix) = (self.clone(), prefix_of(name));
-        tokio::spawn(async move {
+        // The observer reads as its caller (a spawned task leaves the caller's scope).
+        let caller = super::super::current_caller().unwrap_or_default();
+        tokio::spawn(super::super::with_caller(caller, async move {
             tokio::select! {
                 () = tx.closed() => {}
                 res = server.observe_loop(&prefix, &tx) => {
@@ -166,7 +168,7 @@ impl Server {
                     }
                 }
             }
-        });
+        }));
         rx
     }
 
