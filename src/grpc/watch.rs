@@ -203,8 +203,8 @@ impl Permit {
             created: true,
             canceled: true,
             // etcd sends the gRPC error's text (ErrGRPCPermissionDenied.Error()).
-            cancel_reason: "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
-                .to_owned(),
+            cancel_reason:
+                "rpc error: code = PermissionDenied desc = etcdserver: permission denied".to_owned(),
             ..Default::default()
         };
         let _ = self.denied.send(refusal).await;

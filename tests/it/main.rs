@@ -6,6 +6,7 @@
 // where `.clippy.toml`'s allow-*-in-tests does not reach: a failure there should panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod auth;
 mod cluster;
 mod compat;
 mod crash;
