@@ -134,13 +134,16 @@ impl Default for State {
     }
 }
 
+/// Merged permissions per user, and the auth revision they were built at.
+type PermCache = (u64, HashMap<String, Arc<UserPerms>>);
+
 /// The auth store shared by apply (which changes it) and the server (which checks
 /// passwords and permissions against it); clones share one store.
 #[derive(Debug, Clone)]
 pub struct AuthStore {
     state: Arc<RwLock<State>>,
     /// Merged permissions per user, valid for the revision they were built at.
-    cache: Arc<Mutex<(u64, HashMap<String, Arc<UserPerms>>)>>,
+    cache: Arc<Mutex<PermCache>>,
     tokens: SimpleTokens,
 }
 
