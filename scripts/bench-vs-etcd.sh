@@ -12,6 +12,8 @@
 # Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1),
 #        TLS=1 (clients over mutual TLS: certificates made here with openssl, https:// client
 #        URLs with --client-cert-auth on both servers, the benchmark presenting a client cert)
+#        AUTH=1 (auth on, simple tokens: a root user and a user "bench" whose role may read
+#        and write every key, set up with etcdctl 3.5; the benchmark authenticates as bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,9 @@ MEMBERS=1
 SCHEME=http
 SERVER_TLS=()
 BENCH_TLS=()
+BENCH_AUTH=()
+ETCDCTL_BIN="${ETCDCTL_BIN:-$(dirname "$ETCD_BIN")/etcdctl}"
+[ -n "${AUTH:-}" ] && BENCH_AUTH=(--user bench:benchpw)
 if [ -n "${TLS:-}" ]; then
   SCHEME=https
   printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$WORK/leaf.ext"
@@ -50,6 +55,20 @@ if [ -n "${TLS:-}" ]; then
   BENCH_TLS=(--cacert "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client-key.pem")
 fi
 ENDPOINTS="$SCHEME://127.0.0.1:$CPORT"
+
+enable_auth() { # users and roles through etcdctl, then auth on (same steps for both servers)
+  local ctl=("$ETCDCTL_BIN" --endpoints "${ENDPOINTS%%,*}")
+  [ -n "${TLS:-}" ] && ctl+=(--cacert "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client-key.pem")
+  {
+    "${ctl[@]}" user add root:rootpw
+    "${ctl[@]}" user grant-role root root
+    "${ctl[@]}" user add bench:benchpw
+    "${ctl[@]}" role add bench
+    "${ctl[@]}" role grant-permission bench readwrite --from-key "$(printf '\001')"
+    "${ctl[@]}" user grant-role bench bench
+    "${ctl[@]}" auth enable
+  } >/dev/null
+}
 
 start_server() { # kind → pids on stdout (MEMBERS members)
   local kind=$1 bin=$ETCD_BIN cluster="" pids=""
@@ -72,6 +91,7 @@ start_server() { # kind → pids on stdout (MEMBERS members)
     local probe; probe=$("$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" --conns "$MEMBERS" \
       --clients "$MEMBERS" --total "$MEMBERS" put 2>&1 || true)
     if ! grep -q "Errors:" <<<"$probe" && grep -q "Requests/sec" <<<"$probe"; then
+      [ -n "${AUTH:-}" ] && enable_auth
       echo "$pids"; return
     fi
     sleep 0.1
@@ -114,11 +134,11 @@ run_one() { # kind workload → "rps p99" (watch-*: the raw bench output)
   # Watch workloads run against one member; @PID@ becomes its pid.
   args=${args//@PID@/${pids# }}
   # shellcheck disable=SC2086
-  [ -n "$setup" ] && "$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" $setup >/dev/null
+  [ -n "$setup" ] && "$CAIRN_BIN" bench "${BENCH_TLS[@]}" "${BENCH_AUTH[@]}" --endpoints "$ENDPOINTS" $setup >/dev/null
   # A setup write must reach every member before reads are measured.
   sleep 0.3
   # shellcheck disable=SC2086
-  local out; out=$("$CAIRN_BIN" bench "${BENCH_TLS[@]}" --endpoints "$ENDPOINTS" $args 2>&1) || {
+  local out; out=$("$CAIRN_BIN" bench "${BENCH_TLS[@]}" "${BENCH_AUTH[@]}" --endpoints "$ENDPOINTS" $args 2>&1) || {
     echo "bench against $kind failed: $out" >&2
     cat "$WORK/$kind-0.log" >&2
   }

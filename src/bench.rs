@@ -42,9 +42,43 @@ pub struct Args {
     /// The client certificate's key (with `--cert`); its id differs from `range`'s key.
     #[arg(long = "key", id = "tls_key", global = true, requires = "cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Authenticate as `name:password` (once per connection, as etcd's benchmark does per
+    /// client) and send the token with every put and range.
+    #[arg(long, global = true)]
+    pub user: Option<String>,
     /// The workload.
     #[command(subcommand)]
     pub workload: Workload,
+}
+
+/// Adds an auth token to every request of a client (none without `--user`).
+#[derive(Debug, Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("token", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// One token per channel for `--user` (no tokens without it).
+async fn tokens(args: &Args, channels: &[Channel]) -> anyhow::Result<Vec<Token>> {
+    let Some(user) = &args.user else { return Ok(vec![Token(None); channels.len()]) };
+    let (name, password) = user.split_once(':').unwrap_or((user.as_str(), ""));
+    let mut out = Vec::with_capacity(channels.len());
+    for ch in channels {
+        let res = cairn_proto::etcdserverpb::auth_client::AuthClient::new(ch.clone())
+            .authenticate(cairn_proto::etcdserverpb::AuthenticateRequest {
+                name: name.to_owned(),
+                password: password.to_owned(),
+            })
+            .await?;
+        out.push(Token(Some(res.into_inner().token.parse()?)));
+    }
+    Ok(out)
 }
 
 /// A benchmark workload.
@@ -229,6 +263,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         _ => {}
     }
     let channels = connect(args, args.conns).await?;
+    let tokens = tokens(args, &channels).await?;
     if let Workload::LeaseExpiry { leases, ttl } = args.workload {
         let report = expiry::run(&channels, args.clients, leases, ttl).await?;
         expiry::print(&report);
@@ -258,7 +293,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
             )));
             continue;
         }
-        let mut client = KvClient::new(ch).max_decoding_message_size(usize::MAX);
+        let token = tokens.get(c % channels.len()).cloned().unwrap_or(Token(None));
+        let mut client =
+            KvClient::with_interceptor(ch, token).max_decoding_message_size(usize::MAX);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
