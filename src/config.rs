@@ -676,10 +676,13 @@ impl Config {
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(bad("bcrypt-cost", &self.bcrypt_cost, "must be between 4 and 31"));
         }
-        if self.auth_token != "simple" {
-            // etcd's other token provider, jwt (with its sign-method/key options), is not
-            // implemented: refusing it is better than silently issuing simple tokens.
-            return Err(bad("auth-token", &self.auth_token, "only 'simple' is supported"));
+        if self.auth_token != "simple"
+            && self.auth_token != "jwt"
+            && !self.auth_token.starts_with("jwt,")
+        {
+            // The jwt options themselves (keys, sign method) are checked when the member
+            // starts and reads the key files.
+            return Err(bad("auth-token", &self.auth_token, "must be 'simple' or 'jwt,<options>'"));
         }
         if self.auth_token_ttl == 0 {
             return Err(bad("auth-token-ttl", &self.auth_token_ttl, "must be positive"));

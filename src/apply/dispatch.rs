@@ -316,6 +316,10 @@ pub fn base(ctx: &mut Ctx<'_, '_>, req: InternalRequest) -> ApplyResult {
         }
         Some(Op::Authenticate(a)) => {
             auth.check_authenticate(&a.name)?;
+            // With JWT the proposer signs the token itself once this entry applied.
+            if a.simple_token.is_empty() {
+                return Ok(Response::AuthToken(String::new()));
+            }
             let token = format!("{}.{}", a.simple_token, index);
             auth.tokens().assign(token.clone(), &a.name);
             Ok(Response::AuthToken(token))

@@ -23,6 +23,7 @@
 //! Files: [`perms`] merges a user's grants and answers coverage; [`token`] holds the simple
 //! tokens.
 
+pub mod jwt;
 pub mod perms;
 pub mod token;
 
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use cairn_proto::authpb::{Permission, Role, User, UserAddOptions};
 use prost::Message as _;
 
+pub use self::jwt::JwtProvider;
 pub use self::perms::{Access, UserPerms};
 pub use self::token::SimpleTokens;
 use crate::storage::{Batch, Engine, Keyspace, Scan};
@@ -145,6 +147,8 @@ pub struct AuthStore {
     /// Merged permissions per user, valid for the revision they were built at.
     cache: Arc<Mutex<PermCache>>,
     tokens: SimpleTokens,
+    /// Signs and verifies tokens with `--auth-token jwt` (simple tokens otherwise).
+    jwt: Option<Arc<JwtProvider>>,
 }
 
 fn user_key(name: &str) -> Vec<u8> {
@@ -180,6 +184,7 @@ impl AuthStore {
             state: Arc::default(),
             cache: Arc::default(),
             tokens: SimpleTokens::new(token_ttl),
+            jwt: None,
         };
         store.reload(engine)?;
         Ok(store)
@@ -230,6 +235,17 @@ impl AuthStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Issues JWT tokens with `provider` instead of simple tokens.
+    pub fn with_jwt(mut self, provider: JwtProvider) -> Self {
+        self.jwt = Some(Arc::new(provider));
+        self
+    }
+
+    /// The JWT provider, with `--auth-token jwt`.
+    pub fn jwt(&self) -> Option<&JwtProvider> {
+        self.jwt.as_deref()
     }
 
     /// The member's simple tokens.

@@ -15,7 +15,8 @@
 //!
 //! # Tokens
 //!
-//! A simple token names the raft index of the `Authenticate` entry that assigned it; a
+//! With `--auth-token jwt,...` a token is a signed JWT naming the user and the auth
+//! revision it was issued at; any member verifies it with the public key. A simple token names the raft index of the `Authenticate` entry that assigned it; a
 //! member that has not applied that index yet waits for it (up to the request timeout), so
 //! a token issued by one member works on every other. With `--client-cert-auth`, a request
 //! without a token is the user its certificate's CN names, as in etcd.
@@ -75,6 +76,9 @@ impl Server {
     /// [`auth::Error::InvalidToken`] for an unknown, expired or malformed token.
     pub async fn auth_info(&self, caller: &Caller) -> Result<AuthInfo, Error> {
         if let Some(token) = &caller.token {
+            if let Some(jwt) = self.auth.jwt() {
+                return Ok(jwt.verify(token)?);
+            }
             let index = auth::token::token_index(token).ok_or(auth::Error::InvalidToken)?;
             // A token assigned by an entry this member has not applied yet: wait for it.
             let mut applied = self.applied.clone();
@@ -193,12 +197,18 @@ impl Server {
                 }
                 other => other?,
             };
-            let prefix = auth::token::new_prefix().map_err(|e| Error::Internal(e.to_string()))?;
+            let prefix = match self.auth.jwt() {
+                Some(_) => String::new(),
+                None => auth::token::new_prefix().map_err(|e| Error::Internal(e.to_string()))?,
+            };
             let op = Op::Authenticate(Authenticate { name: name.clone(), simple_token: prefix });
-            let token = match self.propose(op).await? {
+            let mut token = match self.propose(op).await? {
                 Response::AuthToken(token) => token,
                 _ => return Err(mismatch()),
             };
+            if let Some(jwt) = self.auth.jwt() {
+                token = jwt.sign(&name, self.auth.revision())?;
+            }
             if checked >= self.auth.revision() {
                 return Ok(token);
             }

@@ -247,6 +247,13 @@ impl Server {
             Duration::from_secs(cfg.raw.auth_token_ttl),
         )
         .map_err(|e| startup(&e))?;
+        let auth = match cfg.raw.auth_token.strip_prefix("jwt") {
+            Some(options) => auth.with_jwt(
+                crate::auth::JwtProvider::from_options(options.trim_start_matches(','))
+                    .map_err(|e| startup(&e))?,
+            ),
+            None => auth,
+        };
         apply::attach_leased_keys(&kv, &leases).map_err(|e| startup(&e))?;
         let mut applied_index = apply::applied_index(engine.as_ref()).map_err(|e| startup(&e))?;
         let log = LogStore::open(&dir.raft_dir()).map_err(|e| startup(&e))?;

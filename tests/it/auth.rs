@@ -1,7 +1,8 @@
 //! Authentication and role-based access: the auth sequence compared with etcd 3.5.1 code
 //! by code and message, etcdctl 3.4/3.5 with `--user`, the gateway with a token from
 //! `/v3/auth/authenticate`, a token used on another member of a cluster, the certificate
-//! CN as the user over mutual TLS, and the auth store kept across restarts and snapshots.
+//! CN as the user over mutual TLS, the auth store kept across restarts and snapshots, and
+//! JWT tokens.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -475,4 +476,51 @@ async fn with_client_cert_auth_the_certificate_cn_is_the_user() {
         status(refused),
         "InvalidArgument etcdserver: authentication failed, invalid user ID or password"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_are_signed_verified_and_outlived_by_an_auth_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = (dir.path().join("jwt.key"), dir.path().join("jwt.pub"));
+    let openssl = |args: &[&str]| assert!(run(Command::new("openssl").args(args)).0, "{args:?}");
+    openssl(&["genrsa", "-out", private.to_str().unwrap(), "2048"]);
+    openssl(&[
+        "rsa",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let flag = format!(
+        "jwt,pub-key={},priv-key={},sign-method=RS256,ttl=10m",
+        public.display(),
+        private.display()
+    );
+    let cairn = Cairn::start_with(&["--bcrypt-cost", "4", "--auth-token", &flag]).await;
+    let url = cairn.client_url.clone();
+    setup(&url).await;
+    let auth =
+        curl_json(&format!("{url}/v3/auth/authenticate"), None, r#"{"name":"u1","password":"p1"}"#);
+    let token = token_of(&auth);
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    let put = r#"{"key":"YXBwL2s=","value":"dg=="}"#;
+    let res = curl_json(&format!("{url}/v3/kv/put"), Some(&token), put);
+    assert!(res.contains("\"header\"") && !res.contains("error"), "{res}");
+    let mut forged = token.clone();
+    forged.pop();
+    let res = curl_json(&format!("{url}/v3/kv/put"), Some(&forged), put);
+    assert!(res.contains("etcdserver: invalid auth token"), "{res}");
+    // A JWT names the auth revision it was issued at: after any auth change the client must
+    // authenticate again.
+    let mut u1 = user_client(&url, "u1", "p1").await.unwrap();
+    u1.put("app/x", "1", None).await.unwrap();
+    let mut root = user_client(&url, "root", "rootpw").await.unwrap();
+    root.role_add("other").await.unwrap();
+    assert_eq!(
+        status(u1.put("app/x", "2", None).await.unwrap_err()),
+        "InvalidArgument etcdserver: revision of auth store is old"
+    );
+    let mut again = user_client(&url, "u1", "p1").await.unwrap();
+    again.put("app/x", "3", None).await.unwrap();
 }
