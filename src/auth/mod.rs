@@ -681,6 +681,27 @@ impl AuthStore {
     }
 }
 
+/// The storage record of a user from etcd's `authUsers` bucket (an `authpb.User`, the bytes
+/// Cairn keeps too), for restoring an etcd snapshot.
+pub fn etcd_user_record(name: &[u8], user: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    ([USER_PREFIX, name].concat(), user.to_vec())
+}
+
+/// The storage record of a role from etcd's `authRoles` bucket (an `authpb.Role`).
+pub fn etcd_role_record(name: &[u8], role: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    ([ROLE_PREFIX, name].concat(), role.to_vec())
+}
+
+/// The storage record of an entry of etcd's `auth` bucket (`authEnabled`, one byte;
+/// `authRevision`, 8 bytes big-endian), `None` for any other key.
+pub fn etcd_auth_record(key: &[u8], value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    match key {
+        b"authEnabled" => Some((ENABLED_KEY.to_vec(), vec![u8::from(value == [1])])),
+        b"authRevision" if value.len() == 8 => Some((REVISION_KEY.to_vec(), value.to_vec())),
+        _ => None,
+    }
+}
+
 /// Hashes `password` with bcrypt at `cost` (slow; run it off the async workers).
 ///
 /// # Errors

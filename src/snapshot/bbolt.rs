@@ -31,8 +31,11 @@
 //!   revisions (a scheduled compaction that never finished is completed on restore, as
 //!   etcd's own restore does); `consistent_index` and `term` belong to the old raft log
 //!   and are not carried over.
-//! - Members, alarms, auth and the cluster version are not carried over: a restore makes
-//!   a new cluster, and Cairn keeps auth data in its own form.
+//! - Buckets `authUsers` and `authRoles`: key = name; value = an `authpb.User` /
+//!   `authpb.Role` (bcrypt hash, roles, permissions), kept as they are. Bucket `auth`:
+//!   `authEnabled` (one byte, 1 = on) and `authRevision` (u64 BE).
+//! - Members, alarms and the cluster version are not carried over: a restore makes a new
+//!   cluster.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
@@ -328,6 +331,25 @@ fn convert(bolt: &Bolt<'_>, visit: Visit<'_>) -> Result<i64, Error> {
             let l = LeasePb::decode(v).map_err(|e| bolt.invalid(format!("lease: {e}")))?;
             let (key, value) = crate::lease::storage_record(l.id, l.ttl, l.remaining_ttl);
             visit(Keyspace::Lease, &key, &value)
+        })?;
+    }
+    // etcd's auth buckets hold the same authpb records Cairn keeps.
+    if let Some(root) = bolt.bucket(b"authUsers")? {
+        bolt.walk(&root, 0, &mut |k, v, _| {
+            let (key, value) = crate::auth::etcd_user_record(k, v);
+            visit(Keyspace::Auth, &key, &value)
+        })?;
+    }
+    if let Some(root) = bolt.bucket(b"authRoles")? {
+        bolt.walk(&root, 0, &mut |k, v, _| {
+            let (key, value) = crate::auth::etcd_role_record(k, v);
+            visit(Keyspace::Auth, &key, &value)
+        })?;
+    }
+    if let Some(root) = bolt.bucket(b"auth")? {
+        bolt.walk(&root, 0, &mut |k, v, _| match crate::auth::etcd_auth_record(k, v) {
+            Some((key, value)) => visit(Keyspace::Auth, &key, &value),
+            None => Ok(()),
         })?;
     }
     let mut compacted = 0i64;

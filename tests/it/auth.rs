@@ -524,3 +524,46 @@ async fn jwt_tokens_are_signed_verified_and_outlived_by_an_auth_change() {
     let mut again = user_client(&url, "u1", "p1").await.unwrap();
     again.put("app/x", "3", None).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_restores_with_its_users_roles_and_auth_on() {
+    let Some(etcd) = Etcd::start().await else { return };
+    setup(&etcd.client_url).await;
+    let mut u1 = user_client(&etcd.client_url, "u1", "p1").await.unwrap();
+    u1.put("app/from-etcd", "v", None).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("etcd.db");
+    let ctl = etcdctls().into_iter().last().expect("etcdctl");
+    let (ok, text) = etcdctl(
+        &ctl,
+        &etcd.client_url,
+        &["--user", "root:rootpw", "snapshot", "save", snap.to_str().unwrap()],
+    );
+    assert!(ok, "{text}");
+    let mut m = Cairn::new("frometcd", tempfile::tempdir().unwrap(), &[]);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_cairn"));
+    let (ok, text) = run(Command::new(bin).args([
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--name",
+        "frometcd",
+        "--data-dir",
+        m.data_dir.to_str().unwrap(),
+        "--initial-cluster",
+        &format!("frometcd={}", m.peer_url),
+        "--initial-advertise-peer-urls",
+        &m.peer_url,
+    ]));
+    assert!(ok, "{text}");
+    m.spawn_only();
+    // etcd's bcrypt hashes, roles and permissions work as they did there.
+    let mut u1 = connect_as(&mut m, "u1", "p1").await;
+    assert_eq!(u1.get("app/from-etcd", None).await.unwrap().kvs().len(), 1);
+    assert_eq!(
+        status(u1.put("elsewhere", "v", None).await.unwrap_err()),
+        "PermissionDenied etcdserver: permission denied"
+    );
+    let anon = Client::connect([m.client_url.as_str()], None).await.unwrap().get("x", None).await;
+    assert_eq!(status(anon.unwrap_err()), "InvalidArgument etcdserver: user name is empty");
+}
