@@ -224,6 +224,10 @@ pub struct PeerTlsFlags {
     #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", default_value = "")]
     pub peer_trusted_ca_file: String,
 
+    /// Path to the peer certificate revocation list file.
+    #[arg(long, env = "ETCD_PEER_CRL_FILE", default_value = "")]
+    pub peer_crl_file: String,
+
     /// Required CN for client certs connecting to the peer endpoint.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
     pub peer_cert_allowed_cn: String,
@@ -252,6 +256,10 @@ pub struct TlsFlags {
     /// Path to the client server TLS trusted CA cert file.
     #[arg(long, env = "ETCD_TRUSTED_CA_FILE", default_value = "")]
     pub trusted_ca_file: String,
+
+    /// Path to the client certificate revocation list file.
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE", default_value = "")]
+    pub client_crl_file: String,
 
     /// Client TLS using generated certificates.
     #[arg(long, env = "ETCD_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -349,6 +357,9 @@ pub struct ServerTls {
     /// CA bundle that client certificates must chain to; when given, a client certificate
     /// is required, with or without `client_cert_auth` (as in etcd).
     pub trusted_ca: Option<PathBuf>,
+    /// `--client-crl-file` / `--peer-crl-file`: revoked client certificates (PEM CRLs,
+    /// checked against the end-entity certificate), re-read when the file changes.
+    pub crl: Option<PathBuf>,
     /// `--client-cert-auth`: require and verify a client certificate (needs `trusted_ca`).
     pub client_cert_auth: bool,
     /// Lowest accepted version.
@@ -728,6 +739,7 @@ impl TlsFlags {
             cert: &self.cert_file,
             key: &self.key_file,
             ca: &self.trusted_ca_file,
+            crl: &self.client_crl_file,
             client_cert_auth: self.client_cert_auth,
             auto: self.auto_tls,
             fixtures: data_dir.join("fixtures").join("client"),
@@ -814,6 +826,7 @@ impl PeerTlsFlags {
             cert: &self.peer_cert_file,
             key: &self.peer_key_file,
             ca: &self.peer_trusted_ca_file,
+            crl: &self.peer_crl_file,
             client_cert_auth: self.peer_client_cert_auth,
             auto: self.peer_auto_tls,
             fixtures: data_dir.join("fixtures").join("peer"),
@@ -842,6 +855,8 @@ struct Material<'a> {
     cert: &'a str,
     key: &'a str,
     ca: &'a str,
+    /// The certificate revocation list file (PEM).
+    crl: &'a str,
     client_cert_auth: bool,
     auto: bool,
     fixtures: PathBuf,
@@ -860,6 +875,15 @@ impl Material<'_> {
             value: String::new(),
             reason,
         };
+        if !self.crl.is_empty() && self.ca.is_empty() {
+            let (crl_flag, ca_flag) = if auth_flag.starts_with("peer") {
+                ("peer-crl-file", "--peer-trusted-ca-file")
+            } else {
+                ("client-crl-file", "--trusted-ca-file")
+            };
+            let reason = format!("needs {ca_flag} (only verified certificates can be revoked)");
+            return Err(bad(crl_flag, reason));
+        }
         let source = match (self.cert.is_empty(), self.key.is_empty()) {
             (false, false) => {
                 TlsSource::Files { cert: PathBuf::from(self.cert), key: PathBuf::from(self.key) }
@@ -895,9 +919,11 @@ impl Material<'_> {
             };
             return Err(bad(auth_flag, format!("needs {ca_flag}")));
         }
+        let crl = (!self.crl.is_empty()).then(|| PathBuf::from(self.crl));
         Ok(Some(ServerTls {
             source,
             trusted_ca,
+            crl,
             client_cert_auth: self.client_cert_auth,
             min_version,
             max_version,

@@ -68,9 +68,13 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.len(), m.modified().ok()?, m.ino()))
 }
 
-fn stamps(cert: &Path, key: &Path, ca: Option<&Path>) -> Vec<Stamp> {
-    [cert, key].into_iter().chain(ca).map(stamp).collect()
+fn stamps(files: Files<'_>) -> Vec<Stamp> {
+    let (cert, key, ca, crl) = files;
+    [cert, key].into_iter().chain(ca).chain(crl).map(stamp).collect()
 }
+
+/// The files a TLS configuration is built from: certificate, key, trusted CA, CRL.
+type Files<'a> = (&'a Path, &'a Path, Option<&'a Path>, Option<&'a Path>);
 
 /// The TLS material in service and the file versions it was built from.
 struct Loaded<T> {
@@ -82,10 +86,10 @@ impl<T> Loaded<T> {
     /// Loads with `build`, stamping the files first so that a change during the build is
     /// seen at the next connection.
     fn new(
-        files: (&Path, &Path, Option<&Path>),
+        files: Files<'_>,
         build: impl FnOnce() -> Result<T, TlsError>,
     ) -> Result<Mutex<Loaded<T>>, TlsError> {
-        let stamps = stamps(files.0, files.1, files.2);
+        let stamps = stamps(files);
         Ok(Mutex::new(Loaded { config: Arc::new(build()?), stamps }))
     }
 
@@ -93,10 +97,10 @@ impl<T> Loaded<T> {
     /// that does not load keeps the previous one (a rotation may be half-written).
     fn current(
         this: &Mutex<Loaded<T>>,
-        files: (&Path, &Path, Option<&Path>),
+        files: Files<'_>,
         build: impl FnOnce() -> Result<T, TlsError>,
     ) -> Arc<T> {
-        let now = stamps(files.0, files.1, files.2);
+        let now = stamps(files);
         let mut loaded = this.lock().unwrap_or_else(|p| p.into_inner());
         if loaded.stamps != now {
             match build() {
@@ -138,13 +142,18 @@ impl Acceptor {
             TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
             TlsSource::Auto { dir, hosts, years } => self_signed(dir, hosts, *years)?,
         };
-        let files = (cert.as_path(), key.as_path(), settings.trusted_ca.as_deref());
+        let files = (
+            cert.as_path(),
+            key.as_path(),
+            settings.trusted_ca.as_deref(),
+            settings.crl.as_deref(),
+        );
         let loaded = Loaded::new(files, || build_config(settings, &cert, &key))?;
         Ok(Arc::new(Acceptor { settings: settings.clone(), cert, key, loaded }))
     }
 
-    fn files(&self) -> (&Path, &Path, Option<&Path>) {
-        (&self.cert, &self.key, self.settings.trusted_ca.as_deref())
+    fn files(&self) -> Files<'_> {
+        (&self.cert, &self.key, self.settings.trusted_ca.as_deref(), self.settings.crl.as_deref())
     }
 
     /// The configuration for the next handshake, rebuilt first if a file changed.
@@ -423,6 +432,24 @@ pub fn versions(
     }
 }
 
+/// Reads the PEM certificate revocation lists in `path`.
+///
+/// # Errors
+/// [`TlsError`] naming the file when it cannot be read or holds no CRL.
+pub fn crls(
+    path: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let bad = |reason: String| TlsError::Config(format!("{}: {reason}", path.display()));
+    let crls = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(bad("no certificate revocation list found".into()));
+    }
+    Ok(crls)
+}
+
 /// Reads a CA bundle into a root store.
 pub fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -449,12 +476,15 @@ fn build_config(
     // --client-cert-auth, makes a client certificate required and verified against it.
     let builder = match &settings.trusted_ca {
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(ca)?),
                 provider,
-            )
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+            );
+            if let Some(crl) = &settings.crl {
+                // Only the client's own certificate is checked, as etcd's checkCRL does.
+                verifier = verifier.with_crls(crls(crl)?).only_check_end_entity_revocation();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Config(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -782,6 +812,7 @@ mod tests {
                 years: 1,
             },
             trusted_ca: None,
+            crl: None,
             client_cert_auth: false,
             min_version: TlsVersion::Tls12,
             max_version: TlsVersion::Tls13,

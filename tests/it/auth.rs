@@ -359,6 +359,28 @@ async fn a_token_from_one_member_works_on_every_member_and_through_the_gateway()
     assert_eq!(status(denied), "PermissionDenied etcdserver: permission denied");
 }
 
+/// Restores `snap` into a new one-member cluster named `name` and starts it.
+fn restore(snap: &Path, name: &str) -> Cairn {
+    let mut m = Cairn::new(name, tempfile::tempdir().unwrap(), &["--bcrypt-cost", "4"]);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_cairn"));
+    let (ok, text) = run(Command::new(bin).args([
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--name",
+        name,
+        "--data-dir",
+        m.data_dir.to_str().unwrap(),
+        "--initial-cluster",
+        &format!("{name}={}", m.peer_url),
+        "--initial-advertise-peer-urls",
+        &m.peer_url,
+    ]));
+    assert!(ok, "{text}");
+    m.spawn_only();
+    m
+}
+
 /// Waits until `m` (just started) authenticates `user` and serves its reads.
 async fn connect_as(m: &mut Cairn, user: &str, password: &str) -> Client {
     loop {
@@ -392,24 +414,7 @@ async fn the_auth_store_survives_a_restart_and_travels_in_snapshots() {
     let (ok, text) =
         etcdctl(&ctl, &url, &["--user", "root:rootpw", "snapshot", "save", snap.to_str().unwrap()]);
     assert!(ok, "{text}");
-    let restored = Cairn::new("restored", tempfile::tempdir().unwrap(), &["--bcrypt-cost", "4"]);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_cairn"));
-    let (ok, text) = run(Command::new(bin).args([
-        "snapshot",
-        "restore",
-        snap.to_str().unwrap(),
-        "--name",
-        "restored",
-        "--data-dir",
-        restored.data_dir.to_str().unwrap(),
-        "--initial-cluster",
-        &format!("restored={}", restored.peer_url),
-        "--initial-advertise-peer-urls",
-        &restored.peer_url,
-    ]));
-    assert!(ok, "{text}");
-    let mut restored = restored;
-    restored.spawn_only();
+    let mut restored = restore(&snap, "restored");
     let mut u1 = connect_as(&mut restored, "u1", "p1").await;
     assert_eq!(u1.get("app/1", None).await.unwrap().kvs().len(), 1);
     let anon = Client::connect([restored.client_url.as_str()], None)
@@ -540,23 +545,7 @@ async fn an_etcd_snapshot_restores_with_its_users_roles_and_auth_on() {
         &["--user", "root:rootpw", "snapshot", "save", snap.to_str().unwrap()],
     );
     assert!(ok, "{text}");
-    let mut m = Cairn::new("frometcd", tempfile::tempdir().unwrap(), &[]);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_cairn"));
-    let (ok, text) = run(Command::new(bin).args([
-        "snapshot",
-        "restore",
-        snap.to_str().unwrap(),
-        "--name",
-        "frometcd",
-        "--data-dir",
-        m.data_dir.to_str().unwrap(),
-        "--initial-cluster",
-        &format!("frometcd={}", m.peer_url),
-        "--initial-advertise-peer-urls",
-        &m.peer_url,
-    ]));
-    assert!(ok, "{text}");
-    m.spawn_only();
+    let mut m = restore(&snap, "frometcd");
     // etcd's bcrypt hashes, roles and permissions work as they did there.
     let mut u1 = connect_as(&mut m, "u1", "p1").await;
     assert_eq!(u1.get("app/from-etcd", None).await.unwrap().kvs().len(), 1);

@@ -618,3 +618,39 @@ async fn members_take_rotated_peer_certificates_and_ca_without_a_restart() {
     assert_eq!(got.kvs()[0].value(), b"2");
     assert!(cluster.members[0].is_running());
 }
+
+/// Revokes `revoked` (a leaf of CA 1) and writes CA 1's CRL to `crl.pem`; returns its path.
+fn revoke(pki: &Pki, revoked: &str) -> String {
+    let d = pki.dir.path();
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\ndefault_ca = ca1\n[ca1]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+         default_md = sha256\ndefault_crl_days = 2\ncertificate = ca.pem\nprivate_key = ca-key.pem\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    openssl(d, &["ca", "-config", "ca.cnf", "-revoke", &format!("{revoked}.pem")]);
+    openssl(d, &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem"]);
+    pki.path("crl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_on_the_crl_is_refused_and_others_are_served() {
+    let pki = Pki::new();
+    let crl = revoke(&pki, "intruder");
+    let mut c = tls_member(&pki.server_flags(&["--client-cert-auth", "--client-crl-file", &crl]));
+    start_tls(&mut c, &pki.client_tls("ca", Some("client"))).await;
+    let mut good = tls_client(&c.client_url, pki.client_tls("ca", Some("client"))).await.unwrap();
+    good.put("k", "v", None).await.unwrap();
+    let revoked = match tls_client(&c.client_url, pki.client_tls("ca", Some("intruder"))).await {
+        Ok(mut client) => client.get("k", None).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(revoked, "a revoked certificate was served");
+    // A CRL without a CA to verify against, or an unreadable one, stops the start.
+    let (ok, out) = Cairn::new("x", tempfile::tempdir().unwrap(), &["--client-crl-file", &crl])
+        .run_for(Duration::from_secs(10));
+    assert_eq!(ok, Some(false), "{out}");
+    assert!(out.contains("client-crl-file"), "{out}");
+}
