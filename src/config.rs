@@ -228,6 +228,10 @@ pub struct PeerTlsFlags {
     #[arg(long, env = "ETCD_PEER_CRL_FILE", default_value = "")]
     pub peer_crl_file: String,
 
+    /// Allowed TLS hostname for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME", default_value = "")]
+    pub peer_cert_allowed_hostname: String,
+
     /// Required CN for client certs connecting to the peer endpoint.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
     pub peer_cert_allowed_cn: String,
@@ -260,6 +264,10 @@ pub struct TlsFlags {
     /// Path to the client certificate revocation list file.
     #[arg(long, env = "ETCD_CLIENT_CRL_FILE", default_value = "")]
     pub client_crl_file: String,
+
+    /// Allowed TLS hostname for client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_ALLOWED_HOSTNAME", default_value = "")]
+    pub client_cert_allowed_hostname: String,
 
     /// Client TLS using generated certificates.
     #[arg(long, env = "ETCD_AUTO_TLS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -372,6 +380,9 @@ pub struct ServerTls {
     pub cipher_suites: Vec<String>,
     /// The only client-certificate CN accepted (`--peer-cert-allowed-cn`; peers only).
     pub allowed_cn: Option<String>,
+    /// The hostname a client certificate must be valid for (its DNS or IP SANs;
+    /// `--client-cert-allowed-hostname`, `--peer-cert-allowed-hostname`).
+    pub allowed_hostname: Option<String>,
 }
 
 /// Validated peer TLS: the peer listener's settings, which also give the certificate a
@@ -740,6 +751,7 @@ impl TlsFlags {
             key: &self.key_file,
             ca: &self.trusted_ca_file,
             crl: &self.client_crl_file,
+            allowed_hostname: &self.client_cert_allowed_hostname,
             client_cert_auth: self.client_cert_auth,
             auto: self.auto_tls,
             fixtures: data_dir.join("fixtures").join("client"),
@@ -827,6 +839,7 @@ impl PeerTlsFlags {
             key: &self.peer_key_file,
             ca: &self.peer_trusted_ca_file,
             crl: &self.peer_crl_file,
+            allowed_hostname: &self.peer_cert_allowed_hostname,
             client_cert_auth: self.peer_client_cert_auth,
             auto: self.peer_auto_tls,
             fixtures: data_dir.join("fixtures").join("peer"),
@@ -857,6 +870,8 @@ struct Material<'a> {
     ca: &'a str,
     /// The certificate revocation list file (PEM).
     crl: &'a str,
+    /// The hostname client certificates must be valid for.
+    allowed_hostname: &'a str,
     client_cert_auth: bool,
     auto: bool,
     fixtures: PathBuf,
@@ -875,14 +890,26 @@ impl Material<'_> {
             value: String::new(),
             reason,
         };
+        let peer = auth_flag.starts_with("peer");
+        let ca_flag = if peer { "--peer-trusted-ca-file" } else { "--trusted-ca-file" };
         if !self.crl.is_empty() && self.ca.is_empty() {
-            let (crl_flag, ca_flag) = if auth_flag.starts_with("peer") {
-                ("peer-crl-file", "--peer-trusted-ca-file")
-            } else {
-                ("client-crl-file", "--trusted-ca-file")
-            };
+            let crl_flag = if peer { "peer-crl-file" } else { "client-crl-file" };
             let reason = format!("needs {ca_flag} (only verified certificates can be revoked)");
             return Err(bad(crl_flag, reason));
+        }
+        let host_flag =
+            if peer { "peer-cert-allowed-hostname" } else { "client-cert-allowed-hostname" };
+        if !self.allowed_hostname.is_empty() {
+            if self.ca.is_empty() {
+                return Err(bad(host_flag, format!("needs {ca_flag}")));
+            }
+            if allowed_cn.is_some() {
+                // As etcd: "AllowedCN and AllowedHostname are mutually exclusive".
+                return Err(bad(
+                    host_flag,
+                    "cannot be combined with --peer-cert-allowed-cn".into(),
+                ));
+            }
         }
         let source = match (self.cert.is_empty(), self.key.is_empty()) {
             (false, false) => {
@@ -920,6 +947,8 @@ impl Material<'_> {
             return Err(bad(auth_flag, format!("needs {ca_flag}")));
         }
         let crl = (!self.crl.is_empty()).then(|| PathBuf::from(self.crl));
+        let allowed_hostname =
+            (!self.allowed_hostname.is_empty()).then(|| self.allowed_hostname.to_owned());
         Ok(Some(ServerTls {
             source,
             trusted_ca,
@@ -929,6 +958,7 @@ impl Material<'_> {
             max_version,
             cipher_suites,
             allowed_cn,
+            allowed_hostname,
         }))
     }
 }

@@ -165,8 +165,15 @@ impl Acceptor {
 
     /// Whether a session's client certificate passes `--peer-cert-allowed-cn`.
     fn allows(&self, session: &rustls::ServerConnection) -> bool {
+        let leaf = session.peer_certificates().and_then(|c| c.first());
+        if let Some(host) = &self.settings.allowed_hostname {
+            let valid = leaf.is_some_and(|der| valid_for_hostname(der, host));
+            if !valid {
+                return false;
+            }
+        }
         let Some(allowed) = &self.settings.allowed_cn else { return true };
-        let cn = session.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+        let cn = leaf.and_then(|c| common_name(c));
         cn.as_deref() == Some(allowed.as_str())
     }
 }
@@ -430,6 +437,15 @@ pub fn versions(
         (TlsVersion::Tls13, _) => &V13,
         (TlsVersion::Tls12, TlsVersion::Tls13) => &BOTH,
     }
+}
+
+/// True when the certificate `der` is valid for `host` (a DNS name or IP address matched
+/// against its subject alternative names, as Go's `VerifyHostname` does for etcd's
+/// `--*-cert-allowed-hostname`).
+fn valid_for_hostname(der: &rustls_pki_types::CertificateDer<'_>, host: &str) -> bool {
+    let Ok(name) = rustls_pki_types::ServerName::try_from(host) else { return false };
+    webpki::EndEntityCert::try_from(der)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 /// Reads the PEM certificate revocation lists in `path`.
@@ -766,7 +782,7 @@ async fn accept_loop(
                 }
                 Ok(Ok(_)) => tracing::warn!(
                     %remote,
-                    "rejected connection: client certificate CN is not --peer-cert-allowed-cn"
+                    "rejected connection: client certificate CN is not --peer-cert-allowed-cn, or the certificate is not valid for the allowed hostname"
                 ),
                 Ok(Err(e)) => tracing::warn!(%remote, error = %e, "rejected connection"),
                 Err(_) => tracing::warn!(%remote, "rejected connection: TLS handshake timed out"),
@@ -818,6 +834,7 @@ mod tests {
             max_version: TlsVersion::Tls13,
             cipher_suites: vec!["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".to_owned()],
             allowed_cn: None,
+            allowed_hostname: None,
         };
         let a = Acceptor::new(&settings).unwrap();
         let cert = std::fs::read(dir.path().join("fixtures/cert.pem")).unwrap();

@@ -654,3 +654,43 @@ async fn a_client_certificate_on_the_crl_is_refused_and_others_are_served() {
     assert_eq!(ok, Some(false), "{out}");
     assert!(out.contains("client-crl-file"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_client_certificates_valid_for_the_allowed_hostname_are_served() {
+    let pki = Pki::new();
+    // Every test certificate names localhost and 127.0.0.1.
+    let mut ok = tls_member(&pki.server_flags(&[
+        "--client-cert-auth",
+        "--client-cert-allowed-hostname",
+        "localhost",
+    ]));
+    start_tls(&mut ok, &pki.client_tls("ca", Some("client"))).await;
+    let mut other = tls_member(&pki.server_flags(&[
+        "--client-cert-auth",
+        "--client-cert-allowed-hostname",
+        "db.example.com",
+    ]));
+    other.spawn_only();
+    let mut probe = Client::connect([ok.client_url.as_str()], None).await;
+    assert!(probe.is_err() || probe.as_mut().unwrap().get("k", None).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The member runs, and refuses the certificate at every try.
+    while Instant::now() < deadline {
+        assert!(other.is_running(), "cairn exited");
+        let refused =
+            match tls_client(&other.client_url, pki.client_tls("ca", Some("client"))).await {
+                Ok(mut c) => c.get("k", None).await.is_err(),
+                Err(_) => true,
+            };
+        assert!(refused, "a certificate not valid for the allowed hostname was served");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (started, out) = Cairn::new(
+        "x",
+        tempfile::tempdir().unwrap(),
+        &["--peer-cert-allowed-hostname", "localhost", "--peer-cert-allowed-cn", "member"],
+    )
+    .run_for(Duration::from_secs(10));
+    assert_eq!(started, Some(false), "{out}");
+    assert!(out.contains("peer-cert-allowed-hostname"), "{out}");
+}
