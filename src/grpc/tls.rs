@@ -3,7 +3,7 @@
 //! stream of accepted connections tonic serves ([`incoming`]) and the dialer members use
 //! to reach each other ([`Connector`]).
 //!
-//! The certificate, key and trusted CA files are re-read when any of them changes (size,
+//! The certificate, key, trusted CA and CRL files are re-read when any of them changes (size,
 //! modification time or inode), checked at each accepted connection, so a rotated
 //! certificate takes effect for new connections without a restart while established ones
 //! keep their session. A half-written set that does not load keeps the previous one in
@@ -12,8 +12,11 @@
 //!
 //! Handshakes run on their own tasks so a slow or silent client cannot hold up the accept
 //! loop; a failed handshake is logged and the connection dropped ("rejected connection",
-//! as etcd logs it); so is a peer whose certificate CN is not `--peer-cert-allowed-cn`. A
-//! connection's verified client certificate CN travels to the services in [`ConnInfo`].
+//! as etcd logs it); so is a client whose certificate is on the `--client-crl-file` /
+//! `--peer-crl-file` list, a peer whose certificate CN is not `--peer-cert-allowed-cn`, and
+//! a client whose certificate is not valid for `--*-cert-allowed-hostname`. A connection's
+//! verified client certificate CN travels to the services in [`ConnInfo`] (the user, with
+//! auth on and no token).
 
 use std::io;
 use std::net::SocketAddr;
