@@ -807,6 +807,89 @@ mod tests {
         assert!(alarms.list().is_empty());
     }
 
+    /// A request from `user` (resolved at auth revision `rev`), or the member's own.
+    fn as_user(index: u64, id: u64, op: Op, user: Option<(&str, u64)>) -> Entry {
+        let mut e = request(index, id, op);
+        let auth = user.map(|(u, revision)| cairn_proto::internal::AuthHeader {
+            username: u.into(),
+            revision,
+        });
+        e.data =
+            InternalRequest { id, op: InternalRequest::decode(e.data.as_ref()).unwrap().op, auth }
+                .encode_to_vec()
+                .into();
+        e
+    }
+
+    #[test]
+    fn the_auth_wrapper_checks_every_key_a_write_touches_at_the_callers_revision() {
+        use cairn_proto::authpb::{Permission, permission::Type};
+        use cairn_proto::etcdserverpb as pb;
+        let (a, seen) = applier(vec![]);
+        let (store, alarms) = (a.state.auth.clone(), a.state.alarms.clone());
+        let mut a = a
+            .with_wrapper(Box::new(AlarmWrapper::new(alarms)))
+            .with_wrapper(Box::new(AuthWrapper::new(store.clone())));
+        let user = |name: &str| {
+            Op::UserAdd(pb::AuthUserAddRequest { name: name.into(), ..Default::default() })
+        };
+        let grant = |u: &str, r: &str| {
+            Op::UserGrantRole(pb::AuthUserGrantRoleRequest { user: u.into(), role: r.into() })
+        };
+        let perm =
+            Permission { perm_type: Type::Readwrite as i32, key: b"a".to_vec(), range_end: vec![] };
+        // The member's own requests (no header) set auth up and are never refused.
+        a.apply_entries(vec![
+            request(2, 1, user("root")),
+            request(3, 2, grant("root", "root")),
+            request(4, 3, user("u")),
+            request(5, 4, Op::RoleAdd(pb::AuthRoleAddRequest { name: "r".into() })),
+            request(
+                6,
+                5,
+                Op::RoleGrantPermission(pb::AuthRoleGrantPermissionRequest {
+                    name: "r".into(),
+                    perm: Some(perm),
+                }),
+            ),
+            request(7, 6, grant("u", "r")),
+            request(8, 7, Op::AuthEnable(pb::AuthEnableRequest {})),
+        ]);
+        assert!(store.is_enabled());
+        let rev = store.revision();
+        let txn = |fail_key: &str| {
+            Op::Txn(pb::TxnRequest {
+                compare: vec![],
+                success: vec![],
+                failure: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                        key: fail_key.into(),
+                        ..Default::default()
+                    })),
+                }],
+            })
+        };
+        let results: Vec<_> = (10..=15).map(|id| seen.wait.register(id)).collect();
+        a.apply_entries(vec![
+            as_user(9, 10, put("a"), Some(("u", rev))),
+            as_user(10, 11, put("b"), Some(("u", rev))),
+            as_user(11, 12, txn("b"), Some(("u", rev))),
+            as_user(12, 13, put("a"), Some(("", 0))),
+            as_user(13, 14, put("a"), Some(("u", rev - 1))),
+            as_user(14, 15, put("b"), Some(("root", rev))),
+        ]);
+        let denied =
+            |r: &ApplyResult| matches!(r, Err(Error::Auth(crate::auth::Error::PermissionDenied)));
+        let results: Vec<ApplyResult> =
+            results.into_iter().map(|mut rx| rx.try_recv().unwrap()).collect();
+        assert!(matches!(results[0], Ok(Response::Put(_))), "{:?}", results[0]);
+        assert!(denied(&results[1]), "{:?}", results[1]);
+        assert!(denied(&results[2]), "a put in the failure branch is checked: {:?}", results[2]);
+        assert!(matches!(results[3], Err(Error::Auth(crate::auth::Error::UserEmpty))));
+        assert!(matches!(results[4], Err(Error::Auth(crate::auth::Error::OldRevision))));
+        assert!(matches!(results[5], Ok(Response::Put(_))), "root may write anything");
+    }
+
     #[test]
     fn member_requests_are_routed_to_the_member_records() {
         let founder =
