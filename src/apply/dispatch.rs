@@ -27,6 +27,10 @@
 //!    alarm/capacity checks first, then auth, then quota. Wrappers added earlier run
 //!    outside wrappers added later.
 //!
+//! What a wrapper needs to know of an op comes from a classifier here, so ops stay matched
+//! in this file only: [`kind`] for the alarm wrapper, [`needs`] (the key ranges read and
+//! written, leases, admin-only ops) for the auth wrapper.
+//!
 //! A wrapper that must switch on and off (etcd swaps the capped applier in while a NOSPACE
 //! alarm is raised) stays installed and consults the replicated alarm state itself.
 

@@ -20,8 +20,9 @@
 //! `authpb.Role`): the bytes etcd keeps in its auth buckets. `authpb` is etcd's auth data
 //! model, not an RPC message, so it serves as this module's domain type.
 //!
-//! Files: [`perms`] merges a user's grants and answers coverage; [`token`] holds the simple
-//! tokens.
+//! Files: [`perms`] merges a user's grants and answers coverage (DESIGN's `perm_cache.rs`:
+//! the cache itself is the per-revision map here); [`token`] holds the simple tokens;
+//! [`jwt`] signs and verifies JWT tokens (DESIGN's `token.rs` split in two).
 
 pub mod jwt;
 pub mod perms;
