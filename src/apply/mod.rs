@@ -23,6 +23,14 @@
 //! requests lives here, in [`convert`], and the server reuses it for reads. The lessor's
 //! view of mvcc runs through here too: apply answers mvcc's `LeaseLookup` and turns each
 //! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
+//!
+//! A failed state-machine write, checkpoint or snapshot install is fatal: apply records it
+//! in the member's [`Fatal`] latch and stops applying (the raft task stops on seeing it),
+//! so the member stays up refusing requests and reporting why until it is restarted, and
+//! the restart replays the raft log from the last durable applied index. A failed
+//! checkpoint is never retried: after a failed fsync the kernel may have dropped the dirty
+//! pages, so a later sync that succeeds would not make them durable (fsyncgate; see
+//! [`Fatal`]), and compacting the raft log on its word could lose entries.
 
 pub mod alarm;
 pub mod convert;
@@ -37,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::lease::{self, KeyMove, Lessor};
 use crate::mvcc::{self, EventKind, KvStore, WriteTxn};
-use crate::raft::{ConfChange, Entry, EntryType, ToApply};
+use crate::raft::{ConfChange, Entry, EntryType, Fatal, ToApply};
 use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
 
@@ -238,6 +246,8 @@ pub struct Applier {
     on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
     watch: Option<WatchHub>,
+    /// The member's fatal-failure latch; apply stops once it is set.
+    fatal: Fatal,
 }
 
 impl Applier {
@@ -257,7 +267,14 @@ impl Applier {
             on_conf_change,
             on_snapshot,
             watch: None,
+            fatal: Fatal::default(),
         }
+    }
+
+    /// Records fatal failures in `fatal` (the member's latch, shared with raft and health).
+    pub fn with_fatal(mut self, fatal: Fatal) -> Self {
+        self.fatal = fatal;
+        self
     }
 
     /// Adds `wrapper` to the applier chain, inside the wrappers added before it (see
@@ -279,6 +296,11 @@ impl Applier {
     pub fn run(mut self, mut rx: mpsc::Receiver<ToApply>) {
         let mut next = None;
         loop {
+            if self.fatal.is_set() {
+                // Nothing after a fatal failure may reach the state machine, not even the
+                // final checkpoint: the restart replays from the last durable one.
+                return;
+            }
             let task = match next.take() {
                 Some(task) => task,
                 None => match rx.blocking_recv() {
@@ -404,8 +426,8 @@ impl Applier {
             Err(e) => {
                 // A half-installed state machine cannot serve; restart recovers from the
                 // leader again.
-                tracing::error!(error = %e, index, "cannot install the leader's snapshot");
-                std::process::abort();
+                self.fatal
+                    .set_error(&format!("cannot install the leader's snapshot at {index}"), &e);
             }
         }
     }
@@ -418,6 +440,9 @@ impl Applier {
         let kv = self.state.kv.clone();
         let mut txn = kv.write();
         for entry in entries {
+            if self.fatal.is_set() {
+                return;
+            }
             // raft may resend entries the state machine already holds after a restart.
             if entry.index <= prev {
                 continue;
@@ -493,8 +518,10 @@ impl Applier {
             Err(e) => {
                 // The state machine diverged from the log it claims to have applied; the
                 // only safe course is to stop and recover from the raft log on restart.
-                tracing::error!(error = %e, index = group.last, "state machine write failed");
-                std::process::abort();
+                // The proposers hear nothing: their writes are in the raft log, and their
+                // waits end in a timeout, never in a success.
+                self.fatal.set_error(&format!("state machine write failed at {}", group.last), &e);
+                return;
             }
         };
         self.state.leases.observe(events.iter().map(|ev| KeyMove {
@@ -523,7 +550,11 @@ impl Applier {
                 (self.on_durable)(index);
                 tracing::debug!(index, "state machine checkpoint");
             }
-            Err(e) => tracing::warn!(error = %e, "state machine checkpoint failed; raft log kept"),
+            Err(e) => {
+                // Never retried (fsyncgate, see the module doc): the member stops, and the
+                // raft log, never compacted past the last good checkpoint, replays.
+                self.fatal.set_error("state machine checkpoint (fsync) failed", &e);
+            }
         }
     }
 }
