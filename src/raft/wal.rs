@@ -885,19 +885,20 @@ mod tests {
     /// so a case can damage a body and still frame it with a valid CRC.
     fn segment_bodies(rng: &mut crate::fuzz::Rng) -> Vec<Vec<u8>> {
         let body = |framed: Vec<u8>| framed[HEADER_LEN..].to_vec();
-        let hard_state = |rng: &mut crate::fuzz::Rng| HardState {
-            term: rng.below(5) as u64,
+        // A commit index at or below `last`, as raft writes it.
+        let hard_state = |rng: &mut crate::fuzz::Rng, last: u64| HardState {
+            term: 1 + rng.below(4) as u64,
             vote: rng.below(4) as u64,
-            commit: rng.below(40) as u64,
+            commit: rng.below(last as usize + 1) as u64,
             ..HardState::default()
         };
         let conf_state = |rng: &mut crate::fuzz::Rng| {
-            ConfState::from(((1..=rng.below(4) as u64).collect::<Vec<_>>(), vec![]))
+            ConfState::from(((1..=1 + rng.below(3) as u64).collect::<Vec<_>>(), vec![]))
         };
         let mut bodies = Vec::new();
         let mut buf = Vec::new();
         let base_index = rng.below(8) as u64;
-        let (hs, cs) = (hard_state(rng), conf_state(rng));
+        let (hs, cs) = (hard_state(rng, base_index), conf_state(rng));
         encode_base(&mut buf, &hs, &cs, base_index, rng.below(3) as u64).unwrap();
         bodies.push(body(std::mem::take(&mut buf)));
         let mut next = base_index + 1;
@@ -906,8 +907,8 @@ mod tests {
                 encode_conf_state(&mut buf, &conf_state(rng)).unwrap();
             } else {
                 // Mostly the next index; sometimes a rewrite of the suffix or a gap.
-                let first = match rng.below(6) {
-                    0 => next.saturating_sub(rng.below(3) as u64 + 1),
+                let first = match rng.below(12) {
+                    0 => next.saturating_sub(rng.below(3) as u64 + 1).max(base_index + 1),
                     1 => next + rng.below(3) as u64 + 1,
                     _ => next,
                 };
@@ -919,7 +920,7 @@ mod tests {
                     })
                     .collect();
                 next = first + entries.len() as u64;
-                let hs = (rng.one_in(2)).then(|| hard_state(rng));
+                let hs = (rng.one_in(2)).then(|| hard_state(rng, next - 1));
                 encode_append(&mut buf, hs.as_ref(), &entries).unwrap();
             }
             bodies.push(body(std::mem::take(&mut buf)));
@@ -970,7 +971,7 @@ mod tests {
             crate::fuzz::cases(20_000),
             std::time::Duration::from_secs(120),
             fuzzed_segment,
-            |data| {
+            move |data| {
                 let path = std::path::Path::new("fuzz.wal");
                 for last in [false, true] {
                     let mut records = 0usize;
@@ -988,13 +989,16 @@ mod tests {
     #[test]
     fn fuzzed_log_directories_open_with_an_error_or_a_log_raft_accepts() {
         use raft::Storage as _;
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = opened.clone();
+        let cases = crate::fuzz::cases(1_500);
         crate::fuzz::run(
             "raft log open",
             0x4c4f_4731,
-            crate::fuzz::cases(1_500),
+            cases,
             std::time::Duration::from_secs(240),
             fuzzed_segment,
-            |data| {
+            move |data| {
                 let dir = tempfile::tempdir().unwrap();
                 fs::write(dir.path().join("0000000000000001.wal"), data).unwrap();
                 let Ok(store) = super::super::LogStore::open_with_segment_size(dir.path(), 8192)
@@ -1015,8 +1019,11 @@ mod tests {
                     store.set_commit(first - 1).unwrap();
                 }
                 let _ = raft::RawNode::new(&config, store.clone(), &logger);
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             },
         );
+        let opened = opened.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(opened > cases / 5, "only {opened} of {cases} logs opened");
     }
 
     /// Crashers the fuzz tests above found, kept: each made raft-rs panic in
