@@ -151,6 +151,19 @@ pub fn unhex(text: &str) -> Vec<u8> {
     (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap()).collect()
 }
 
+/// Describes a failing input: its hex when short, else the file it was saved to.
+fn describe(name: &str, case: usize, input: &[u8]) -> String {
+    if input.len() <= 256 {
+        return format!("input {}", hex(input));
+    }
+    let path =
+        std::env::temp_dir().join(format!("cairn-fuzz-{}-{case}.bin", name.replace(' ', "-")));
+    match std::fs::write(&path, input) {
+        Ok(()) => format!("input ({} bytes) saved to {}", input.len(), path.display()),
+        Err(e) => format!("input of {} bytes (not saved: {e})", input.len()),
+    }
+}
+
 /// Runs `check` on `cases` inputs made by `generate` (seeded by `seed` and the case number),
 /// on a worker thread; fails when a case panics, or when all of them together take longer
 /// than `limit` (a hang), naming the case and its input either way.
@@ -178,14 +191,17 @@ where
     match rx.recv_timeout(limit) {
         Ok(Ok(())) => {}
         Ok(Err((case, input))) => {
-            panic!("{name}: case {case} (seed {seed:#x}) panicked on input {}", hex(&input))
+            panic!(
+                "{name}: case {case} (seed {seed:#x}) panicked; {}",
+                describe(name, case, &input)
+            )
         }
         Err(_) => {
             let (case, input) =
                 current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
             panic!(
-                "{name}: no answer within {limit:?}; case {case} (seed {seed:#x}) hangs on input {}",
-                hex(&input)
+                "{name}: no answer within {limit:?}; case {case} (seed {seed:#x}) hangs; {}",
+                describe(name, case, &input)
             )
         }
     }
