@@ -383,7 +383,7 @@ fn random_json(rng: &mut Rng, depth: u32) -> String {
             3 => "-0.5".into(),
             _ => "123456789012345678901234567890".into(),
         },
-        3 | 4 | 5 => {
+        3..=5 => {
             let s = JSON_STRINGS[rng.below(JSON_STRINGS.len() as u64) as usize];
             serde_json::Value::String(s.into()).to_string()
         }
