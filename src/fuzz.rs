@@ -166,30 +166,43 @@ fn describe(name: &str, case: usize, input: &[u8]) -> String {
 
 /// Runs `check` on `cases` inputs made by `generate` (seeded by `seed` and the case number),
 /// on a worker thread; fails when a case panics, or when all of them together take longer
-/// than `limit` (a hang), naming the case and its input either way.
-pub fn run<G, C>(name: &str, seed: u64, cases: usize, limit: Duration, generate: G, check: C)
+/// than `limit` (a hang), naming the case and its input either way. `check` returns true
+/// when the decoder accepted the input; the count of those is returned, so a test can show
+/// its cases reach past the first checks (a checksum, a magic number).
+pub fn run<G, C>(
+    name: &str,
+    seed: u64,
+    cases: usize,
+    limit: Duration,
+    generate: G,
+    check: C,
+) -> usize
 where
     G: Fn(&mut Rng) -> Vec<u8> + Send + 'static,
-    C: Fn(&[u8]) + Send + 'static,
+    C: Fn(&[u8]) -> bool + Send + 'static,
 {
     let current: Arc<Mutex<(usize, Vec<u8>)>> = Arc::default();
     let (tx, rx) = mpsc::channel();
     let shared = current.clone();
     std::thread::spawn(move || {
+        let mut accepted = 0;
         for case in 0..cases {
             let mut rng = Rng::new(seed ^ (case as u64).wrapping_mul(0x1000_0000_01b3));
             let input = generate(&mut rng);
             *shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                 (case, input.clone());
-            if catch_unwind(AssertUnwindSafe(|| check(&input))).is_err() {
-                let _ = tx.send(Err((case, input)));
-                return;
+            match catch_unwind(AssertUnwindSafe(|| check(&input))) {
+                Ok(ok) => accepted += usize::from(ok),
+                Err(_) => {
+                    let _ = tx.send(Err((case, input)));
+                    return;
+                }
             }
         }
-        let _ = tx.send(Ok(()));
+        let _ = tx.send(Ok(accepted));
     });
     match rx.recv_timeout(limit) {
-        Ok(Ok(())) => {}
+        Ok(Ok(accepted)) => accepted,
         Ok(Err((case, input))) => {
             panic!(
                 "{name}: case {case} (seed {seed:#x}) panicked; {}",

@@ -965,45 +965,40 @@ mod tests {
 
     #[test]
     fn fuzzed_segments_and_record_bodies_never_panic_or_hang() {
-        crate::fuzz::run(
+        let cases = crate::fuzz::cases(20_000);
+        let accepted = crate::fuzz::run(
             "wal segment",
             0x5741_4c31,
-            crate::fuzz::cases(20_000),
+            cases,
             std::time::Duration::from_secs(120),
             fuzzed_segment,
-            move |data| {
+            |data| {
                 let path = std::path::Path::new("fuzz.wal");
-                for last in [false, true] {
-                    let mut records = 0usize;
-                    let _ = super::scan_segment(path, data, last, &mut |_| {
-                        records += 1;
-                        Ok(())
-                    });
-                }
+                let _ = super::scan_segment(path, data, false, &mut |_| Ok(()));
                 let _ = decode_body(data);
                 let _ = decode_body(data.get(HEADER_LEN..).unwrap_or_default());
+                super::scan_segment(path, data, true, &mut |_| Ok(())).is_ok()
             },
         );
+        assert!(accepted > cases / 5, "only {accepted} of {cases} segments read");
     }
 
     #[test]
     fn fuzzed_log_directories_open_with_an_error_or_a_log_raft_accepts() {
         use raft::Storage as _;
-        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = opened.clone();
         let cases = crate::fuzz::cases(1_500);
-        crate::fuzz::run(
+        let opened = crate::fuzz::run(
             "raft log open",
             0x4c4f_4731,
             cases,
             std::time::Duration::from_secs(240),
             fuzzed_segment,
-            move |data| {
+            |data| {
                 let dir = tempfile::tempdir().unwrap();
                 fs::write(dir.path().join("0000000000000001.wal"), data).unwrap();
                 let Ok(store) = super::super::LogStore::open_with_segment_size(dir.path(), 8192)
                 else {
-                    return;
+                    return false;
                 };
                 // What raft-rs reads at start must be consistent, or RawNode::new panics.
                 let state = store.initial_state().unwrap();
@@ -1018,11 +1013,9 @@ mod tests {
                 if state.hard_state.commit < first - 1 {
                     store.set_commit(first - 1).unwrap();
                 }
-                let _ = raft::RawNode::new(&config, store.clone(), &logger);
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                raft::RawNode::new(&config, store.clone(), &logger).is_ok()
             },
         );
-        let opened = opened.load(std::sync::atomic::Ordering::Relaxed);
         assert!(opened > cases / 5, "only {opened} of {cases} logs opened");
     }
 
