@@ -137,7 +137,7 @@ impl Rng {
 }
 
 /// The number of cases for a target: `CAIRN_FUZZ_CASES` when set, else `default`.
-pub fn cases(default: usize) -> usize {
+fn cases(default: usize) -> usize {
     std::env::var("CAIRN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
@@ -164,19 +164,45 @@ fn describe(name: &str, case: usize, input: &[u8]) -> String {
     }
 }
 
-/// Runs `check` on `cases` inputs made by `generate` (seeded by `seed` and the case number),
-/// on a worker thread; fails when a case panics, or when all of them together take longer
-/// than `limit` (a hang), naming the case and its input either way. `check` returns true
-/// when the decoder accepted the input; the count of those is returned, so a test can show
-/// its cases reach past the first checks (a checksum, a magic number).
-pub fn run<G, C>(
-    name: &str,
-    seed: u64,
-    cases: usize,
-    limit: Duration,
-    generate: G,
-    check: C,
-) -> usize
+/// One fuzz target: its name, seed and default number of cases, the share of cases its
+/// decoder must accept (so the test shows its cases reach past the first checks, such as a
+/// checksum or a magic number), and the time all cases together may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// Names the target in failure messages and saved crasher files.
+    pub name: &'static str,
+    /// The base seed; each case derives its own from it and the case number.
+    pub seed: u64,
+    /// Cases run unless `CAIRN_FUZZ_CASES` says otherwise.
+    pub cases: usize,
+    /// The least share of cases `check` must accept (0.0 to 1.0).
+    pub min_accepted: f64,
+    /// Longer than this for all cases is a hang.
+    pub limit: Duration,
+}
+
+impl Target {
+    /// Runs `check` on inputs made by `generate`, on a worker thread; fails when a case
+    /// panics, when all of them together take longer than the limit (a hang), naming the
+    /// case and its input either way, or when `check` accepted (returned true for) too few.
+    pub fn run<G, C>(self, generate: G, check: C)
+    where
+        G: Fn(&mut Rng) -> Vec<u8> + Send + 'static,
+        C: Fn(&[u8]) -> bool + Send + 'static,
+    {
+        let cases = cases(self.cases);
+        let accepted = run(self.name, self.seed, cases, self.limit, generate, check);
+        let share = accepted as f64 / cases.max(1) as f64;
+        assert!(
+            share >= self.min_accepted,
+            "{}: only {accepted} of {cases} inputs accepted",
+            self.name
+        );
+    }
+}
+
+/// Runs the cases of one target; returns how many `check` accepted.
+fn run<G, C>(name: &str, seed: u64, cases: usize, limit: Duration, generate: G, check: C) -> usize
 where
     G: Fn(&mut Rng) -> Vec<u8> + Send + 'static,
     C: Fn(&[u8]) -> bool + Send + 'static,

@@ -965,58 +965,53 @@ mod tests {
 
     #[test]
     fn fuzzed_segments_and_record_bodies_never_panic_or_hang() {
-        let cases = crate::fuzz::cases(20_000);
-        let accepted = crate::fuzz::run(
-            "wal segment",
-            0x5741_4c31,
-            cases,
-            std::time::Duration::from_secs(120),
-            fuzzed_segment,
-            |data| {
-                let path = std::path::Path::new("fuzz.wal");
-                let _ = super::scan_segment(path, data, false, &mut |_| Ok(()));
-                let _ = decode_body(data);
-                let _ = decode_body(data.get(HEADER_LEN..).unwrap_or_default());
-                super::scan_segment(path, data, true, &mut |_| Ok(())).is_ok()
-            },
-        );
-        assert!(accepted > cases / 5, "only {accepted} of {cases} segments read");
+        crate::fuzz::Target {
+            name: "wal segment",
+            seed: 0x5741_4c31,
+            cases: 20_000,
+            min_accepted: 0.2,
+            limit: std::time::Duration::from_secs(120),
+        }
+        .run(fuzzed_segment, |data| {
+            let path = std::path::Path::new("fuzz.wal");
+            let _ = super::scan_segment(path, data, false, &mut |_| Ok(()));
+            let _ = decode_body(data);
+            let _ = decode_body(data.get(HEADER_LEN..).unwrap_or_default());
+            super::scan_segment(path, data, true, &mut |_| Ok(())).is_ok()
+        });
     }
 
     #[test]
     fn fuzzed_log_directories_open_with_an_error_or_a_log_raft_accepts() {
         use raft::Storage as _;
-        let cases = crate::fuzz::cases(1_500);
-        let opened = crate::fuzz::run(
-            "raft log open",
-            0x4c4f_4731,
-            cases,
-            std::time::Duration::from_secs(240),
-            fuzzed_segment,
-            |data| {
-                let dir = tempfile::tempdir().unwrap();
-                fs::write(dir.path().join("0000000000000001.wal"), data).unwrap();
-                let Ok(store) = super::super::LogStore::open_with_segment_size(dir.path(), 8192)
-                else {
-                    return false;
-                };
-                // What raft-rs reads at start must be consistent, or RawNode::new panics.
-                let state = store.initial_state().unwrap();
-                let first = raft::Storage::first_index(&store).unwrap();
-                let last = raft::Storage::last_index(&store).unwrap();
-                let _ = store.term(last);
-                let _ = store.entries(first, last + 1, None, raft::GetEntriesContext::empty(false));
-                let config = raft::Config { id: 1, ..raft::Config::default() };
-                let logger = slog::Logger::root(slog::Discard, slog::o!());
-                // raft::start raises a commit index below the compaction point (a lagging
-                // commit record) to the applied index first; do the same.
-                if state.hard_state.commit < first - 1 {
-                    store.set_commit(first - 1).unwrap();
-                }
-                raft::RawNode::new(&config, store.clone(), &logger).is_ok()
-            },
-        );
-        assert!(opened > cases / 5, "only {opened} of {cases} logs opened");
+        crate::fuzz::Target {
+            name: "raft log open",
+            seed: 0x4c4f_4731,
+            cases: 1_500,
+            min_accepted: 0.2,
+            limit: std::time::Duration::from_secs(240),
+        }
+        .run(fuzzed_segment, |data| {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("0000000000000001.wal"), data).unwrap();
+            let Ok(store) = super::super::LogStore::open_with_segment_size(dir.path(), 8192) else {
+                return false;
+            };
+            // What raft-rs reads at start must be consistent, or RawNode::new panics.
+            let state = store.initial_state().unwrap();
+            let first = raft::Storage::first_index(&store).unwrap();
+            let last = raft::Storage::last_index(&store).unwrap();
+            let _ = store.term(last);
+            let _ = store.entries(first, last + 1, None, raft::GetEntriesContext::empty(false));
+            let config = raft::Config { id: 1, ..raft::Config::default() };
+            let logger = slog::Logger::root(slog::Discard, slog::o!());
+            // raft::start raises a commit index below the compaction point (a lagging
+            // commit record) to the applied index first; do the same.
+            if state.hard_state.commit < first - 1 {
+                store.set_commit(first - 1).unwrap();
+            }
+            raft::RawNode::new(&config, store.clone(), &logger).is_ok()
+        });
     }
 
     /// Crashers the fuzz tests above found, kept: each made raft-rs panic in
