@@ -76,9 +76,14 @@ async fn a_member_whose_disk_fills_up_reports_why_and_a_restart_with_space_keeps
         }
     }
     assert!(failed, "160 MiB took 400 MB of writes");
+    let first_failure = Instant::now();
     assert!(acked.len() > 100, "only {} writes before the disk was full", acked.len());
     // The member stays up, refuses requests and says why, until it is restarted.
     let reason = wait_failed(&srv.client_url).await;
+    eprintln!(
+        "DISK FULL: reported on /readyz {:?} after the first failed write",
+        first_failure.elapsed()
+    );
     assert!(
         reason.contains("disk_full: ") && reason.contains("No space left on device"),
         "{reason}"
@@ -183,6 +188,26 @@ fn build_fail_sync_shim(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_fdatasync_fails_acknowledges_nothing_reports_why_and_rejoins_after_a_restart()
  {
+    fdatasync_fails_on(Role::Leader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_fdatasync_fails_acknowledges_nothing_reports_why_and_rejoins_after_a_restart()
+ {
+    fdatasync_fails_on(Role::Follower).await;
+}
+
+/// Which member's disk fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Leader,
+    Follower,
+}
+
+/// Three members, writers on all of them; `fdatasync` starts failing on the member of
+/// `role`. That member acknowledges nothing more and reports why; the other two go on; once
+/// the fault clears a restart brings every acknowledged write back and the member rejoins.
+async fn fdatasync_fails_on(role: Role) {
     let shim_dir = tempfile::tempdir().unwrap();
     let shim = build_fail_sync_shim(shim_dir.path());
     let trigger = |i: usize| shim_dir.path().join(format!("fail-m{i}"));
@@ -197,7 +222,8 @@ async fn a_leader_whose_fdatasync_fails_acknowledges_nothing_reports_why_and_rej
         })
         .collect();
     let mut cluster = Cluster::start_members(members, Vec::new()).await;
-    let victim = cluster.leader().await;
+    let leader = cluster.leader().await;
+    let victim = if role == Role::Leader { leader } else { (leader + 1) % 3 };
     let others: Vec<String> =
         (0..3).filter(|&i| i != victim).map(|i| cluster.members[i].client_url.clone()).collect();
     let acked: Acked = Default::default();
@@ -233,7 +259,7 @@ async fn a_leader_whose_fdatasync_fails_acknowledges_nothing_reports_why_and_rej
     drop(vc);
     let unavailable = probe.await.unwrap();
     eprintln!(
-        "FDATASYNC EIO ON THE LEADER: reported on /readyz after {reported:?}; the others took writes again {unavailable:?} after the fault"
+        "FDATASYNC EIO ON THE {role:?}: reported on /readyz after {reported:?}; the others took writes again {unavailable:?} after the fault"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -247,7 +273,10 @@ async fn a_leader_whose_fdatasync_fails_acknowledges_nothing_reports_why_and_rej
     cluster.members[victim].kill9();
     let restarted = Instant::now();
     cluster.members[victim].spawn().await;
-    eprintln!("FDATASYNC EIO: the restarted member served again after {:?}", restarted.elapsed());
+    eprintln!(
+        "FDATASYNC EIO ON THE {role:?}: restarted, served again after {:?}",
+        restarted.elapsed()
+    );
     assert_eq!(get(&cluster.members[victim].client_url, "/readyz").await.status, 200);
     assert_acked_readable(&mut cluster, &acked).await;
     let mut c = cluster.members[victim].client().await;
