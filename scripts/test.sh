@@ -126,7 +126,13 @@ if ! command -v ip >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 >/dev/null
 fi
-for tool in unshare flock setsid ip; do
+if ! command -v cc >/dev/null 2>&1; then
+  log "installing gcc (the disk fault test compiles an LD_PRELOAD shim that fails fdatasync)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null
+fi
+for tool in unshare flock setsid ip cc; do
   command -v "$tool" >/dev/null 2>&1 || { echo "the test bed needs $tool" >&2; exit 1; }
 done
 

@@ -24,11 +24,14 @@
 //! - [`metrics`]: the Prometheus registry with etcd's metric names.
 //! - [`snapshot`]: Cairn's snapshot image format and `cairn snapshot save|status|restore`.
 //! - [`bench`]: `cairn bench`, the load generator modeled on etcd's benchmark tool.
+//! - `fuzz` (test builds only): deterministic fuzzing of the decoders of outside bytes.
 
 pub mod apply;
 pub mod auth;
 pub mod bench;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
 pub mod grpc;
 pub mod lease;

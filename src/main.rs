@@ -145,16 +145,28 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
                 let _ = peer_stop_rx.await;
             },
         ));
+        // A member whose raft or apply task failed (full disk, failed fdatasync, lost log)
+        // does not exit: it stays up refusing requests, with /health, /livez, /readyz and
+        // cairn_server_fatal_error saying why, until a signal ends it (raft::Fatal's doc).
+        let watch_raft = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                server.raft().stopped().await;
+                server
+                    .raft()
+                    .fatal()
+                    .set(cairn::raft::Cause::Other, "the raft task stopped unexpectedly".into());
+            })
+        };
         let mut removed = server.removed();
+        // `Ok` only: a closed channel (its owner gone with a failed raft task) is no removal.
         tokio::select! {
             () = shutdown_signal() => {}
-            _ = removed.wait_for(|r| *r) => {}
-            _ = told_removed.wait_for(|r| *r) => {}
-            () = server.raft().stopped() => {}
+            Ok(_) = removed.wait_for(|r| *r) => {}
+            Ok(_) = told_removed.wait_for(|r| *r) => {}
         }
-        // Whatever woke the wait (select picks any ready branch), a raft task that is
-        // already gone is the failure.
-        let raft_failed = server.raft().is_stopped();
+        watch_raft.abort();
+        let failure = server.failure();
         if let Some(task) = corrupt_check {
             task.abort();
         }
@@ -168,10 +180,15 @@ fn run_server(config: &Config) -> anyhow::Result<()> {
         }
         // Clients that keep connections open must not hold the process hostage.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serving).await;
+        if let Some(f) = failure {
+            // A failed member that is told to stop exits non-zero, so a supervisor sees it,
+            // and without running destructors: nothing may flush to the failed disk again
+            // (fsyncgate, raft::Fatal), and sled's Drop unwraps a final fsync.
+            eprintln!("cairn: member failed ({}): {}", f.cause.as_str(), f.message);
+            std::process::exit(1);
+        }
         server.shutdown().await;
         tracing::info!("stopped");
-        // A member whose raft task died cannot serve: exit non-zero, so a supervisor sees it.
-        anyhow::ensure!(!raft_failed, "raft stopped on a fatal error (see the log above)");
         anyhow::Ok(())
     })
 }

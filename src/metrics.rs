@@ -301,6 +301,8 @@ pub struct CairnMetrics {
     pub backend_sync_duration_seconds: Histogram,
     /// HTTP requests served by the gateway and operations endpoints, by route and status.
     pub http_requests_total: IntCounterVec,
+    /// 1, labelled with the cause, once the member stopped on a fatal error (raft::Fatal).
+    pub fatal_error: IntGaugeVec,
 }
 
 /// Every metric handle plus the registry they are registered in.
@@ -576,6 +578,11 @@ impl Metrics {
                 "cairn_http_requests_total",
                 "HTTP requests served by the JSON gateway and the operations endpoints.",
                 &["route", "code"],
+            )?,
+            fatal_error: b.gauge_vec(
+                "cairn_server_fatal_error",
+                "1 once the member stopped on a fatal error (disk_full, disk_io, raft_log_lost, other) and refuses requests until restarted.",
+                &["cause"],
             )?,
         };
         #[cfg(target_os = "linux")]

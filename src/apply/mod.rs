@@ -25,6 +25,14 @@
 //! requests lives here, in [`convert`], and the server reuses it for reads. The lessor's
 //! view of mvcc runs through here too: apply answers mvcc's `LeaseLookup` and turns each
 //! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
+//!
+//! A failed state-machine write, checkpoint or snapshot install is fatal: apply records it
+//! in the member's [`Fatal`] latch and stops applying (the raft task stops on seeing it),
+//! so the member stays up refusing requests and reporting why until it is restarted, and
+//! the restart replays the raft log from the last durable applied index. A failed
+//! checkpoint is never retried: after a failed fsync the kernel may have dropped the dirty
+//! pages, so a later sync that succeeds would not make them durable (fsyncgate; see
+//! [`Fatal`]), and compacting the raft log on its word could lose entries.
 
 pub mod alarm;
 pub mod auth;
@@ -40,7 +48,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::lease::{self, KeyMove, Lessor};
 use crate::mvcc::{self, EventKind, KvStore, WriteTxn};
-use crate::raft::{ConfChange, Entry, EntryType, ToApply};
+use crate::raft::{ConfChange, Entry, EntryType, Fatal, ToApply};
 use crate::storage::{Engine, Keyspace};
 use crate::watch::WatchHub;
 
@@ -262,6 +270,8 @@ pub struct Applier {
     on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
     watch: Option<WatchHub>,
+    /// The member's fatal-failure latch; apply stops once it is set.
+    fatal: Fatal,
 }
 
 impl Applier {
@@ -281,7 +291,14 @@ impl Applier {
             on_conf_change,
             on_snapshot,
             watch: None,
+            fatal: Fatal::default(),
         }
+    }
+
+    /// Records fatal failures in `fatal` (the member's latch, shared with raft and health).
+    pub fn with_fatal(mut self, fatal: Fatal) -> Self {
+        self.fatal = fatal;
+        self
     }
 
     /// Adds `wrapper` to the applier chain, inside the wrappers added before it (see
@@ -303,6 +320,11 @@ impl Applier {
     pub fn run(mut self, mut rx: mpsc::Receiver<ToApply>) {
         let mut next = None;
         loop {
+            if self.fatal.is_set() {
+                // Nothing after a fatal failure may reach the state machine, not even the
+                // final checkpoint: the restart replays from the last durable one.
+                return;
+            }
             let task = match next.take() {
                 Some(task) => task,
                 None => match rx.blocking_recv() {
@@ -431,8 +453,8 @@ impl Applier {
             Err(e) => {
                 // A half-installed state machine cannot serve; restart recovers from the
                 // leader again.
-                tracing::error!(error = %e, index, "cannot install the leader's snapshot");
-                std::process::abort();
+                self.fatal
+                    .set_error(&format!("cannot install the leader's snapshot at {index}"), &e);
             }
         }
     }
@@ -445,6 +467,9 @@ impl Applier {
         let kv = self.state.kv.clone();
         let mut txn = kv.write();
         for entry in entries {
+            if self.fatal.is_set() {
+                return;
+            }
             // raft may resend entries the state machine already holds after a restart.
             if entry.index <= prev {
                 continue;
@@ -522,8 +547,10 @@ impl Applier {
             Err(e) => {
                 // The state machine diverged from the log it claims to have applied; the
                 // only safe course is to stop and recover from the raft log on restart.
-                tracing::error!(error = %e, index = group.last, "state machine write failed");
-                std::process::abort();
+                // The proposers hear nothing: their writes are in the raft log, and their
+                // waits end in a timeout, never in a success.
+                self.fatal.set_error(&format!("state machine write failed at {}", group.last), &e);
+                return;
             }
         };
         self.state.leases.observe(events.iter().map(|ev| KeyMove {
@@ -552,7 +579,11 @@ impl Applier {
                 (self.on_durable)(index);
                 tracing::debug!(index, "state machine checkpoint");
             }
-            Err(e) => tracing::warn!(error = %e, "state machine checkpoint failed; raft log kept"),
+            Err(e) => {
+                // Never retried (fsyncgate, see the module doc): the member stops, and the
+                // raft log, never compacted past the last good checkpoint, replays.
+                self.fatal.set_error("state machine checkpoint (fsync) failed", &e);
+            }
         }
     }
 }
@@ -925,5 +956,103 @@ mod tests {
             refused.try_recv().unwrap(),
             Err(Error::Membership { id: 5, reason: "member not found" })
         ));
+    }
+
+    /// A state machine image as a member exports it for a raft snapshot (and as `snapshot
+    /// restore` writes its records): mvcc revisions with tombstones and leases, revision
+    /// meta records, leases, member records and the applied index.
+    fn state_image(rng: &mut crate::fuzz::Rng) -> Vec<u8> {
+        let engine = MemEngine::new();
+        let mut batch = crate::storage::Batch::new();
+        let mut main = 1i64;
+        for i in 0..1 + rng.below(6) {
+            main += 1;
+            let tombstone = rng.one_in(4);
+            let kv = mvcc::KeyValue {
+                key: format!("k{}", rng.below(3)).into_bytes(),
+                create_revision: main - rng.below(2) as i64,
+                mod_revision: main,
+                version: if tombstone { 0 } else { 1 + rng.below(2) as i64 },
+                value: rng.bytes(8),
+                lease: if rng.one_in(3) { 7 } else { 0 },
+            };
+            let (k, v) = mvcc::storage_record(main, i as i64 % 2, tombstone, &kv);
+            batch.put(Keyspace::Kv, k, v);
+        }
+        for (k, v) in mvcc::revision_records(main, rng.below(main as usize) as i64) {
+            batch.put(Keyspace::Meta, k, v);
+        }
+        let (k, v) = lease::storage_record(7, 30, 10);
+        batch.put(Keyspace::Lease, k, v);
+        members::put(
+            &mut batch,
+            &Member {
+                id: 1,
+                name: "m1".into(),
+                peer_urls: vec!["http://127.0.0.1:2380".into()],
+                client_urls: vec![],
+                is_learner: false,
+            },
+        );
+        batch.put(Keyspace::Meta, APPLIED_INDEX_KEY.to_vec(), 9u64.to_be_bytes().to_vec());
+        engine.write(batch).unwrap();
+        engine.export().unwrap()
+    }
+
+    /// A fuzz case: the image with damaged keys or values under a valid checksum (so every
+    /// record decoder sees them), damaged framing, or random bytes.
+    fn fuzzed_state_image(rng: &mut crate::fuzz::Rng) -> Vec<u8> {
+        let image = state_image(rng);
+        match rng.below(4) {
+            0 | 1 => {
+                let mut pairs = crate::storage::image_pairs(&image).unwrap();
+                for _ in 0..1 + rng.below(3) {
+                    let i = rng.below(pairs.len());
+                    let part = if rng.one_in(2) { &mut pairs[i].0 } else { &mut pairs[i].1 };
+                    rng.mutate(part, 3);
+                }
+                let mut out = Vec::new();
+                for (k, v) in &pairs {
+                    crate::storage::image_push(&mut out, k, v);
+                }
+                crate::storage::image_seal(out)
+            }
+            2 => {
+                let mut image = image;
+                rng.mutate(&mut image, 4);
+                image
+            }
+            _ => rng.bytes(128),
+        }
+    }
+
+    #[test]
+    fn fuzzed_state_images_load_with_an_error_or_a_state_that_serves() {
+        crate::fuzz::Target {
+            name: "state image",
+            seed: 0x5354_4154,
+            cases: 5_000,
+            min_accepted: 0.2,
+            limit: std::time::Duration::from_secs(120),
+        }
+        .run(fuzzed_state_image, |image| {
+            // What a member does with a leader's snapshot, and at start on a restored
+            // data dir: import, then load every state machine from the records.
+            let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+            if engine.import(image).is_err() {
+                return false;
+            }
+            let _ = applied_index(engine.as_ref());
+            let _ = members::load(engine.as_ref());
+            let _ = Alarms::load(engine.as_ref());
+            let Ok(kv) = KvStore::open(engine.clone()) else { return false };
+            let Ok(leases) = Lessor::open(engine.as_ref(), 1) else { return false };
+            let _ = attach_leased_keys(&kv, &leases);
+            let all = mvcc::RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+            let _ = kv.range(&mvcc::RangeRequest { revision: 2, ..all.clone() });
+            let _ = kv.hash_kv(0);
+            let _ = kv.reload();
+            kv.range(&all).is_ok()
+        });
     }
 }

@@ -5,12 +5,16 @@
 //! and the real member answers through the same service impls that clients reach (alarms
 //! come from `Maintenance.Alarm`, reads from `KV.Range`).
 //!
-//! - `/health` (etcd 3.5): alarms (minus `?exclude=NAME`), then the leader (skipped with
+//! - `/health` (etcd 3.5): a fatal failure first (Cairn's: `MEMBER FAILED:<cause>: <error>`),
+//!   then alarms (minus `?exclude=NAME`), then the leader (skipped with
 //!   `?serializable=true`), then a read of key "health". JSON `{"health","reason"}`, 200 or
 //!   503.
 //! - `/livez` and `/readyz` (etcd 3.6, backported to 3.5.11): named checks, each also at
 //!   `/livez/<check>`; `?exclude=<check>` skips one, `?verbose` lists the results. A healthy
-//!   answer is `ok`; an unhealthy one is 503 with the list and `<path> check failed`.
+//!   answer is `ok`; an unhealthy one is 503 with the list and `<path> check failed`. Both
+//!   add Cairn's `fatal_error` check: a member whose raft log or state machine failed (full
+//!   disk, failed fdatasync, lost log) stays up refusing requests, and fails liveness too,
+//!   so Kubernetes restarts it (see `raft::Fatal` for why it does not exit).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +39,9 @@ pub trait Member: Send + Sync + 'static {
 
     /// Whether the member is a learner.
     fn is_learner(&self) -> bool;
+
+    /// Why the member stopped serving (`<cause>: <error>`), if it failed fatally.
+    fn failure(&self) -> Option<String>;
 
     /// The alarms active on the member.
     fn alarms(&self) -> impl Future<Output = Result<Vec<pb::AlarmType>, Status>> + Send;
@@ -78,6 +85,10 @@ impl Member for MemberProbe {
     fn is_learner(&self) -> bool {
         let me = self.server.header().member_id;
         self.server.members().iter().any(|m| m.id == me && m.is_learner)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.server.failure().map(|f| format!("{}: {}", f.cause.as_str(), f.message))
     }
 
     async fn alarms(&self) -> Result<Vec<pb::AlarmType>, Status> {
@@ -180,6 +191,9 @@ pub struct Health {
 /// etcd 3.5's `/health` check.
 async fn check_health<M: Member>(member: &M, q: &Query) -> Health {
     let unhealthy = |reason: String| Health { health: "false".into(), reason };
+    if let Some(failure) = member.failure() {
+        return unhealthy(format!("MEMBER FAILED:{failure}"));
+    }
     match member.alarms().await {
         Ok(alarms) => {
             if let Some(alarm) =
@@ -206,6 +220,7 @@ enum Check {
     SerializableRead,
     LinearizableRead,
     NonLearner,
+    FatalError,
 }
 
 impl Check {
@@ -215,6 +230,7 @@ impl Check {
             Check::SerializableRead => "serializable_read",
             Check::LinearizableRead => "linearizable_read",
             Check::NonLearner => "non_learner",
+            Check::FatalError => "fatal_error",
         }
     }
 
@@ -236,13 +252,19 @@ impl Check {
                     Ok(())
                 }
             }
+            Check::FatalError => member.failure().map_or(Ok(()), Err),
         }
     }
 }
 
-const LIVEZ: &[Check] = &[Check::SerializableRead];
-const READYZ: &[Check] =
-    &[Check::DataCorruption, Check::SerializableRead, Check::LinearizableRead, Check::NonLearner];
+const LIVEZ: &[Check] = &[Check::SerializableRead, Check::FatalError];
+const READYZ: &[Check] = &[
+    Check::DataCorruption,
+    Check::SerializableRead,
+    Check::LinearizableRead,
+    Check::NonLearner,
+    Check::FatalError,
+];
 
 /// Runs `checks` (minus exclusions) and renders etcd's text answer for `path`.
 async fn run_checks<M: Member>(
@@ -413,6 +435,7 @@ mod tests {
         learner: bool,
         alarms: Vec<pb::AlarmType>,
         read_error: Mutex<Option<String>>,
+        failure: Option<String>,
     }
 
     impl Member for Fake {
@@ -421,6 +444,9 @@ mod tests {
         }
         fn is_learner(&self) -> bool {
             self.learner
+        }
+        fn failure(&self) -> Option<String> {
+            self.failure.clone()
         }
         async fn alarms(&self) -> Result<Vec<pb::AlarmType>, Status> {
             Ok(self.alarms.clone())
@@ -480,13 +506,31 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,
-            "[+]data_corruption ok\n[+]serializable_read ok\n[-]linearizable_read failed: etcdserver: no leader\n[+]non_learner ok\n/readyz check failed\n"
+            "[+]data_corruption ok\n[+]serializable_read ok\n[-]linearizable_read failed: etcdserver: no leader\n[+]non_learner ok\n[+]fatal_error ok\n/readyz check failed\n"
         );
         let (status, body) =
             run_checks(&fake, "/readyz", READYZ, &q("exclude=linearizable_read")).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
         let (status, body) = run_checks(&fake, "/livez", LIVEZ, &q("verbose")).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, "[+]serializable_read ok\nok\n"));
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "[+]serializable_read ok\n[+]fatal_error ok\nok\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_member_fails_health_liveness_and_readiness_with_the_reason() {
+        let reason = "disk_io: raft log persistence failed: fdatasync: Input/output error";
+        let fake = Fake { failure: Some(reason.into()), ..Fake::default() };
+        assert_eq!(
+            check_health(&fake, &q("serializable=true")).await.reason,
+            format!("MEMBER FAILED:{reason}")
+        );
+        for (path, list) in [("/livez", LIVEZ), ("/readyz", READYZ)] {
+            let (status, body) = run_checks(&fake, path, list, &q("")).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert!(body.contains(&format!("[-]fatal_error failed: {reason}\n")), "{body}");
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! `Vec<u8>`, peers are reached through the [`Transport`] trait declared here and implemented
 //! by the peer service, and committed entries leave through a channel as [`ToApply`].
 
+mod fatal;
 pub mod log_store;
 mod logger;
 mod node;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::fatal::{Cause, Failure, Fatal};
 pub use self::log_store::LogStore;
 pub use self::logger::tracing_logger;
 pub use self::node::start;
@@ -147,6 +149,7 @@ pub(crate) enum Command {
 pub struct RaftHandle {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<RaftStatus>,
+    fatal: Fatal,
 }
 
 impl RaftHandle {
@@ -277,6 +280,12 @@ impl RaftHandle {
     pub async fn stopped(&self) {
         let mut status = self.status.clone();
         while status.changed().await.is_ok() {}
+    }
+
+    /// The member's fatal-failure latch, set when the raft or the apply task stopped on an
+    /// unrecoverable error (see [`Fatal`]).
+    pub fn fatal(&self) -> &Fatal {
+        &self.fatal
     }
 
     /// Returns a receiver that sees every status change.

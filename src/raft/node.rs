@@ -17,7 +17,9 @@ use raft::prelude::*;
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Command, Error, LogStore, RaftConfig, RaftHandle, RaftStatus, ToApply, Transport};
+use super::{
+    Cause, Command, Error, Fatal, LogStore, RaftConfig, RaftHandle, RaftStatus, ToApply, Transport,
+};
 
 /// Capacity of the raft task's inbox. Senders wait when it is full, which pushes back on
 /// clients instead of growing memory without bound.
@@ -103,7 +105,9 @@ pub fn start(
         pending_reads: HashMap::new(),
         held: VecDeque::new(),
         cfg,
+        fatal: Fatal::default(),
     };
+    let fatal = node.fatal.clone();
     let handle = thread::Builder::new()
         .name("cairn-raft".into())
         .spawn(move || {
@@ -120,7 +124,7 @@ pub fn start(
             tracing::error!(error = %e, "cannot spawn the raft thread");
             Error::Stopped
         })?;
-    Ok((RaftHandle { tx, status: status_rx }, handle))
+    Ok((RaftHandle { tx, status: status_rx, fatal }, handle))
 }
 
 /// A proposal that arrived while this leader hands leadership over. raft-rs refuses
@@ -157,6 +161,8 @@ struct Node {
     /// Proposals that arrived during a leader transfer, in arrival order.
     held: VecDeque<Held>,
     cfg: RaftConfig,
+    /// Set on the first unrecoverable error, here or in apply; the task stops once it is.
+    fatal: Fatal,
 }
 
 impl Node {
@@ -166,6 +172,11 @@ impl Node {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
+                    if self.fatal.is_set() {
+                        // Apply failed: a leader that kept heartbeating would hold the
+                        // cluster's leadership while applying nothing.
+                        break;
+                    }
                     self.raw.tick();
                     self.offer_held();
                     // Read indexes raft dropped (e.g. before the leader committed in its
@@ -190,12 +201,20 @@ impl Node {
             }
             if let Err(e) = self.on_ready().await {
                 // The raft log is the source of truth for acknowledged writes; if it cannot
-                // be written, continuing would risk acknowledging lost data. Stop the node.
-                tracing::error!(error = %e, "raft log persistence failed; stopping raft");
+                // be written, continuing would risk acknowledging lost data, and retrying a
+                // failed fdatasync could report lost pages as durable (see `fatal`). Stop.
+                self.fatal.set_error("raft log persistence failed", &e);
                 break;
             }
         }
         self.fail_pending_reads();
+        // A stopped member leads nothing and knows no leader; its last status must not say
+        // otherwise to Status callers and health checks.
+        self.status.send_modify(|s| s.leader = raft::INVALID_ID);
+        if let Some(m) = crate::metrics::get() {
+            m.server.has_leader.set(0);
+            m.server.is_leader.set(0);
+        }
         tracing::info!("raft task stopped");
     }
 
@@ -260,7 +279,7 @@ impl Node {
                     if let Err(e) = self.log.set_conf_state(cs) {
                         // The conf state is part of the raft log's durable state; losing it
                         // could let a removed member vote. Stop like any persistence failure.
-                        tracing::error!(error = %e, "cannot persist the conf state");
+                        self.fatal.set_error("cannot persist the conf state", &e);
                         return true;
                     }
                 }
@@ -295,11 +314,14 @@ impl Node {
                     // The leader only marks committed what this member acknowledged as
                     // durable, so its log lost entries it once had: the data dir was wiped
                     // or restored from an old copy. raft-rs would panic; stop instead.
-                    tracing::error!(
-                        commit = msg.commit,
-                        last_index = self.raw.raft.raft_log.last_index(),
-                        leader = %format!("{:x}", msg.from),
-                        "this member's raft log lost entries it had acknowledged (data dir wiped or restored from an old copy): remove the member (MemberRemove) and add it again"
+                    self.fatal.set(
+                        Cause::LogLost,
+                        format!(
+                            "this member's raft log lost entries it had acknowledged (data dir wiped or restored from an old copy): leader {:x} commits {} but the log ends at {}; remove the member (MemberRemove) and add it again",
+                            msg.from,
+                            msg.commit,
+                            self.raw.raft.raft_log.last_index()
+                        ),
                     );
                     return true;
                 }

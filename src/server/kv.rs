@@ -54,8 +54,10 @@ impl Server {
     /// Reads `req` from the local state machine at once.
     ///
     /// # Errors
+    /// [`Error::Stopped`] once the member failed (its state stopped following the log),
     /// [`Error::Compacted`], [`Error::FutureRevision`] or [`Error::Storage`].
     pub fn read(&self, req: &RangeRequest) -> Result<RangeResult, Error> {
+        self.refuse_if_failed()?;
         Ok(self.kv.range(req)?)
     }
 
@@ -120,8 +122,10 @@ impl Server {
     /// the compaction revision and the revision hashed.
     ///
     /// # Errors
-    /// [`Error::Compacted`], [`Error::FutureRevision`] or [`Error::Storage`].
+    /// [`Error::Stopped`] once the member failed, [`Error::Compacted`],
+    /// [`Error::FutureRevision`] or [`Error::Storage`].
     pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), Error> {
+        self.refuse_if_failed()?;
         Ok(self.kv.hash_kv(revision)?)
     }
 

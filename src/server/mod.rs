@@ -350,7 +350,8 @@ impl Server {
         )
         .with_wrapper(Box::new(apply::AlarmWrapper::new(alarms.clone())))
         .with_wrapper(Box::new(apply::AuthWrapper::new(auth.clone())))
-        .with_watch(watch_hub.clone());
+        .with_watch(watch_hub.clone())
+        .with_fatal(raft.fatal().clone());
         let apply_thread = std::thread::Builder::new()
             .name("cairn-apply".into())
             .spawn(move || applier.run(apply_rx))
@@ -461,6 +462,17 @@ impl Server {
     /// True when this member leads.
     pub fn is_leader(&self) -> bool {
         self.raft.is_leader()
+    }
+
+    /// The fatal failure this member stopped on, if any (see `raft::Fatal`): the member then
+    /// refuses requests and its health checks fail with this reason until it is restarted.
+    pub fn failure(&self) -> Option<raft::Failure> {
+        self.raft.fatal().get().cloned()
+    }
+
+    /// Refuses local reads once the member failed: its state no longer follows the log.
+    fn refuse_if_failed(&self) -> Result<(), Error> {
+        if self.raft.fatal().is_set() { Err(Error::Stopped) } else { Ok(()) }
     }
 
     /// Status for `Maintenance.Status`.

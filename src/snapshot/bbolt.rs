@@ -41,6 +41,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
+use std::collections::HashSet;
+
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
@@ -193,7 +195,9 @@ impl<'p> Bolt<'p> {
 
     /// Reads page `id` with its overflow pages.
     fn page(&self, id: u64) -> Result<Vec<u8>, Error> {
-        let at = id.checked_mul(self.page_size).filter(|a| *a + PAGE_HEADER as u64 <= self.len);
+        let at = id
+            .checked_mul(self.page_size)
+            .filter(|a| a.checked_add(PAGE_HEADER as u64).is_some_and(|end| end <= self.len));
         let at = at.ok_or_else(|| {
             self.invalid(format!("page {id} lies past the end (the file is truncated)"))
         })?;
@@ -215,12 +219,28 @@ impl<'p> Bolt<'p> {
 
     /// Visits every `(key, value, is_bucket)` of the tree at `root`, in key order.
     fn walk(&self, root: &Root, depth: usize, visit: Entries<'_>) -> Result<(), Error> {
+        self.walk_once(root, depth, visit, &mut HashSet::new())
+    }
+
+    /// [`Bolt::walk`], reading each page at most once: in a B+tree every page has one
+    /// parent, and a damaged file whose branch pages point back at each other many times
+    /// would otherwise take exponential time within the depth limit (found by fuzzing).
+    fn walk_once(
+        &self,
+        root: &Root,
+        depth: usize,
+        visit: Entries<'_>,
+        seen: &mut HashSet<u64>,
+    ) -> Result<(), Error> {
         if depth > MAX_DEPTH {
             return Err(self.invalid("bbolt tree too deep (damaged)"));
         }
         let owned;
         let page: &[u8] = match root {
             Root::Page(id) => {
+                if !seen.insert(*id) {
+                    return Err(self.invalid(format!("bbolt page {id} is reached twice (damaged)")));
+                }
                 owned = self.page(*id)?;
                 &owned
             }
@@ -234,7 +254,7 @@ impl<'p> Bolt<'p> {
             match flags {
                 FLAG_BRANCH => {
                     let child = le_u64(page, e + 8).ok_or_else(bad)?;
-                    self.walk(&Root::Page(child), depth + 1, visit)?;
+                    self.walk_once(&Root::Page(child), depth + 1, visit, seen)?;
                 }
                 FLAG_LEAF => {
                     let eflags = le_u32(page, e).ok_or_else(bad)?;
@@ -415,7 +435,11 @@ pub(super) fn status(path: &Path) -> Result<Status, Error> {
             Ok(())
         })?;
     }
-    Ok(Status { hash, revision, total_key, total_size: bolt.high_water * bolt.page_size })
+    let total_size = bolt
+        .high_water
+        .checked_mul(bolt.page_size)
+        .ok_or_else(|| bolt.invalid("bbolt high-water page out of range"))?;
+    Ok(Status { hash, revision, total_key, total_size })
 }
 
 #[cfg(test)]
@@ -436,5 +460,223 @@ mod tests {
         k.push(b't');
         assert_eq!(etcd_revision(&k), Some((5, 2, true)));
         assert_eq!(etcd_revision(&k[..10]), None);
+    }
+
+    const PAGE: usize = 4096;
+
+    /// A bbolt leaf page (or an inline bucket's page) holding `items` in order.
+    fn leaf(id: u64, items: &[(Vec<u8>, Vec<u8>, bool)]) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE_HEADER + items.len() * ELEMENT];
+        page[..8].copy_from_slice(&id.to_le_bytes());
+        page[8..10].copy_from_slice(&FLAG_LEAF.to_le_bytes());
+        page[10..12].copy_from_slice(&(items.len() as u16).to_le_bytes());
+        for (i, (k, v, bucket)) in items.iter().enumerate() {
+            let e = PAGE_HEADER + i * ELEMENT;
+            let pos = (page.len() - e) as u32;
+            page[e..e + 4].copy_from_slice(&u32::from(*bucket).to_le_bytes());
+            page[e + 4..e + 8].copy_from_slice(&pos.to_le_bytes());
+            page[e + 8..e + 12].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            page[e + 12..e + 16].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            page.extend_from_slice(k);
+            page.extend_from_slice(v);
+        }
+        page
+    }
+
+    /// A bucket's value: its header, and its tree inline (root 0) or on page `root`.
+    fn bucket(root: u64, inline: Option<Vec<u8>>) -> Vec<u8> {
+        let mut v = root.to_le_bytes().to_vec();
+        v.extend_from_slice(&0u64.to_le_bytes());
+        v.extend(inline.unwrap_or_default());
+        v
+    }
+
+    /// Makes the meta pages' checksums valid again (after a mutation).
+    fn seal_metas(db: &mut [u8]) {
+        for at in [0, PAGE] {
+            if let Some(m) = db.get_mut(at + PAGE_HEADER..at + PAGE_HEADER + 64) {
+                let sum = fnv64a(&m[..56]);
+                m[56..64].copy_from_slice(&sum.to_le_bytes());
+            }
+        }
+    }
+
+    /// A small etcd database: two metas, the root bucket on page 3, the `key` bucket on
+    /// page 4, the `lease` and `meta` buckets inline.
+    fn etcd_db(rng: &mut crate::fuzz::Rng) -> Vec<u8> {
+        let mut db = vec![0u8; 5 * PAGE];
+        for (at, txid) in [(0, 1u64), (PAGE, 2)] {
+            db[at + 8..at + 10].copy_from_slice(&0x04u16.to_le_bytes());
+            let m = &mut db[at + PAGE_HEADER..at + PAGE_HEADER + 64];
+            m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            m[4..8].copy_from_slice(&2u32.to_le_bytes());
+            m[8..12].copy_from_slice(&(PAGE as u32).to_le_bytes());
+            m[16..24].copy_from_slice(&3u64.to_le_bytes());
+            m[32..40].copy_from_slice(&2u64.to_le_bytes());
+            m[40..48].copy_from_slice(&5u64.to_le_bytes());
+            m[48..56].copy_from_slice(&txid.to_le_bytes());
+        }
+        seal_metas(&mut db);
+        let mut revisions = Vec::new();
+        for main in 2..3 + rng.below(6) as i64 {
+            let mut k = main.to_be_bytes().to_vec();
+            k.push(b'_');
+            k.extend(0i64.to_be_bytes());
+            let kv = cairn_proto::mvccpb::KeyValue {
+                key: format!("k{}", rng.below(3)).into_bytes(),
+                create_revision: 2,
+                mod_revision: main,
+                version: 1,
+                value: rng.bytes(8),
+                lease: 0,
+            };
+            revisions.push((k, kv.encode_to_vec(), false));
+        }
+        let lease = LeasePb { id: 7, ttl: 30, remaining_ttl: 10 }.encode_to_vec();
+        let mut compact = 2i64.to_be_bytes().to_vec();
+        compact.push(b'_');
+        compact.extend(0i64.to_be_bytes());
+        let root = leaf(
+            3,
+            &[
+                (b"key".to_vec(), bucket(4, None), true),
+                (
+                    b"lease".to_vec(),
+                    bucket(0, Some(leaf(0, &[(7i64.to_be_bytes().to_vec(), lease, false)]))),
+                    true,
+                ),
+                (
+                    b"meta".to_vec(),
+                    bucket(0, Some(leaf(0, &[(b"finishedCompactRev".to_vec(), compact, false)]))),
+                    true,
+                ),
+            ],
+        );
+        db[3 * PAGE..3 * PAGE + root.len()].copy_from_slice(&root);
+        let keys = leaf(4, &revisions);
+        db[4 * PAGE..4 * PAGE + keys.len()].copy_from_slice(&keys);
+        db
+    }
+
+    /// A fuzz case: the database damaged in its pages (metas resealed, so the damage gets
+    /// past them), in its metas, or random bytes; sometimes with a valid SHA-256 trailer.
+    fn fuzzed_db(rng: &mut crate::fuzz::Rng) -> Vec<u8> {
+        let mut db = etcd_db(rng);
+        match rng.below(5) {
+            0 => {}
+            1 | 2 => {
+                // Damage inside the tree pages, where a random flip would land rarely.
+                for _ in 0..1 + rng.below(4) {
+                    let at = 3 * PAGE + rng.below(64) + if rng.one_in(2) { 0 } else { PAGE };
+                    let mut piece = db[at..at + 8].to_vec();
+                    rng.mutate(&mut piece, 2);
+                    piece.resize(8, 0);
+                    db[at..at + 8].copy_from_slice(&piece);
+                }
+            }
+            3 => {
+                let mut meta = db[PAGE_HEADER..PAGE_HEADER + 56].to_vec();
+                rng.mutate(&mut meta, 2);
+                meta.resize(56, 0);
+                db[PAGE_HEADER..PAGE_HEADER + 56].copy_from_slice(&meta);
+                if rng.one_in(2) {
+                    db[PAGE + PAGE_HEADER..PAGE + PAGE_HEADER + 56].copy_from_slice(&meta);
+                }
+                seal_metas(&mut db);
+            }
+            _ => rng.mutate(&mut db, 4),
+        }
+        if rng.one_in(3) {
+            seal_metas(&mut db);
+        }
+        if rng.one_in(2) {
+            db.resize(db.len().div_ceil(512) * 512, 0);
+            let sha: [u8; 32] = Sha256::digest(&db).into();
+            db.extend_from_slice(&sha);
+        }
+        db
+    }
+
+    #[test]
+    fn the_test_database_converts_to_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.db");
+        let mut rng = crate::fuzz::Rng::new(1);
+        std::fs::write(&path, etcd_db(&mut rng)).unwrap();
+        let mut seen = Vec::new();
+        read(&path, true, &mut |ks, _, _| {
+            seen.push(ks);
+            Ok(())
+        })
+        .unwrap();
+        assert!(seen.contains(&Keyspace::Kv) && seen.contains(&Keyspace::Lease), "{seen:?}");
+        let status = status(&path).unwrap();
+        assert_eq!(status.total_key, seen.len() as u64 - 1, "{status:?} {seen:?}");
+    }
+
+    #[test]
+    fn a_branch_page_pointing_back_at_itself_is_refused_at_once() {
+        // The root is a branch page whose 255 children are all itself: without the
+        // once-per-page rule, 255^64 page visits fit within the depth limit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.db");
+        let mut db = etcd_db(&mut crate::fuzz::Rng::new(2));
+        let root = &mut db[3 * PAGE..4 * PAGE];
+        root.fill(0);
+        root[8..10].copy_from_slice(&FLAG_BRANCH.to_le_bytes());
+        root[10..12].copy_from_slice(&255u16.to_le_bytes());
+        for i in 0..255 {
+            let e = PAGE_HEADER + i * ELEMENT;
+            root[e + 8..e + 16].copy_from_slice(&3u64.to_le_bytes());
+        }
+        std::fs::write(&path, &db).unwrap();
+        let error = check(&path, true).unwrap_err();
+        assert!(error.to_string().contains("reached twice"), "{error}");
+        assert!(status(&path).is_err());
+    }
+
+    #[test]
+    fn a_meta_with_a_huge_high_water_page_or_page_id_is_an_error_not_an_overflow() {
+        // Kept crasher (fuzz case 7 of seed 0x42424f4c, reduced): `status` multiplied the
+        // meta's high-water page by the page size and overflowed.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.db");
+        let mut db = etcd_db(&mut crate::fuzz::Rng::new(2));
+        for at in [0, PAGE] {
+            db[at + PAGE_HEADER + 40..at + PAGE_HEADER + 48]
+                .copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+        seal_metas(&mut db);
+        std::fs::write(&path, &db).unwrap();
+        assert!(status(&path).unwrap_err().to_string().contains("high-water"));
+        // A root page id whose offset overflows is past the end, not a panic.
+        for at in [0, PAGE] {
+            db[at + PAGE_HEADER + 16..at + PAGE_HEADER + 24]
+                .copy_from_slice(&(u64::MAX / 4096).to_le_bytes());
+        }
+        seal_metas(&mut db);
+        std::fs::write(&path, &db).unwrap();
+        assert!(check(&path, true).unwrap_err().to_string().contains("past the end"));
+    }
+
+    #[test]
+    fn fuzzed_etcd_databases_are_read_with_an_error_or_records_never_a_panic_or_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.db");
+        crate::fuzz::Target {
+            name: "bbolt",
+            seed: 0x4242_4f4c,
+            cases: 5_000,
+            min_accepted: 0.1,
+            limit: std::time::Duration::from_secs(120),
+        }
+        .run(fuzzed_db, move |db| {
+            std::fs::write(&path, db).unwrap();
+            let _ = check(&path, false);
+            let _ = read(&path, false, &mut |_, _, _| Ok(()));
+            let _ = status(&path);
+            let _ = check(&path, true);
+            read(&path, true, &mut |_, _, _| Ok(())).is_ok()
+        });
     }
 }

@@ -394,7 +394,7 @@ async fn health_livez_readyz_and_version_report_a_healthy_member() {
     let verbose = get(url, "/readyz?verbose&exclude=non_learner").await;
     assert_eq!(
         verbose.body,
-        "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner excluded: ok\nok\n"
+        "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner excluded: ok\n[+]fatal_error ok\nok\n"
     );
     assert_eq!(get(url, "/readyz/no_such_check").await.status, 404);
     assert_eq!(http1(url, "POST", "/health", "").await.status, 405);

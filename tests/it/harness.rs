@@ -47,6 +47,8 @@ pub struct Cairn {
     pub listen_peer_url: Option<String>,
     /// The network namespace the member runs in (`ip netns exec`), if not the test's own.
     pub netns: Option<String>,
+    /// Extra environment variables for the process (e.g. `LD_PRELOAD` for a fault shim).
+    pub env: Vec<(String, String)>,
     extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -79,6 +81,7 @@ impl Cairn {
             cluster_state: "new".to_owned(),
             listen_peer_url: None,
             netns: None,
+            env: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         }
@@ -117,6 +120,7 @@ impl Cairn {
             .arg(&self.cluster_state)
             .args(&self.extra)
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -174,6 +178,19 @@ impl Cairn {
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits at most `limit` for the process to exit; returns its status (None if it runs on).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Sends `signal` (e.g. "STOP", "CONT") to the process, as `kill -SIGNAL pid` does.
