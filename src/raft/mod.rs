@@ -104,8 +104,8 @@ pub struct RaftStatus {
     pub progress: Vec<(u64, u64)>,
     /// The voters of the current configuration.
     pub voters: Vec<u64>,
-    /// Members the leader heard from within the last election timeout, itself included
-    /// (empty on followers).
+    /// Members the leader heard from within the last election timeout (wall clock), itself
+    /// included (empty on followers).
     pub active: Vec<u64>,
 }
 

@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use raft::prelude::*;
 use raft::{RawNode, StateRole};
@@ -106,6 +107,7 @@ pub fn start(
         held: VecDeque::new(),
         cfg,
         fatal: Fatal::default(),
+        heard: HashMap::new(),
     };
     let fatal = node.fatal.clone();
     let handle = thread::Builder::new()
@@ -163,6 +165,8 @@ struct Node {
     cfg: RaftConfig,
     /// Set on the first unrecoverable error, here or in apply; the task stops once it is.
     fatal: Fatal,
+    /// When a message from each peer last arrived, by the wall clock (see `publish_status`).
+    heard: HashMap<u64, Instant>,
 }
 
 impl Node {
@@ -304,6 +308,7 @@ impl Node {
             }
             Command::TransferLeader(to) => self.raw.transfer_leader(to),
             Command::Step(msg) => {
+                self.heard.insert(msg.from, Instant::now());
                 if msg.get_msg_type() == MessageType::MsgPropose && self.holding() {
                     self.held.push_back(Held::Forwarded(msg));
                     return false;
@@ -435,11 +440,20 @@ impl Node {
                 .unwrap_or_default(),
             // The durable conf state, which follows every applied conf change and snapshot.
             voters: self.log.conf_state().voters.clone(),
+            // Who answered within an election timeout, by the wall clock. raft-rs's
+            // `recent_active` is cleared only at its tick-driven quorum checks, so on a
+            // loaded machine (ticks delayed) a member killed seconds ago still counted as
+            // active, and the strict reconfiguration check let a quorum-losing removal by.
             active: progress
                 .map(|prs| {
+                    let window = self.cfg.heartbeat
+                        * u32::try_from(self.cfg.election_ticks).unwrap_or(u32::MAX);
                     prs.iter()
-                        .filter(|(id, pr)| pr.recent_active || **id == self.cfg.id)
                         .map(|(id, _)| *id)
+                        .filter(|id| {
+                            *id == self.cfg.id
+                                || self.heard.get(id).is_some_and(|at| at.elapsed() < window)
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
