@@ -496,7 +496,8 @@ impl<'a> Pass<'a> {
                 .await
                 .map(|l| l.items)
                 .unwrap_or_default();
-            match restore::resolve(from, &backups) {
+            let own = c.spec.backup.as_ref().map(|b| &b.destination);
+            match restore::resolve(from, &backups, own) {
                 Ok(src) => self.restore = Some(src),
                 Err(e) if !formed => {
                     failure = Some(e);
