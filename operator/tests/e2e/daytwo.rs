@@ -21,7 +21,7 @@ use crate::operator::{
 };
 
 /// Applies a Cluster with `extra` spec lines and waits until it has `n` healthy voters.
-async fn create(bed: &Bed, ns: &str, name: &str, n: u32, extra: &str) -> ClusterStatus {
+pub(crate) async fn create(bed: &Bed, ns: &str, name: &str, n: u32, extra: &str) -> ClusterStatus {
     let api: Api<Cluster> = Api::namespaced(bed.client().await.unwrap(), ns);
     let started = Instant::now();
     bed.apply(&manifest(ns, name, n, extra)).await.unwrap();
@@ -137,12 +137,12 @@ async fn backup_claim(bed: &Bed, ns: &str) {
 }
 
 /// The sha256 of a file, as `sha256sum` prints it.
-fn sha256_of(path: &std::path::Path) -> String {
+pub(crate) fn sha256_of(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
-async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
+pub(crate) async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
     Ok(api
         .list(&ListParams::default())
         .await?
@@ -152,7 +152,7 @@ async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Back
         .collect())
 }
 
-fn phase_of(b: &Backup) -> Option<BackupPhase> {
+pub(crate) fn phase_of(b: &Backup) -> Option<BackupPhase> {
     b.status.as_ref().and_then(|s| s.phase)
 }
 
@@ -285,7 +285,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
 }
 
 /// Waits until a Backup is Succeeded and returns its status.
-async fn succeeded(api: &Api<Backup>, name: &str) -> cairn_operator::crd::BackupStatus {
+pub(crate) async fn succeeded(api: &Api<Backup>, name: &str) -> cairn_operator::crd::BackupStatus {
     wait_for(&format!("backup {name} Succeeded"), STEP_TIMEOUT, || async {
         let s = api.get(name).await?.status.unwrap_or_default();
         match s.phase {

@@ -9,4 +9,5 @@ mod chart;
 mod daytwo;
 mod kubelet;
 mod operator;
+mod s3;
 mod smoke;
