@@ -3,8 +3,8 @@
 //! `Backup` runs a Job with the cairn image that saves a snapshot into a PVC; scheduled
 //! backups honour retention), restore into a new Cluster (HashKV equal to a member restored
 //! by hand; a wrong checksum stops it with a condition), a defragmentation run that takes
-//! the followers before the leader, and recovery from quorum loss from the survivor with
-//! every acknowledged write kept.
+//! the followers before the leader, recovery from quorum loss from the survivor with
+//! every acknowledged write kept, and (no survivor) a rebuild from the newest backup.
 //!
 //! Shares the operator process and helpers of `operator.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -567,4 +567,96 @@ async fn quorum_loss_is_recovered_from_the_survivor_with_every_acknowledged_writ
         assert!(ev.contains(reason), "no {reason} event in\n{ev}");
     }
     bed.kubectl(&["delete", "cc", "rc", "-n", &ns, "--wait=false"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_with_no_survivor_is_rebuilt_from_the_newest_backup() {
+    let bed = bed::shared();
+    operator(bed).await;
+    let ns = bed.namespace("op-rebuild").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let client = bed.client().await.unwrap();
+    let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
+    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
+    backup_claim(bed, &ns).await;
+    create(bed, &ns, "rb", 3, "  recovery: {quorumLoss: FromBackup, window: 5s}\n").await;
+    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "rb", o)).collect();
+    let mut c = etcd(&urls).await.unwrap();
+    for i in 0..200 {
+        c.put(format!("rebuild/{i:04}"), format!("v{i}"), None).await.unwrap();
+    }
+    // The first scheduled backup is taken at once.
+    bed.kubectl(&[
+        "patch", "cc", "rb", "-n", &ns, "--type=merge", "-p",
+        r#"{"spec":{"backup":{"schedule":"@every 1h","destination":{"pvc":{"claimName":"backups"}}}}}"#,
+    ])
+    .await
+    .unwrap();
+    let first = wait_for("a successful backup", STEP_TIMEOUT, || async {
+        Ok(backups_of(&backups, "rb")
+            .await?
+            .into_iter()
+            .find(|b| phase_of(b) == Some(BackupPhase::Succeeded)))
+    })
+    .await
+    .unwrap();
+    let revision = first.status.clone().unwrap().revision.unwrap();
+    // Writes after the backup are lost with every member's data.
+    for i in 0..20 {
+        c.put(format!("after/{i:04}"), "lost", None).await.unwrap();
+    }
+    drop(c);
+
+    // Every member loses its data: no survivor is left. The pods are deleted rather than
+    // their containers killed: the test kubelet resolves a container's env once per pod, so
+    // a restarted seed container would keep the `new` state of its first start (a real
+    // kubelet reads the members ConfigMap again, and the seed fails with `existing`).
+    let lost_at = Instant::now();
+    for o in 0..3 {
+        bed.wipe_pvc(&ns, &format!("data-rb-{o}")).unwrap();
+    }
+    bed.kubectl(&["delete", "pod", "rb-0", "rb-1", "rb-2", "-n", &ns, "--wait=false"])
+        .await
+        .unwrap();
+    wait_for("the operator starts the rebuild", STEP_TIMEOUT, || async {
+        let s = status(&api, "rb").await?;
+        Ok(s.recovery.filter(|r| r.from_backup.is_some()))
+    })
+    .await
+    .unwrap();
+    let s =
+        wait_for("rb: 3 voters again after the rebuild", STEP_TIMEOUT, || settled(&api, "rb", 3))
+            .await
+            .unwrap();
+    eprintln!(
+        "rebuild: all data lost -> 3 voters from backup {} (revision {revision}) after {:.1}s",
+        first.name_any(),
+        lost_at.elapsed().as_secs_f64()
+    );
+    assert!(s.recovery.is_none() && s.quorum_lost_since.is_none(), "{s:?}");
+    assert!(s.cluster_id.is_some(), "{s:?}");
+    let mut c = etcd(&urls[..1]).await.unwrap();
+    let got = c.get("rebuild/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), 200, "every key of the backup is back");
+    let after = c.get("after/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(after.kvs().len(), 0, "writes after the backup cannot be in it");
+    let hashes = wait_for("equal HashKV on 3 members", Duration::from_secs(60), || {
+        let urls = urls.clone();
+        async move {
+            let mut hashes = Vec::new();
+            for u in &urls {
+                hashes.push(etcd(std::slice::from_ref(u)).await?.hash_kv(revision).await?.hash());
+            }
+            Ok(hashes.iter().all(|h| *h == hashes[0]).then_some(hashes))
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!("rebuild: HashKV at {revision} equal on 3 members: {:x}", hashes[0]);
+    let ev = events(bed, &ns).await;
+    for reason in ["QuorumLost", "QuorumLossRecovery", "Recovered"] {
+        assert!(ev.contains(reason), "no {reason} event in\n{ev}");
+    }
+    assert!(ev.contains("rebuilding from backup"), "{ev}");
+    bed.kubectl(&["delete", "cc", "rb", "-n", &ns, "--wait=false"]).await.unwrap();
 }

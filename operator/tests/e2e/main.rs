@@ -11,3 +11,4 @@ mod kubelet;
 mod operator;
 mod s3;
 mod smoke;
+mod upgrade;
