@@ -177,6 +177,13 @@ impl<'a> Pass<'a> {
         publish(self.ctx, self.c, type_, reason, reason, note).await;
     }
 
+    /// An Event about one member: its own action, so Events of the same reason about
+    /// different members are not folded into one series.
+    async fn member_event(&self, type_: EventType, reason: &str, member: &str, note: String) {
+        tracing::info!(cluster = %self.name, namespace = %self.ns, reason, %note, "event");
+        publish(self.ctx, self.c, type_, reason, &format!("{reason}/{member}"), note).await;
+    }
+
     fn client_url(&self, ordinal: u32) -> String {
         res::client_url(&self.name, &self.ns, ordinal)
     }
@@ -349,6 +356,20 @@ impl<'a> Pass<'a> {
                 }
             })
             .collect();
+        // The member a roll restarted is the roll's to judge (it stops the roll when the
+        // member does not come back), never replaced: a replacement would run the same image.
+        let rolling_member = self
+            .old
+            .rollout
+            .as_ref()
+            .and_then(|r| r.member.as_deref())
+            .and_then(|m| ordinal_of_pod(&self.name, m));
+        let mut members = members;
+        for m in &mut members {
+            if m.ordinal.is_some() && m.ordinal == rolling_member {
+                m.unhealthy_for = Duration::ZERO;
+            }
+        }
         let member_ordinals: Vec<u32> = members.iter().filter_map(|m| m.ordinal).collect();
 
         // The locked target.
@@ -661,7 +682,9 @@ impl<'a> Pass<'a> {
             && target.is_none()
             && !c.spec.paused
             && !hold
-            && matches!(step, Step::Steady)
+            && goal > 0
+            // A member down for a restart makes membership wait, not change.
+            && matches!(step, Step::Steady | Step::Wait(_))
         {
             match self
                 .roll(&mut rollout, sts.as_ref(), &pods, &members, &store, &mut current_image)
@@ -1110,9 +1133,10 @@ impl<'a> Pass<'a> {
             let o = ordinal_of_pod(&self.name, &name).unwrap_or(u32::MAX);
             let renewed = pods.get(&o).is_some_and(|p| revision_of(p) == revision);
             if renewed && up(o) {
-                self.event(
+                self.member_event(
                     EventType::Normal,
                     "MemberUpgraded",
+                    &name,
                     format!("{name} is back on {}, healthy and caught up", r.image),
                 )
                 .await;
@@ -1162,9 +1186,10 @@ impl<'a> Pass<'a> {
                 let Some(to) = to else { return Ok(Some("no voter can take the lead".into())) };
                 let client = self.leader_client(store).await.map_err(|e| e.to_string())?;
                 client.move_leader(to).await.map_err(|e| format!("MoveLeader: {e}"))?;
-                self.event(
+                self.member_event(
                     EventType::Normal,
                     "LeaderMoved",
+                    &res::pod_name(&self.name, o),
                     format!(
                         "leadership moved from {} ({from:x}) to {to:x} before its restart on {}",
                         res::pod_name(&self.name, o),
@@ -1189,9 +1214,10 @@ impl<'a> Pass<'a> {
                         kube::Error::Api(ae) if ae.code == 404 => Ok(()),
                         e => Err(format!("deleting {name}: {e}")),
                     })?;
-                self.event(
+                self.member_event(
                     EventType::Normal,
                     "MemberRestarting",
+                    &name,
                     format!("restarting {name} ({role}) on {}", r.image),
                 )
                 .await;

@@ -72,11 +72,12 @@ async fn ordered_events(bed: &Bed, ns: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn degraded_with(api: &Api<Cluster>, reason: &str) -> ClusterStatus {
-    wait_for(&format!("Degraded {reason}"), STEP_TIMEOUT, || async {
+/// Waits for `Degraded=True` with `reason` and a message naming `about`.
+async fn degraded_with(api: &Api<Cluster>, reason: &str, about: &str) -> ClusterStatus {
+    wait_for(&format!("Degraded {reason} about {about}"), STEP_TIMEOUT, || async {
         let s = status(api, "up").await?;
-        let hit =
-            condition(&s, "Degraded").is_some_and(|c| c.status == "True" && c.reason == reason);
+        let hit = condition(&s, "Degraded")
+            .is_some_and(|c| c.status == "True" && c.reason == reason && c.message.contains(about));
         Ok(hit.then_some(s))
     })
     .await
@@ -109,25 +110,40 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
             let (mut acked, mut failed) = (Vec::new(), Vec::new());
             let mut c = etcd(&urls).await.unwrap();
             let mut i = 0u64;
+            let mut rerouted = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let (k, v) = (format!("up/{i:05}"), format!("v{i}"));
-                match tokio::time::timeout(
-                    Duration::from_secs(5),
-                    c.put(k.clone(), v.clone(), None),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => acked.push((k, v)),
-                    Ok(Err(e)) => {
-                        failed.push(format!("{:.1}s {k}: {e}", started.elapsed().as_secs_f64()))
+                // A request that could not even connect (the client balances over every
+                // member's address, one of which is restarting) never reached a server:
+                // it is sent again, as etcd's clientv3 does; anything else counts.
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        c.put(k.clone(), v.clone(), None),
+                    )
+                    .await;
+                    let at = started.elapsed().as_secs_f64();
+                    match r {
+                        Ok(Ok(_)) => acked.push((k.clone(), v.clone())),
+                        Ok(Err(e))
+                            if attempts < 10
+                                && (e.to_string().contains("tcp connect error")
+                                    || e.to_string().contains("dns error")) =>
+                        {
+                            rerouted += 1;
+                            continue;
+                        }
+                        Ok(Err(e)) => failed.push(format!("{at:.1}s {k}: {e}")),
+                        Err(_) => failed.push(format!("{at:.1}s {k}: timed out")),
                     }
-                    Err(_) => failed
-                        .push(format!("{:.1}s {k}: timed out", started.elapsed().as_secs_f64())),
+                    break;
                 }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (acked, failed)
+            (acked, failed, rerouted)
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -149,8 +165,12 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
     eprintln!("upgrade: 3 members rolled to {new} in {:.1}s", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    let (acked, failed) = writer.await.unwrap();
-    eprintln!("upgrade: {} writes acknowledged, {} failed: {failed:?}", acked.len(), failed.len());
+    let (acked, failed, rerouted) = writer.await.unwrap();
+    eprintln!(
+        "upgrade: {} writes acknowledged, {} failed, {rerouted} attempts re-sent after a refused connection: {failed:?}",
+        acked.len(),
+        failed.len()
+    );
 
     // The order: two followers, then the former leader after a LeaderMoved.
     let events = ordered_events(bed, &ns).await;
@@ -202,7 +222,7 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
         ("registry.example/cairn:0.1.0", "downgrade"),
     ] {
         set_image(bed, &ns, image).await;
-        let s = degraded_with(&api, "UpgradeRefused").await;
+        let s = degraded_with(&api, "UpgradeRefused", image).await;
         let c = condition(&s, "Degraded").unwrap();
         assert!(c.message.contains(words) && c.message.contains(image), "{c:?}");
         assert_eq!(template_image().await, new);
@@ -213,7 +233,7 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
     // An image that does not come back stops the roll after the first member.
     let broken = "registry.example/cairn-broken:0.3.0";
     set_image(bed, &ns, broken).await;
-    let s = degraded_with(&api, "UpgradeStalled").await;
+    let s = degraded_with(&api, "UpgradeStalled", broken).await;
     eprintln!("upgrade: stalled: {}", condition(&s, "Degraded").unwrap().message);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let images = pod_images(&pods).await;
