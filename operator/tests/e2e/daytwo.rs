@@ -203,15 +203,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     .await
     .unwrap();
     let st = first.status.clone().unwrap();
-    let t =
-        |s: &Option<String>| s.as_deref().unwrap().parse::<k8s_openapi::jiff::Timestamp>().unwrap();
-    eprintln!(
-        "backup: first Succeeded {:.1}s after enabling; its Job took {:.1}s; revision {}, {} bytes",
-        started.elapsed().as_secs_f64(),
-        t(&st.completion_time).duration_since(t(&st.start_time)).as_secs_f64(),
-        st.revision.unwrap(),
-        st.size.unwrap()
-    );
+    report_first_backup("backup", started, &st);
     assert!(st.revision.unwrap() >= written, "{st:?} misses writes up to {written}");
     let dir = bed.pvc_dir(&ns, "backups").join("bk");
     let file = dir.join(format!("{}.db", first.name_any()));
@@ -282,6 +274,23 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     let ev = events(bed, &ns).await;
     assert!(ev.contains("BackupSucceeded"), "{ev}");
     bed.kubectl(&["delete", "cc", "bk", "-n", &ns, "--wait=false"]).await.unwrap();
+}
+
+/// Prints how long the first backup took: since the schedule was set, and its Job.
+pub(crate) fn report_first_backup(
+    what: &str,
+    started: Instant,
+    st: &cairn_operator::crd::BackupStatus,
+) {
+    let t =
+        |s: &Option<String>| s.as_deref().unwrap().parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+    eprintln!(
+        "{what}: first Succeeded {:.1}s after enabling; its Job took {:.1}s; revision {}, {} bytes",
+        started.elapsed().as_secs_f64(),
+        t(&st.completion_time).duration_since(t(&st.start_time)).as_secs_f64(),
+        st.revision.unwrap(),
+        st.size.unwrap()
+    );
 }
 
 /// Waits until a Backup is Succeeded and returns its status.

@@ -18,7 +18,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
-use crate::daytwo::{backups_of, create, phase_of, sha256_of, succeeded};
+use crate::daytwo::{backups_of, create, phase_of, report_first_backup, sha256_of, succeeded};
 use crate::operator::{STEP_TIMEOUT, client_url, etcd, events, manifest, operator, status};
 
 /// The bucket every test object goes to.
@@ -206,15 +206,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     .await
     .unwrap();
     let st = first.status.clone().unwrap();
-    let t =
-        |s: &Option<String>| s.as_deref().unwrap().parse::<k8s_openapi::jiff::Timestamp>().unwrap();
-    eprintln!(
-        "s3 backup: first Succeeded {:.1}s after enabling; its Job took {:.1}s; revision {}, {} bytes",
-        started.elapsed().as_secs_f64(),
-        t(&st.completion_time).duration_since(t(&st.start_time)).as_secs_f64(),
-        st.revision.unwrap(),
-        st.size.unwrap()
-    );
+    report_first_backup("s3 backup", started, &st);
     assert!(st.revision.unwrap() >= written, "{st:?} misses writes up to {written}");
     let key = format!("clusters/s3src/{}.db", first.name_any());
     assert_eq!(st.location.as_deref(), Some(format!("s3://{BUCKET}/{key}").as_str()));
