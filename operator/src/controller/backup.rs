@@ -289,7 +289,14 @@ fn job(
     let owner = b.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let container = Container {
         name: "backup".into(),
-        image: Some(cluster.image(default_repository)),
+        // The image the members run (a refused or half-rolled upgrade's image may not work).
+        image: Some(
+            cluster
+                .status
+                .as_ref()
+                .and_then(|s| s.current_image.clone())
+                .unwrap_or_else(|| cluster.image(default_repository)),
+        ),
         image_pull_policy: cluster.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         env: Some(env),
