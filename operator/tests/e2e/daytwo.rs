@@ -276,6 +276,48 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     bed.kubectl(&["delete", "cc", "bk", "-n", &ns, "--wait=false"]).await.unwrap();
 }
 
+/// Creates the 3-member Cluster `name` from Backup `backup` and checks it: Available, a
+/// cluster ID other than `src`'s, `keys.1` keys under the prefix `keys.0`, and `lease`.
+/// Returns the members' client URLs.
+pub(crate) async fn restored(
+    bed: &Bed,
+    ns: &str,
+    name: &str,
+    backup: &str,
+    src: &ClusterStatus,
+    keys: (&str, usize),
+    lease: i64,
+) -> Vec<String> {
+    let started = Instant::now();
+    let extra = format!("  bootstrap: {{fromBackup: {{name: {backup}}}}}\n");
+    let dst = create(bed, ns, name, 3, &extra).await;
+    eprintln!(
+        "restore: 3-member cluster {name} from backup {backup} Available after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
+    let urls: Vec<String> = (0..3).map(|o| client_url(ns, name, o)).collect();
+    let mut d = etcd(&urls[..1]).await.unwrap();
+    let got = d.get(keys.0, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), keys.1, "keys under {} in {name}", keys.0);
+    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
+    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+    urls
+}
+
+/// Asserts that every member answers HashKV at `revision` with `want`.
+pub(crate) async fn assert_hash_kv(urls: &[String], revision: i64, want: u32) {
+    for u in urls {
+        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
+            let u = u.clone();
+            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(h, want, "{u}: HashKV at {revision} differs");
+    }
+}
+
 /// Prints how long the first backup took: since the schedule was set, and its Job.
 pub(crate) fn report_first_backup(
     what: &str,
@@ -336,19 +378,8 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
     let revision = snap.revision.unwrap();
 
     // A new 3-member cluster from the backup: the seed restores, two learners join.
-    let started = Instant::now();
-    let dst = create(bed, &ns, "dst", 3, "  bootstrap: {fromBackup: {name: snap}}\n").await;
-    eprintln!(
-        "restore: 3-member cluster from backup Available after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
-    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "dst", o)).collect();
-    let mut d = etcd(&urls[..1]).await.unwrap();
-    let got = d.get("restore/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(got.kvs().len(), 300, "299 written keys left plus the leased one");
-    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
-    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+    // 299 written keys are left plus the leased one.
+    let urls = restored(bed, &ns, "dst", "snap", &src, ("restore/", 300), lease).await;
 
     // A member restored by hand from the same file answers the same HashKV.
     let file = bed.pvc_dir(&ns, "backups").join("snap.db");
@@ -388,15 +419,7 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
         })
         .await
         .unwrap();
-    for u in &urls {
-        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
-            let u = u.clone();
-            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(h, hand_hash, "{u}: HashKV at {revision} differs from the hand-restored member");
-    }
+    assert_hash_kv(&urls, revision, hand_hash).await;
     eprintln!(
         "restore: HashKV at revision {revision} equal on 3 members and the hand-restored one: {hand_hash:x}"
     );

@@ -18,7 +18,10 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
-use crate::daytwo::{backups_of, create, phase_of, report_first_backup, sha256_of, succeeded};
+use crate::daytwo::{
+    assert_hash_kv, backups_of, create, phase_of, report_first_backup, restored, sha256_of,
+    succeeded,
+};
 use crate::operator::{STEP_TIMEOUT, client_url, etcd, events, manifest, operator, status};
 
 /// The bucket every test object goes to.
@@ -276,31 +279,9 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     let newest = kept.iter().max().unwrap().clone();
     let snap = succeeded(&backups, &newest).await;
     let revision = snap.revision.unwrap();
-    let started = Instant::now();
-    let dst =
-        create(bed, &ns, "s3dst", 3, &format!("  bootstrap: {{fromBackup: {{name: {newest}}}}}\n"))
-            .await;
-    eprintln!(
-        "s3 restore: 3-member cluster from an S3 backup Available after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
-    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "s3dst", o)).collect();
-    let mut d = etcd(&urls[..1]).await.unwrap();
-    let got = d.get("s3/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(got.kvs().len(), 301, "300 written keys plus the leased one");
-    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
-    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+    let urls = restored(bed, &ns, "s3dst", &newest, &src, ("s3/", 301), lease).await;
     let want = c.hash_kv(revision).await.unwrap().hash();
-    for u in &urls {
-        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
-            let u = u.clone();
-            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(h, want, "{u}: HashKV at {revision} differs from the source cluster's");
-    }
+    assert_hash_kv(&urls, revision, want).await;
     eprintln!(
         "s3 restore: HashKV at revision {revision} equal on 3 members and the source: {want:x}"
     );
