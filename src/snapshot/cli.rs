@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use cairn_proto::etcdserverpb::{SnapshotRequest, maintenance_client::MaintenanceClient};
 use sha2::{Digest, Sha256};
 
-use super::{Error, RestoreOptions, image};
+use super::{Error, RestoreOptions, image, s3};
 
 /// The `cairn snapshot` subcommands.
 #[derive(Debug, clap::Args)]
@@ -57,6 +57,37 @@ enum Command {
         #[arg(long)]
         skip_hash_check: bool,
     },
+    /// Uploads a snapshot file to an S3-compatible bucket (multipart above the part size).
+    Upload {
+        /// The file to upload.
+        path: PathBuf,
+        /// Where: `s3://bucket/key`.
+        url: String,
+        #[command(flatten)]
+        s3: s3::S3Args,
+        /// Bytes per part of a multipart upload (at least 5 MiB).
+        #[arg(long, default_value_t = 64 << 20)]
+        part_size: u64,
+    },
+    /// Downloads a snapshot from an S3-compatible bucket, checking its sha256 if given.
+    Download {
+        /// What: `s3://bucket/key`.
+        url: String,
+        /// The file to write (appears only when complete and verified).
+        path: PathBuf,
+        #[command(flatten)]
+        s3: s3::S3Args,
+        /// The expected `sha256:<hex>` (or bare hex) of the object.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Deletes a snapshot from an S3-compatible bucket.
+    Delete {
+        /// What: `s3://bucket/key`.
+        url: String,
+        #[command(flatten)]
+        s3: s3::S3Args,
+    },
 }
 
 /// Runs one `cairn snapshot` subcommand.
@@ -67,11 +98,7 @@ pub fn run(args: &Args) -> Result<(), Error> {
     match &args.command {
         Command::Save { path, endpoints } => {
             let endpoint = endpoints.first().map_or("127.0.0.1:2379", String::as_str);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::Remote(format!("tokio runtime: {e}")))?;
-            runtime.block_on(save(endpoint, path))?;
+            runtime()?.block_on(save(endpoint, path))?;
             println!("Snapshot saved at {}", path.display());
             Ok(())
         }
@@ -110,7 +137,40 @@ pub fn run(args: &Args) -> Result<(), Error> {
             );
             Ok(())
         }
+        Command::Upload { path, url, s3, part_size } => {
+            let object = s3::Object::parse(url)?;
+            let client = s3::Client::new(s3)?;
+            let up = runtime()?.block_on(client.upload(path, &object, *part_size))?;
+            println!(
+                "uploaded {} to {object} ({} bytes, {} parts)",
+                path.display(),
+                up.size,
+                up.parts
+            );
+            Ok(())
+        }
+        Command::Download { url, path, s3, sha256 } => {
+            let object = s3::Object::parse(url)?;
+            let client = s3::Client::new(s3)?;
+            let (sum, size) =
+                runtime()?.block_on(client.download(&object, path, sha256.as_deref()))?;
+            println!("downloaded {object} to {} ({size} bytes, {sum})", path.display());
+            Ok(())
+        }
+        Command::Delete { url, s3 } => {
+            let object = s3::Object::parse(url)?;
+            runtime()?.block_on(s3::Client::new(s3)?.delete(&object))?;
+            println!("deleted {object}");
+            Ok(())
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Remote(format!("tokio runtime: {e}")))
 }
 
 /// Streams a snapshot from `endpoint` into `path` (through `path.part`, renamed when the

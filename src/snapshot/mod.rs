@@ -1,5 +1,6 @@
-//! Maintenance snapshots: Cairn's snapshot image format, and the `cairn snapshot save |
-//! status | restore` subcommands (etcdutl's).
+//! Maintenance snapshots: Cairn's snapshot image format, the `cairn snapshot save |
+//! status | restore` subcommands (etcdutl's), and `upload | download | delete` of snapshots
+//! in an S3-compatible bucket (for the operator's backups).
 //!
 //! # The image format (version 1)
 //!
@@ -41,6 +42,7 @@ mod bbolt;
 mod cli;
 mod image;
 mod restore;
+mod s3;
 
 pub use self::cli::{Args, run};
 pub use self::image::{Header, ImageWriter, Summary, read_image};

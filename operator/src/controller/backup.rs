@@ -3,9 +3,11 @@
 //! `BackupHealthy` holds).
 //!
 //! A backup is a Job with the store's image: `cairn snapshot save` straight into the
-//! destination claim (the file appears under its final name only once its sha256 trailer
-//! checked out and it is fsynced), `cairn snapshot status` for the revision, `sha256sum`,
-//! and a one-line JSON report written to the container's termination message, which the
+//! destination claim, or into scratch space when the destination is an S3-compatible bucket
+//! (the file appears under its final name only once its sha256 trailer checked out and it
+//! is fsynced), `cairn snapshot status` for the revision, `sha256sum`, for a bucket
+//! `cairn snapshot upload` (multipart for large files, credentials from the Secret the
+//! destination names), and a one-line JSON report written to the container's termination message, which the
 //! operator reads back into the Backup's status. Deleting a Backup deletes its file first
 //! (a finalizer and a small cleanup Job), so retention removes objects and files together.
 //!
@@ -17,8 +19,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume,
-    VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, SecretKeySelector, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -26,7 +28,8 @@ use kube::{Resource, ResourceExt};
 use serde::Deserialize;
 
 use crate::crd::{
-    Backup, BackupPhase, BackupRetention, BackupSpec, Cluster, LastBackup, PvcDestination,
+    Backup, BackupDestination, BackupPhase, BackupRetention, BackupSpec, Cluster, LastBackup,
+    S3Destination,
 };
 use crate::schedule::{Schedule, parse_duration};
 use crate::{Error, Result};
@@ -42,8 +45,9 @@ pub const BACKUP_LABEL: &str = "cairn.dev/backup";
 /// Where the destination claim is mounted in backup Jobs.
 const MOUNT: &str = "/backup";
 
-/// Saves, inspects and checksums the snapshot, then reports (see the module doc). Every
-/// failure writes `{"error": ...}` as the termination message and exits non-zero.
+/// Saves, inspects and checksums the snapshot, uploads it when the destination is a bucket,
+/// then reports (see the module doc). Every failure writes `{"error": ...}` as the
+/// termination message and exits non-zero.
 const SAVE_SCRIPT: &str = r#"set -u
 report() { printf '%s' "$1" > /dev/termination-log; }
 fail() { echo "backup failed: $1" >&2; report "{\"error\":\"$1\"}"; exit 1; }
@@ -56,15 +60,22 @@ done
 status=$(cairn snapshot status "$DEST/$FILE" -w json) || fail "cairn snapshot status failed on the saved file"
 sum=$(sha256sum "$DEST/$FILE" | cut -d' ' -f1) || fail "sha256sum failed"
 size=$(wc -c < "$DEST/$FILE" | tr -d ' ')
-echo "$sum  $FILE" > "$DEST/$FILE.sha256" || fail "cannot write $FILE.sha256"
+case "$LOCATION" in
+  s3://*)
+    cairn snapshot upload "$DEST/$FILE" "$LOCATION" || fail "the upload to $LOCATION failed (see the Job's log)"
+    rm -f "$DEST/$FILE" ;;
+  *) echo "$sum  $FILE" > "$DEST/$FILE.sha256" || fail "cannot write $FILE.sha256" ;;
+esac
 report "{\"location\":\"$LOCATION\",\"checksum\":\"sha256:$sum\",\"size\":$size,\"endpoint\":\"$saved\",\"snapshot\":$status}"
-echo "backup $FILE: $size bytes, sha256:$sum, from $saved"
+echo "backup $FILE: $size bytes, sha256:$sum, from $saved, at $LOCATION"
 "#;
 
-/// Deletes a backup's file and checksum.
+/// Deletes a backup's file and checksum, or its object.
 const DELETE_SCRIPT: &str = r#"set -eu
-rm -f "$DEST/$FILE" "$DEST/$FILE.sha256" "$DEST/$FILE.part"
-echo "deleted $DEST/$FILE"
+case "$LOCATION" in
+  s3://*) cairn snapshot delete "$LOCATION" ;;
+  *) rm -f "$DEST/$FILE" "$DEST/$FILE.sha256" "$DEST/$FILE.part"; echo "deleted $DEST/$FILE" ;;
+esac
 "#;
 
 /// What a successful backup Job reports.
@@ -118,13 +129,57 @@ pub fn file_name(backup: &str) -> String {
     format!("{backup}.db")
 }
 
-/// The directory inside the mounted claim, and the location string of a Backup's file.
-fn paths(pvc: &PvcDestination, backup: &str) -> (String, String) {
-    let sub = pvc.sub_path.as_deref().unwrap_or("").trim_matches('/');
-    let dir = if sub.is_empty() { MOUNT.to_owned() } else { format!("{MOUNT}/{sub}") };
-    let rel =
-        if sub.is_empty() { file_name(backup) } else { format!("{sub}/{}", file_name(backup)) };
-    (dir, format!("pvc://{}/{rel}", pvc.claim_name))
+/// The directory the Job writes the file to (in the mounted claim, or scratch space before
+/// an upload), and the location string of a Backup's file.
+fn paths(dest: &BackupDestination, backup: &str) -> Result<(String, String)> {
+    if let Some(pvc) = &dest.pvc {
+        let sub = pvc.sub_path.as_deref().unwrap_or("").trim_matches('/');
+        let dir = if sub.is_empty() { MOUNT.to_owned() } else { format!("{MOUNT}/{sub}") };
+        let rel =
+            if sub.is_empty() { file_name(backup) } else { format!("{sub}/{}", file_name(backup)) };
+        return Ok((dir, format!("pvc://{}/{rel}", pvc.claim_name)));
+    }
+    let s3 =
+        dest.s3.as_ref().ok_or(Error::MissingObjectKey("destination.pvc or destination.s3"))?;
+    Ok((MOUNT.to_owned(), s3_location(s3, &file_name(backup))))
+}
+
+/// `s3://bucket/<prefix>/<file>`.
+pub fn s3_location(s3: &S3Destination, file: &str) -> String {
+    let prefix = s3.prefix.as_deref().unwrap_or("").trim_matches('/');
+    if prefix.is_empty() {
+        format!("s3://{}/{file}", s3.bucket)
+    } else {
+        format!("s3://{}/{prefix}/{file}", s3.bucket)
+    }
+}
+
+/// The environment `cairn snapshot upload | download | delete` reads: endpoint, region,
+/// addressing style, and the keys from the credentials Secret (`accessKeyId`,
+/// `secretAccessKey`).
+pub fn s3_env(s3: &S3Destination) -> Vec<EnvVar> {
+    let secret = |var: &str, key: &str| EnvVar {
+        name: var.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: s3.credentials_secret_ref.name.clone(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut out = vec![
+        env("AWS_REGION", s3.region.clone().unwrap_or_else(|| "us-east-1".into())),
+        env("CAIRN_S3_FORCE_PATH_STYLE", s3.force_path_style.to_string()),
+        secret("AWS_ACCESS_KEY_ID", "accessKeyId"),
+        secret("AWS_SECRET_ACCESS_KEY", "secretAccessKey"),
+    ];
+    if let Some(e) = &s3.endpoint {
+        out.push(env("AWS_ENDPOINT_URL", e.clone()));
+    }
+    out
 }
 
 fn env(name: &str, value: String) -> EnvVar {
@@ -149,16 +204,16 @@ pub fn delete_job_name(backup: &str) -> String {
 pub fn save_job(
     b: &Backup,
     cluster: &Cluster,
-    pvc: &PvcDestination,
+    dest: &BackupDestination,
     endpoints: &[String],
     default_repository: &str,
 ) -> Result<Job> {
     let name = b.name_any();
-    let (dir, location) = paths(pvc, &name);
+    let (dir, location) = paths(dest, &name)?;
     job(
         b,
         cluster,
-        pvc,
+        dest,
         save_job_name(&name),
         SAVE_SCRIPT,
         vec![
@@ -171,25 +226,25 @@ pub fn save_job(
     )
 }
 
-/// The Job that deletes `backup`'s file from `pvc`.
+/// The Job that deletes `backup`'s file from `dest`.
 ///
 /// # Errors
 /// [`Error::MissingObjectKey`] for objects not read from the API.
 pub fn delete_job(
     b: &Backup,
     cluster: &Cluster,
-    pvc: &PvcDestination,
+    dest: &BackupDestination,
     default_repository: &str,
 ) -> Result<Job> {
     let name = b.name_any();
-    let (dir, _) = paths(pvc, &name);
+    let (dir, location) = paths(dest, &name)?;
     job(
         b,
         cluster,
-        pvc,
+        dest,
         delete_job_name(&name),
         DELETE_SCRIPT,
-        vec![env("DEST", dir), env("FILE", file_name(&name))],
+        vec![env("DEST", dir), env("FILE", file_name(&name)), env("LOCATION", location)],
         default_repository,
     )
 }
@@ -197,12 +252,33 @@ pub fn delete_job(
 fn job(
     b: &Backup,
     cluster: &Cluster,
-    pvc: &PvcDestination,
+    dest: &BackupDestination,
     name: String,
     script: &str,
-    env: Vec<EnvVar>,
+    mut env: Vec<EnvVar>,
     default_repository: &str,
 ) -> Result<Job> {
+    // A claim is the destination itself; a bucket gets scratch space for the file before
+    // the upload.
+    let volume = match (&dest.pvc, &dest.s3) {
+        (Some(pvc), _) => Volume {
+            name: "destination".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        },
+        (None, Some(s3)) => {
+            env.extend(s3_env(s3));
+            Volume {
+                name: "destination".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }
+        }
+        (None, None) => return Err(Error::MissingObjectKey("destination.pvc or destination.s3")),
+    };
     let backup = b.name_any();
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "cairn-backup".to_owned()),
@@ -213,7 +289,14 @@ fn job(
     let owner = b.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let container = Container {
         name: "backup".into(),
-        image: Some(cluster.image(default_repository)),
+        // The image the members run (a refused or half-rolled upgrade's image may not work).
+        image: Some(
+            cluster
+                .status
+                .as_ref()
+                .and_then(|s| s.current_image.clone())
+                .unwrap_or_else(|| cluster.image(default_repository)),
+        ),
         image_pull_policy: cluster.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         env: Some(env),
@@ -244,14 +327,7 @@ fn job(
                     containers: vec![container],
                     image_pull_secrets: (!cluster.spec.image_pull_secrets.is_empty())
                         .then(|| cluster.spec.image_pull_secrets.clone()),
-                    volumes: Some(vec![Volume {
-                        name: "destination".into(),
-                        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                            claim_name: pvc.claim_name.clone(),
-                            read_only: Some(false),
-                        }),
-                        ..Default::default()
-                    }]),
+                    volumes: Some(vec![volume]),
                     ..Default::default()
                 }),
             },
@@ -270,7 +346,12 @@ pub fn scheduled_backup(cluster: &Cluster, now: Timestamp) -> Result<Backup> {
     let stamp = now.strftime("%Y%m%d%H%M%S").to_string();
     let mut b = Backup::new(
         &format!("{name}-{stamp}"),
-        BackupSpec { cluster_name: name.clone(), destination: None },
+        // The destination is recorded in the Backup, so it can be restored and deleted
+        // after its Cluster's spec changed or the Cluster is gone.
+        BackupSpec {
+            cluster_name: name.clone(),
+            destination: cluster.spec.backup.as_ref().map(|s| s.destination.clone()),
+        },
     );
     b.metadata.namespace =
         Some(cluster.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?);
@@ -437,7 +518,7 @@ pub fn health(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BackupStatus, ClusterSpec};
+    use crate::crd::{BackupStatus, ClusterSpec, PvcDestination};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn at(s: &str) -> Timestamp {
@@ -535,7 +616,8 @@ mod tests {
         b.metadata.namespace = Some("db".into());
         b.metadata.uid = Some("u2".into());
         let pvc = PvcDestination { claim_name: "backups".into(), sub_path: Some("/main/".into()) };
-        let j = save_job(&b, &c, &pvc, &["http://a:2379".into()], "cairn").unwrap();
+        let dest = BackupDestination { pvc: Some(pvc), s3: None };
+        let j = save_job(&b, &c, &dest, &["http://a:2379".into()], "cairn").unwrap();
         assert_eq!(j.metadata.name.as_deref(), Some("main-1-save"));
         let pod = j.spec.unwrap().template.spec.unwrap();
         let env: BTreeMap<String, String> = pod.containers[0]
@@ -552,5 +634,40 @@ mod tests {
             "backups"
         );
         assert_eq!(pod.containers[0].image.as_deref(), Some("cairn:latest"));
+    }
+
+    #[test]
+    fn an_s3_job_uses_scratch_space_and_the_secrets_keys() {
+        let mut c = Cluster::new("main", ClusterSpec::default());
+        c.metadata.namespace = Some("db".into());
+        let mut b =
+            Backup::new("main-1", BackupSpec { cluster_name: "main".into(), destination: None });
+        b.metadata.namespace = Some("db".into());
+        b.metadata.uid = Some("u2".into());
+        let s3 = S3Destination {
+            endpoint: Some("http://s3.local:9000".into()),
+            bucket: "bk".into(),
+            prefix: Some("/nightly/".into()),
+            credentials_secret_ref: k8s_openapi::api::core::v1::LocalObjectReference {
+                name: "creds".into(),
+            },
+            force_path_style: true,
+            ..Default::default()
+        };
+        let dest = BackupDestination { pvc: None, s3: Some(s3) };
+        for j in [
+            save_job(&b, &c, &dest, &["http://a:2379".into()], "cairn").unwrap(),
+            delete_job(&b, &c, &dest, "cairn").unwrap(),
+        ] {
+            let pod = j.spec.unwrap().template.spec.unwrap();
+            assert!(pod.volumes.unwrap()[0].empty_dir.is_some());
+            let env = pod.containers[0].env.clone().unwrap();
+            let get = |n: &str| env.iter().find(|e| e.name == n).unwrap().clone();
+            assert_eq!(get("LOCATION").value.unwrap(), "s3://bk/nightly/main-1.db");
+            assert_eq!(get("AWS_ENDPOINT_URL").value.unwrap(), "http://s3.local:9000");
+            assert_eq!(get("CAIRN_S3_FORCE_PATH_STYLE").value.unwrap(), "true");
+            let key = get("AWS_SECRET_ACCESS_KEY").value_from.unwrap().secret_key_ref.unwrap();
+            assert_eq!((key.name.as_str(), key.key.as_str()), ("creds", "secretAccessKey"));
+        }
     }
 }

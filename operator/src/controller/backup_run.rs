@@ -18,7 +18,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::Context;
 use super::backup::{self, FINALIZER};
-use crate::crd::{Backup, BackupDestination, BackupPhase, BackupStatus, Cluster, PvcDestination};
+use crate::crd::{Backup, BackupDestination, BackupPhase, BackupStatus, Cluster};
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// Requeue while a Job runs.
@@ -73,18 +73,15 @@ impl Run<'_> {
     async fn pass(&self) -> Result<Action> {
         let name = self.b.name_any();
         let cluster = self.api::<Cluster>().get_opt(&self.b.spec.cluster_name).await?;
-        let pvc = match destination(self.b, cluster.as_ref()) {
-            Some(BackupDestination { pvc: Some(p), .. }) => Ok(p),
-            Some(BackupDestination { s3: Some(_), .. }) => Err(
-                "S3 destinations are accepted but not implemented by this operator version; use a pvc destination".to_owned(),
-            ),
+        let dest = match destination(self.b, cluster.as_ref()) {
+            Some(d) if d.pvc.is_some() || d.s3.is_some() => Ok(d),
             _ => Err(format!(
                 "no destination: set spec.destination or spec.backup.destination of Cluster {}",
                 self.b.spec.cluster_name
             )),
         };
         if self.b.meta().deletion_timestamp.is_some() {
-            return self.finalize(cluster.as_ref(), pvc.ok().as_ref()).await;
+            return self.finalize(cluster.as_ref(), dest.ok().as_ref()).await;
         }
         let status = self.b.status.clone().unwrap_or_default();
         if matches!(status.phase, Some(BackupPhase::Succeeded | BackupPhase::Failed)) {
@@ -95,8 +92,8 @@ impl Run<'_> {
                 .fail(format!("Cluster {} not found in {}", self.b.spec.cluster_name, self.ns))
                 .await;
         };
-        let pvc = match pvc {
-            Ok(p) => p,
+        let dest = match dest {
+            Ok(d) => d,
             Err(e) => return self.fail(e).await,
         };
         if !self.b.finalizers().iter().any(|f| f == FINALIZER) {
@@ -138,7 +135,7 @@ impl Run<'_> {
             let job = backup::save_job(
                 self.b,
                 &cluster,
-                &pvc,
+                &dest,
                 &endpoints,
                 &self.ctx.settings.default_repository,
             )?;
@@ -245,20 +242,20 @@ impl Run<'_> {
         Ok(Action::await_change())
     }
 
-    /// Deletes the file (a cleanup Job), then releases the finalizer. Without a claim or a
-    /// Cluster to take the image from, the file cannot be reached: the finalizer goes with
-    /// a Warning.
+    /// Deletes the file or object (a cleanup Job), then releases the finalizer. Without a
+    /// destination or a Cluster to take the image from, the file cannot be reached: the
+    /// finalizer goes with a Warning.
     async fn finalize(
         &self,
         cluster: Option<&Cluster>,
-        pvc: Option<&PvcDestination>,
+        dest: Option<&BackupDestination>,
     ) -> Result<Action> {
         let name = self.b.name_any();
         if !self.b.finalizers().iter().any(|f| f == FINALIZER) {
             return Ok(Action::await_change());
         }
         let wrote = self.b.status.as_ref().is_some_and(|s| s.phase.is_some());
-        if let (Some(cluster), Some(pvc), true) = (cluster, pvc, wrote) {
+        if let (Some(cluster), Some(dest), true) = (cluster, dest, wrote) {
             let jobs = self.api::<Job>();
             let job_name = backup::delete_job_name(&name);
             match jobs.get_opt(&job_name).await? {
@@ -266,7 +263,7 @@ impl Run<'_> {
                     let job = backup::delete_job(
                         self.b,
                         cluster,
-                        pvc,
+                        dest,
                         &self.ctx.settings.default_repository,
                     )?;
                     create_job(&jobs, &job).await?;
@@ -277,7 +274,20 @@ impl Run<'_> {
                     let done =
                         |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
                     if done("Failed") {
-                        self.event(cluster, EventType::Warning, "BackupFileNotDeleted", format!("backup {name}: the cleanup Job failed; its file may remain in claim {}", pvc.claim_name)).await;
+                        self.event(
+                            cluster,
+                            EventType::Warning,
+                            "BackupFileNotDeleted",
+                            format!(
+                                "backup {name}: the cleanup Job failed; its file may remain at {}",
+                                self.b
+                                    .status
+                                    .as_ref()
+                                    .and_then(|s| s.location.clone())
+                                    .unwrap_or_else(|| "its destination".into())
+                            ),
+                        )
+                        .await;
                     } else if !done("Complete") {
                         return Ok(Action::requeue(POLL));
                     }

@@ -9,6 +9,7 @@
 //! - `backup`: the backup Job builders and the schedule/retention decisions;
 //! - `backup_run`: the `Backup` reconciler (Job, report, file cleanup);
 //! - `restore`: the seed's restore init container (`spec.bootstrap.fromBackup`);
+//! - `upgrade`: the version check and the order of a rolling upgrade;
 //! - `status`: conditions and phase.
 
 pub mod backup;
@@ -20,6 +21,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod restore;
 pub mod status;
+pub mod upgrade;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -27,11 +27,11 @@ use super::Context;
 use super::membership::{self, MemberHealth, MemberView, Observed, Step};
 use super::resources::{self as res, ROLE_LABEL};
 use super::status::{self, Summary};
-use super::{backup, compaction, created, defrag, parse_time, restore};
+use super::{backup, compaction, created, defrag, parse_time, restore, upgrade};
 use crate::crd::{
     Backup, BackupPhase, Cluster, ClusterStatus, CompactionSpec, CompactionState, Condition,
     DefragRun, DefragSpec, DefragState, LastBackup, LastCompaction, MemberDefrag, MemberStatus,
-    QuorumLossPolicy, RecoveryProgress, Target,
+    QuorumLossPolicy, RecoveryProgress, Rollout, Target,
 };
 use crate::etcd::{self, hex_id};
 use crate::schedule::parse_duration;
@@ -131,6 +131,9 @@ struct Pass<'a> {
     /// The existing StatefulSet's claim templates: immutable in Kubernetes, so they are kept
     /// as created (a grown `storage.size` needs volume expansion, reported by an Event).
     existing_claims: Option<Vec<PersistentVolumeClaim>>,
+    /// The image the store pods get: the requested one, or the current one while the
+    /// requested one is refused.
+    image: String,
 }
 
 impl<'a> Pass<'a> {
@@ -145,6 +148,7 @@ impl<'a> Pass<'a> {
             existing_claims: None,
             restore: None,
             force: false,
+            image: c.image(&ctx.settings.default_repository),
         })
     }
 
@@ -171,6 +175,13 @@ impl<'a> Pass<'a> {
     async fn event(&self, type_: EventType, reason: &str, note: String) {
         tracing::info!(cluster = %self.name, namespace = %self.ns, reason, %note, "event");
         publish(self.ctx, self.c, type_, reason, reason, note).await;
+    }
+
+    /// An Event about one member: its own action, so Events of the same reason about
+    /// different members are not folded into one series.
+    async fn member_event(&self, type_: EventType, reason: &str, member: &str, note: String) {
+        tracing::info!(cluster = %self.name, namespace = %self.ns, reason, %note, "event");
+        publish(self.ctx, self.c, type_, reason, &format!("{reason}/{member}"), note).await;
     }
 
     fn client_url(&self, ordinal: u32) -> String {
@@ -256,6 +267,30 @@ impl<'a> Pass<'a> {
         let sts_replicas = sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas);
         self.existing_claims =
             sts.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone());
+        // Upgrades: the requested image is checked against the one every member runs (the
+        // StatefulSet's for a cluster from before this was recorded); a refused one leaves
+        // the template as it is.
+        let requested = self.image.clone();
+        let mut current_image = self
+            .old
+            .current_image
+            .clone()
+            .or_else(|| template_image(sts.as_ref()))
+            .unwrap_or_else(|| requested.clone());
+        let refused = (current_image != requested)
+            .then(|| upgrade::check(&current_image, &requested).err())
+            .flatten();
+        if let Some(why) = &refused {
+            self.image = current_image.clone();
+            let reported = self
+                .old
+                .conditions
+                .iter()
+                .any(|c| c.reason == "UpgradeRefused" && c.message == *why);
+            if !reported {
+                self.event(EventType::Warning, "UpgradeRefused", why.clone()).await;
+            }
+        }
 
         let mut candidates: Vec<u32> = pods.keys().copied().collect();
         candidates
@@ -264,9 +299,19 @@ impl<'a> Pass<'a> {
         candidates.dedup();
         let store = self.observe_store(&candidates).await;
 
-        // Membership as the decision sees it.
-        let mut cluster_id =
-            self.old.cluster_id.as_deref().and_then(|s| u64::from_str_radix(s, 16).ok());
+        // Membership as the decision sees it. A cluster being rebuilt from a backup has no
+        // cluster ID until its restored seed answers (every old member is gone by then).
+        let rebuilding = self
+            .old
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.from_backup.is_some() && r.forced_at.is_some());
+        let mut cluster_id = self
+            .old
+            .cluster_id
+            .as_deref()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .filter(|_| !rebuilding);
         if cluster_id.is_none() && store.cluster_id != 0 && store.health.contains_key(&0) {
             cluster_id = Some(store.cluster_id);
             self.event(
@@ -311,6 +356,20 @@ impl<'a> Pass<'a> {
                 }
             })
             .collect();
+        // The member a roll restarted is the roll's to judge (it stops the roll when the
+        // member does not come back), never replaced: a replacement would run the same image.
+        let rolling_member = self
+            .old
+            .rollout
+            .as_ref()
+            .and_then(|r| r.member.as_deref())
+            .and_then(|m| ordinal_of_pod(&self.name, m));
+        let mut members = members;
+        for m in &mut members {
+            if m.ordinal.is_some() && m.ordinal == rolling_member {
+                m.unhealthy_for = Duration::ZERO;
+            }
+        }
         let member_ordinals: Vec<u32> = members.iter().filter_map(|m| m.ordinal).collect();
 
         // The locked target.
@@ -352,30 +411,35 @@ impl<'a> Pass<'a> {
         // Voters as (ordinal, id, applied index if it answers): from the member list, or,
         // when no member could give one (a linearizable MemberList needs a quorum), from a
         // member's local view of it.
-        let voter_health: Vec<(Option<u32>, u64, Option<u64>)> = if members.is_empty() {
-            store
-                .local_members
-                .iter()
-                .filter(|m| !m.is_learner)
-                .map(|m| {
-                    let o = m
-                        .peer_urls
-                        .iter()
-                        .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
-                    let s = o.and_then(|o| store.health.get(&o)).filter(|s| s.member_id == m.id);
-                    (o, m.id, s.map(|s| s.applied_index))
-                })
-                .collect()
-        } else {
-            members
-                .iter()
-                .filter(|m| !m.learner)
-                .map(|m| {
-                    let applied = m.status.filter(|h| h.member_id == m.id).map(|h| h.applied);
-                    (m.ordinal, m.id, applied)
-                })
-                .collect()
-        };
+        let voter_health: Vec<(Option<u32>, u64, Option<u64>)> =
+            if members.is_empty() && store.local_members.is_empty() && formed {
+                // No member answers at all: the voters the members ConfigMap names, none healthy.
+                self.configured_ordinals().await?.into_iter().map(|o| (Some(o), 0, None)).collect()
+            } else if members.is_empty() {
+                store
+                    .local_members
+                    .iter()
+                    .filter(|m| !m.is_learner)
+                    .map(|m| {
+                        let o = m
+                            .peer_urls
+                            .iter()
+                            .find_map(|u| res::ordinal_of_peer_url(&self.name, &self.ns, u));
+                        let s =
+                            o.and_then(|o| store.health.get(&o)).filter(|s| s.member_id == m.id);
+                        (o, m.id, s.map(|s| s.applied_index))
+                    })
+                    .collect()
+            } else {
+                members
+                    .iter()
+                    .filter(|m| !m.learner)
+                    .map(|m| {
+                        let applied = m.status.filter(|h| h.member_id == m.id).map(|h| h.applied);
+                        (m.ordinal, m.id, applied)
+                    })
+                    .collect()
+            };
         let voters_now = voter_health.len();
         let healthy_now = voter_health.iter().filter(|v| v.2.is_some()).count();
         let lost = formed && voters_now > 0 && healthy_now < membership::quorum(voters_now);
@@ -394,8 +458,10 @@ impl<'a> Pass<'a> {
             None
         };
         let mut recovery = self.old.recovery.clone();
-        let policy =
-            c.spec.recovery.as_ref().filter(|r| r.quorum_loss == QuorumLossPolicy::FromSurvivor);
+        // Both policies recover from a survivor when one answers (its data is the newest);
+        // `FromBackup` rebuilds from the newest good backup when none does.
+        let policy = c.spec.recovery.as_ref().filter(|r| r.quorum_loss != QuorumLossPolicy::Manual);
+        let mut no_backup = None;
         if let (None, Some(p), Some(lost_since)) = (&recovery, policy, &quorum_lost_since) {
             let window = parse_duration(&p.window).unwrap_or(Duration::from_secs(300));
             let lost_for = parse_time(lost_since).map_or(Duration::ZERO, |t| since(self.now, t));
@@ -403,6 +469,32 @@ impl<'a> Pass<'a> {
                 .iter()
                 .filter_map(|(o, id, applied)| Some((o.as_ref()?, id, applied.as_ref()?)))
                 .max_by_key(|v| *v.2);
+            if lost_for >= window
+                && !c.spec.paused
+                && survivor.is_none()
+                && p.quorum_loss == QuorumLossPolicy::FromBackup
+            {
+                match self.newest_good_backup().await {
+                    Some(b) => {
+                        self.event(
+                            EventType::Warning,
+                            "QuorumLossRecovery",
+                            format!("quorum lost for {}s and no member answers with data: rebuilding from backup {} (revision {}); writes after it are lost", lost_for.as_secs(), b.name, b.revision),
+                        )
+                        .await;
+                        recovery = Some(RecoveryProgress {
+                            from_backup: Some(b.name),
+                            since: self.now.to_string(),
+                            ..Default::default()
+                        });
+                    }
+                    None => {
+                        no_backup = Some(
+                            "quorum lost and no member answers, but no successful backup of this cluster exists to rebuild from".to_owned(),
+                        );
+                    }
+                }
+            }
             if lost_for >= window
                 && !c.spec.paused
                 && let Some((o, id, applied)) = survivor
@@ -475,19 +567,29 @@ impl<'a> Pass<'a> {
             promote_lag: self.ctx.settings.promote_lag,
         };
         let step = if let Some(r) = &recovery {
-            Step::Wait(format!("recovering from quorum loss from {}", r.survivor))
+            match &r.from_backup {
+                Some(b) => Step::Wait(format!("rebuilding from backup {b} after quorum loss")),
+                None => Step::Wait(format!("recovering from quorum loss from {}", r.survivor)),
+            }
         } else if goal == 0 {
             Step::Wait("spec.replicas is 0: pods stopped, membership kept".into())
         } else {
             membership::decide(&observed)
         };
 
-        let mut failure = None;
+        let mut failure = no_backup;
         let mut waiting = None;
         let mut busy = !matches!(step, Step::Steady);
         // Restore at creation: the seed must never start without the snapshot, so an
         // unresolvable source holds everything back until the cluster has formed.
-        let restoring = c.spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        // A rebuild after quorum loss restores the same way, from the Backup it chose.
+        let rebuild_from = recovery
+            .as_ref()
+            .and_then(|r| r.from_backup.clone())
+            .map(|name| crate::crd::FromBackup { name: Some(name), ..Default::default() });
+        let restoring = rebuild_from
+            .as_ref()
+            .or_else(|| c.spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref()));
         let mut hold = false;
         if let Some(from) = restoring {
             let backups = self
@@ -496,7 +598,8 @@ impl<'a> Pass<'a> {
                 .await
                 .map(|l| l.items)
                 .unwrap_or_default();
-            match restore::resolve(from, &backups) {
+            let own = c.spec.backup.as_ref().map(|b| &b.destination);
+            match restore::resolve(from, &backups, own) {
                 Ok(src) => self.restore = Some(src),
                 Err(e) if !formed => {
                     failure = Some(e);
@@ -518,7 +621,10 @@ impl<'a> Pass<'a> {
             // A recovery keeps no pod above the survivor: the dropped members' pods are not
             // recreated on their old claims while those are being deleted.
             let survivor = recovery.as_ref().and_then(|r| ordinal_of_pod(&self.name, &r.survivor));
-            let replicas = if goal == 0 {
+            // A rebuild from a backup stops every pod until all old data is gone.
+            let dropping_all =
+                recovery.as_ref().is_some_and(|r| r.from_backup.is_some() && r.forced_at.is_none());
+            let replicas = if goal == 0 || dropping_all {
                 0
             } else if !formed {
                 1
@@ -549,7 +655,7 @@ impl<'a> Pass<'a> {
             }
             self.apply_objects(formed, &known, replicas, pdb_voters).await?;
             self.label_roles(&pods, &members).await?;
-            match self.recover(&mut recovery, &store, &pods, &claims).await {
+            match self.recover(&mut recovery, &store, &pods, &claims, formed).await {
                 Ok(Some(w)) => waiting = Some(w),
                 Ok(None) => {}
                 Err(e) => failure = Some(format!("recovery from quorum loss: {e}")),
@@ -567,6 +673,28 @@ impl<'a> Pass<'a> {
         if matches!(step, Step::Steady) && target.as_ref().is_some_and(|t| t.replacing.is_none()) {
             target = None;
         }
+        // A roll (image or template change) advances only while membership is steady.
+        let mut rollout = self.old.rollout.clone();
+        let mut rolling = None;
+        let mut stalled = None;
+        if formed
+            && recovery.is_none()
+            && target.is_none()
+            && !c.spec.paused
+            && !hold
+            && goal > 0
+            // A member down for a restart makes membership wait, not change.
+            && matches!(step, Step::Steady | Step::Wait(_))
+        {
+            match self
+                .roll(&mut rollout, sts.as_ref(), &pods, &members, &store, &mut current_image)
+                .await
+            {
+                Ok(w) => rolling = w,
+                Err(e) => stalled = Some(e),
+            }
+        }
+        busy |= rolling.is_some();
 
         // Status.
         let leader_id = store.health.values().map(|s| s.leader).find(|&l| l != 0);
@@ -658,6 +786,9 @@ impl<'a> Pass<'a> {
             deadline_exceeded,
             waiting,
             failure,
+            rolling,
+            upgrade_stalled: stalled,
+            upgrade_refused: refused,
         };
         let m = &self.ctx.metrics;
         let labels = [self.ns.as_str(), self.name.as_str()];
@@ -707,6 +838,8 @@ impl<'a> Pass<'a> {
             quorum_lost_since,
             recovery,
             last_backup: backups.last,
+            current_image: Some(current_image),
+            rollout,
         };
         self.write_status(&new).await?;
         let mut requeue = if busy { BUSY } else { IDLE };
@@ -785,7 +918,11 @@ impl<'a> Pass<'a> {
         store: &Store,
         pods: &BTreeMap<u32, Pod>,
         claims: &BTreeMap<u32, PersistentVolumeClaim>,
+        formed: bool,
     ) -> Result<Option<String>> {
+        if recovery.as_ref().is_some_and(|r| r.from_backup.is_some()) {
+            return self.rebuild(recovery, pods, claims, formed).await;
+        }
         let Some(r) = recovery.as_mut() else { return Ok(None) };
         let survivor = ordinal_of_pod(&self.name, &r.survivor).ok_or_else(|| {
             Error::InvalidSpec(format!("survivor {} is not a pod of this cluster", r.survivor))
@@ -853,6 +990,250 @@ impl<'a> Pass<'a> {
             return Ok(Some(format!("{} is alone; withdrawing the force flag", r.survivor)));
         }
         Ok(Some(format!("waiting for {} to come back alone", r.survivor)))
+    }
+
+    /// One step of a rebuild from a backup (`recovery.quorumLoss: FromBackup`, no survivor):
+    /// every member's pod and claim goes (the StatefulSet is at 0 meanwhile), then the
+    /// cluster ID is forgotten (`forced_at` marks that moment), so the seed starts `new` and
+    /// its init container restores the Backup exactly as `bootstrap.fromBackup` does; once
+    /// it has formed, membership grows back by learners.
+    async fn rebuild(
+        &self,
+        recovery: &mut Option<RecoveryProgress>,
+        pods: &BTreeMap<u32, Pod>,
+        claims: &BTreeMap<u32, PersistentVolumeClaim>,
+        formed: bool,
+    ) -> Result<Option<String>> {
+        let Some(r) = recovery.as_mut() else { return Ok(None) };
+        let backup = r.from_backup.clone().unwrap_or_default();
+        let started = parse_time(&r.since).unwrap_or(self.now);
+        if r.forced_at.is_none() {
+            let old = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+                created(meta).is_none_or(|c| c < started) || meta.deletion_timestamp.is_some()
+            };
+            let mut dropping = false;
+            let ordinals: std::collections::BTreeSet<u32> =
+                pods.keys().chain(claims.keys()).copied().collect();
+            for o in ordinals {
+                if pods.get(&o).is_some_and(|p| old(p.meta()))
+                    || claims.get(&o).is_some_and(|p| old(p.meta()))
+                {
+                    self.delete_member_volume(o, pods, claims).await?;
+                    dropping = true;
+                }
+            }
+            if dropping {
+                return Ok(Some(format!(
+                    "dropping every member's pod and data before restoring backup {backup}"
+                )));
+            }
+            r.forced_at = Some(self.now.to_string());
+            return Ok(Some(format!("restoring the seed from backup {backup}")));
+        }
+        if formed {
+            self.event(
+                EventType::Normal,
+                "Recovered",
+                format!(
+                    "rebuilt from backup {backup} after {}s; members are added back as learners",
+                    since(self.now, started).as_secs()
+                ),
+            )
+            .await;
+            *recovery = None;
+            return Ok(None);
+        }
+        Ok(Some(format!("waiting for the seed to restore backup {backup}")))
+    }
+
+    /// One step of a rolling restart (see `upgrade`): once the StatefulSet controller has
+    /// seen the template, restart the next outdated member, or wait for the last one to be
+    /// back (Ready, answering, caught up), or stop the roll when it is not back within the
+    /// failure window. Returns what it waits for; the error is why the roll stopped.
+    async fn roll(
+        &self,
+        rollout: &mut Option<Rollout>,
+        sts: Option<&StatefulSet>,
+        pods: &BTreeMap<u32, Pod>,
+        members: &[MemberView],
+        store: &Store,
+        current_image: &mut String,
+    ) -> Result<Option<String>, String> {
+        let Some(sts) = sts else { return Ok(None) };
+        let Some(st) = sts.status.as_ref() else { return Ok(None) };
+        let Some(revision) = st.update_revision.clone() else { return Ok(None) };
+        if st.observed_generation != sts.metadata.generation
+            || template_image(Some(sts)).as_deref() != Some(self.image.as_str())
+        {
+            return Ok(Some("waiting for the StatefulSet to take the new template".into()));
+        }
+        let revision_of =
+            |p: &Pod| p.labels().get("controller-revision-hash").cloned().unwrap_or_default();
+        let outdated: Vec<u32> =
+            pods.iter().filter(|(_, p)| revision_of(p) != revision).map(|(o, _)| *o).collect();
+        if rollout.as_ref().is_some_and(|r| r.revision != revision) {
+            // The spec changed again: a new roll replaces the old (stalled or not).
+            *rollout = None;
+        }
+        if outdated.is_empty() {
+            if let Some(r) = rollout.take() {
+                self.event(
+                    EventType::Normal,
+                    "UpgradeCompleted",
+                    format!(
+                        "every member runs {} (restarted in order: {})",
+                        r.image,
+                        r.done.join(", ")
+                    ),
+                )
+                .await;
+            }
+            *current_image = self.image.clone();
+            return Ok(None);
+        }
+        if rollout.is_none() {
+            self.event(
+                EventType::Normal,
+                "UpgradeStarted",
+                format!(
+                    "rolling {} member(s) to {} one at a time, followers first",
+                    outdated.len(),
+                    self.image
+                ),
+            )
+            .await;
+        }
+        let r = rollout.get_or_insert_with(|| Rollout {
+            image: self.image.clone(),
+            revision: revision.clone(),
+            since: self.now.to_string(),
+            ..Default::default()
+        });
+        if let Some(why) = &r.stalled {
+            return Err(why.clone());
+        }
+        let ready = |o: u32| {
+            pods.get(&o).is_some_and(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+        };
+        let view = |o: u32| members.iter().find(|m| m.ordinal == Some(o));
+        let newest = members.iter().filter_map(|m| m.status.map(|s| s.applied)).max().unwrap_or(0);
+        let lag = self.ctx.settings.promote_lag;
+        let up = |o: u32| {
+            ready(o)
+                && view(o)
+                    .and_then(|m| m.status.filter(|s| s.member_id == m.id))
+                    .is_some_and(|s| s.applied.saturating_add(lag) >= newest)
+        };
+        if let Some(name) = r.member.clone() {
+            let o = ordinal_of_pod(&self.name, &name).unwrap_or(u32::MAX);
+            let renewed = pods.get(&o).is_some_and(|p| revision_of(p) == revision);
+            if renewed && up(o) {
+                self.member_event(
+                    EventType::Normal,
+                    "MemberUpgraded",
+                    &name,
+                    format!("{name} is back on {}, healthy and caught up", r.image),
+                )
+                .await;
+                r.done.push(name.clone());
+                r.member = None;
+                r.restarted_at = None;
+                return Ok(Some(format!("{name} is back; next member")));
+            }
+            let restarted = r.restarted_at.as_deref().and_then(parse_time).unwrap_or(self.now);
+            if since(self.now, restarted) > self.ctx.settings.failure_window {
+                let why = format!(
+                    "{name} did not come back healthy within {}s of its restart on {}: the roll stopped (fix or revert spec.image/version)",
+                    self.ctx.settings.failure_window.as_secs(),
+                    r.image
+                );
+                self.event(EventType::Warning, "UpgradeStalled", why.clone()).await;
+                r.stalled = Some(why.clone());
+                return Err(why);
+            }
+            return Ok(Some(format!("waiting for {name} to come back healthy and caught up")));
+        }
+        let leader = store.health.values().map(|s| s.leader).find(|&l| l != 0);
+        let candidates: Vec<upgrade::Outdated> = outdated
+            .iter()
+            .map(|&o| upgrade::Outdated {
+                ordinal: o,
+                leader: view(o).is_some_and(|m| Some(m.id) == leader),
+                up: up(o),
+            })
+            .collect();
+        let others_down = members
+            .iter()
+            .filter_map(|m| m.ordinal)
+            .find(|o| !outdated.contains(o) && !up(*o))
+            .map(|o| res::pod_name(&self.name, o));
+        let voters = members.iter().filter(|m| !m.learner).count();
+        match upgrade::next(&candidates, others_down.as_deref(), voters) {
+            upgrade::Choice::Wait(w) => Ok(Some(w)),
+            upgrade::Choice::MoveLeader(o) => {
+                let from = view(o).map(|m| m.id).unwrap_or_default();
+                let to = members
+                    .iter()
+                    .filter(|m| !m.learner && m.id != from)
+                    .filter_map(|m| Some((m.id, m.status?.applied)))
+                    .max_by_key(|(_, applied)| *applied)
+                    .map(|(id, _)| id);
+                let Some(to) = to else { return Ok(Some("no voter can take the lead".into())) };
+                let client = self.leader_client(store).await.map_err(|e| e.to_string())?;
+                client.move_leader(to).await.map_err(|e| format!("MoveLeader: {e}"))?;
+                self.member_event(
+                    EventType::Normal,
+                    "LeaderMoved",
+                    &res::pod_name(&self.name, o),
+                    format!(
+                        "leadership moved from {} ({from:x}) to {to:x} before its restart on {}",
+                        res::pod_name(&self.name, o),
+                        r.image
+                    ),
+                )
+                .await;
+                Ok(Some("leadership moved; the former leader restarts next".into()))
+            }
+            upgrade::Choice::Restart(o) => {
+                let name = res::pod_name(&self.name, o);
+                let role = match candidates.iter().find(|c| c.ordinal == o) {
+                    Some(c) if !c.up => "down",
+                    Some(c) if c.leader => "leader",
+                    _ => "follower",
+                };
+                self.api::<Pod>()
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .map(|_| ())
+                    .or_else(|e| match e {
+                        kube::Error::Api(ae) if ae.code == 404 => Ok(()),
+                        e => Err(format!("deleting {name}: {e}")),
+                    })?;
+                self.member_event(
+                    EventType::Normal,
+                    "MemberRestarting",
+                    &name,
+                    format!("restarting {name} ({role}) on {}", r.image),
+                )
+                .await;
+                r.member = Some(name.clone());
+                r.restarted_at = Some(self.now.to_string());
+                Ok(Some(format!("restarting {name} on {}", r.image)))
+            }
+        }
+    }
+
+    /// The newest successful Backup of this cluster.
+    async fn newest_good_backup(&self) -> Option<crate::crd::LastBackup> {
+        let list = self.api::<Backup>().list(&ListParams::default()).await.ok()?;
+        let mine: Vec<Backup> =
+            list.items.into_iter().filter(|b| b.spec.cluster_name == self.name).collect();
+        backup::last_good(&mine)
     }
 
     /// One defragmentation step: start a run when due, else defragment the next member
@@ -1057,18 +1438,6 @@ impl<'a> Pass<'a> {
             )
             .await;
         }
-        let inert = self.c.inert_sections();
-        if !inert.is_empty() {
-            self.event(
-                EventType::Warning,
-                "NotYetActedOn",
-                format!(
-                    "spec.{} accepted but not acted on by this operator version",
-                    inert.join(", spec.")
-                ),
-            )
-            .await;
-        }
     }
 
     async fn apply_objects(
@@ -1100,9 +1469,19 @@ impl<'a> Pass<'a> {
             }
             self.apply::<ConfigMap>(&cm).await?;
         }
+        // A refused upgrade keeps the current image in the template.
+        let pinned;
+        let c = if self.image == c.image(&self.ctx.settings.default_repository) {
+            c
+        } else {
+            let mut p = c.clone();
+            p.spec.image = Some(self.image.clone());
+            pinned = p;
+            &pinned
+        };
         let mut sts = res::stateful_set(c, replicas, &self.ctx.settings.default_repository)?;
         if let Some(src) = &self.restore {
-            restore::add_to(&mut sts, c, src, c.image(&self.ctx.settings.default_repository));
+            restore::add_to(&mut sts, c, src, self.image.clone());
         }
         if let (Some(spec), Some(existing)) = (sts.spec.as_mut(), &self.existing_claims) {
             spec.volume_claim_templates = Some(existing.clone());
@@ -1368,6 +1747,11 @@ enum Outcome {
     Done,
     Waiting(String),
     Blocked(String),
+}
+
+/// The store container's image in a StatefulSet's template.
+fn template_image(sts: Option<&StatefulSet>) -> Option<String> {
+    sts?.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.image.clone()
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ fn env_config(name: &str, cm: &str, key: &str) -> EnvVar {
 pub const FORCE_KEY: &str = "force-new-cluster";
 
 /// The store container's environment: downward API, the members ConfigMap, and with
-/// `recovery.quorumLoss: FromSurvivor` the optional force flag (`ETCD_FORCE_NEW_CLUSTER`,
+/// `recovery.quorumLoss: FromSurvivor` or `FromBackup` the optional force flag (`ETCD_FORCE_NEW_CLUSTER`,
 /// read by `cairn` like the flag; absent key, unset variable).
 fn store_env(c: &Cluster, cm: &str) -> Vec<EnvVar> {
     let mut env = vec![
@@ -282,7 +282,7 @@ fn store_env(c: &Cluster, cm: &str) -> Vec<EnvVar> {
         .spec
         .recovery
         .as_ref()
-        .is_some_and(|r| r.quorum_loss == crate::crd::QuorumLossPolicy::FromSurvivor);
+        .is_some_and(|r| r.quorum_loss != crate::crd::QuorumLossPolicy::Manual);
     if recovers {
         let mut force = env_config("ETCD_FORCE_NEW_CLUSTER", cm, FORCE_KEY);
         if let Some(r) = force.value_from.as_mut().and_then(|v| v.config_map_key_ref.as_mut()) {
@@ -468,8 +468,10 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
             // Membership is sequenced by the operator, one step at a time; Parallel lets a
             // failed low ordinal not block a higher one from restarting.
             pod_management_policy: Some("Parallel".into()),
+            // Template changes are rolled by the operator (followers first, the leader after
+            // a leadership move, each member back and caught up before the next).
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
+                type_: Some("OnDelete".into()),
                 ..Default::default()
             }),
             persistent_volume_claim_retention_policy: Some(

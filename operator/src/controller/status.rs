@@ -28,6 +28,12 @@ pub struct Summary {
     pub waiting: Option<String>,
     /// A step failed or the operator is blocked: what the user must fix.
     pub failure: Option<String>,
+    /// A rolling restart in progress: what it waits for.
+    pub rolling: Option<String>,
+    /// The roll stopped: a member did not come back healthy.
+    pub upgrade_stalled: Option<String>,
+    /// The requested image was refused (a downgrade or a version skip).
+    pub upgrade_refused: Option<String>,
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -94,12 +100,18 @@ pub fn conditions(s: &Summary) -> Vec<Condition> {
             "MembershipChanging",
             format!("{} of {} members: {why}", s.members, s.desired),
         )
+    } else if let Some(r) = &s.rolling {
+        condition("Progressing", true, "Upgrading", r.clone())
     } else {
         condition("Progressing", false, "Stable", format!("{} members as specified", s.members))
     };
     let degraded = if let Some(f) = &s.failure {
         let reason = if s.restoring && !s.formed { "RestoreFailed" } else { "ActionBlocked" };
         condition("Degraded", true, reason, f.clone())
+    } else if let Some(why) = &s.upgrade_stalled {
+        condition("Degraded", true, "UpgradeStalled", why.clone())
+    } else if let Some(why) = &s.upgrade_refused {
+        condition("Degraded", true, "UpgradeRefused", why.clone())
     } else if s.formed && s.healthy_voters < s.voters {
         condition(
             "Degraded",

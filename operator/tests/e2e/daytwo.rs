@@ -3,8 +3,8 @@
 //! `Backup` runs a Job with the cairn image that saves a snapshot into a PVC; scheduled
 //! backups honour retention), restore into a new Cluster (HashKV equal to a member restored
 //! by hand; a wrong checksum stops it with a condition), a defragmentation run that takes
-//! the followers before the leader, and recovery from quorum loss from the survivor with
-//! every acknowledged write kept.
+//! the followers before the leader, recovery from quorum loss from the survivor with
+//! every acknowledged write kept, and (no survivor) a rebuild from the newest backup.
 //!
 //! Shares the operator process and helpers of `operator.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -21,7 +21,7 @@ use crate::operator::{
 };
 
 /// Applies a Cluster with `extra` spec lines and waits until it has `n` healthy voters.
-async fn create(bed: &Bed, ns: &str, name: &str, n: u32, extra: &str) -> ClusterStatus {
+pub(crate) async fn create(bed: &Bed, ns: &str, name: &str, n: u32, extra: &str) -> ClusterStatus {
     let api: Api<Cluster> = Api::namespaced(bed.client().await.unwrap(), ns);
     let started = Instant::now();
     bed.apply(&manifest(ns, name, n, extra)).await.unwrap();
@@ -137,12 +137,12 @@ async fn backup_claim(bed: &Bed, ns: &str) {
 }
 
 /// The sha256 of a file, as `sha256sum` prints it.
-fn sha256_of(path: &std::path::Path) -> String {
+pub(crate) fn sha256_of(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
-async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
+pub(crate) async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
     Ok(api
         .list(&ListParams::default())
         .await?
@@ -152,7 +152,7 @@ async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Back
         .collect())
 }
 
-fn phase_of(b: &Backup) -> Option<BackupPhase> {
+pub(crate) fn phase_of(b: &Backup) -> Option<BackupPhase> {
     b.status.as_ref().and_then(|s| s.phase)
 }
 
@@ -203,15 +203,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     .await
     .unwrap();
     let st = first.status.clone().unwrap();
-    let t =
-        |s: &Option<String>| s.as_deref().unwrap().parse::<k8s_openapi::jiff::Timestamp>().unwrap();
-    eprintln!(
-        "backup: first Succeeded {:.1}s after enabling; its Job took {:.1}s; revision {}, {} bytes",
-        started.elapsed().as_secs_f64(),
-        t(&st.completion_time).duration_since(t(&st.start_time)).as_secs_f64(),
-        st.revision.unwrap(),
-        st.size.unwrap()
-    );
+    report_first_backup("backup", started, &st);
     assert!(st.revision.unwrap() >= written, "{st:?} misses writes up to {written}");
     let dir = bed.pvc_dir(&ns, "backups").join("bk");
     let file = dir.join(format!("{}.db", first.name_any()));
@@ -284,8 +276,67 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     bed.kubectl(&["delete", "cc", "bk", "-n", &ns, "--wait=false"]).await.unwrap();
 }
 
+/// Creates the 3-member Cluster `name` from Backup `backup` and checks it: Available, a
+/// cluster ID other than `src`'s, `keys.1` keys under the prefix `keys.0`, and `lease`.
+/// Returns the members' client URLs.
+pub(crate) async fn restored(
+    bed: &Bed,
+    ns: &str,
+    name: &str,
+    backup: &str,
+    src: &ClusterStatus,
+    keys: (&str, usize),
+    lease: i64,
+) -> Vec<String> {
+    let started = Instant::now();
+    let extra = format!("  bootstrap: {{fromBackup: {{name: {backup}}}}}\n");
+    let dst = create(bed, ns, name, 3, &extra).await;
+    eprintln!(
+        "restore: 3-member cluster {name} from backup {backup} Available after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
+    let urls: Vec<String> = (0..3).map(|o| client_url(ns, name, o)).collect();
+    let mut d = etcd(&urls[..1]).await.unwrap();
+    let got = d.get(keys.0, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), keys.1, "keys under {} in {name}", keys.0);
+    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
+    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+    urls
+}
+
+/// Asserts that every member answers HashKV at `revision` with `want`.
+pub(crate) async fn assert_hash_kv(urls: &[String], revision: i64, want: u32) {
+    for u in urls {
+        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
+            let u = u.clone();
+            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(h, want, "{u}: HashKV at {revision} differs");
+    }
+}
+
+/// Prints how long the first backup took: since the schedule was set, and its Job.
+pub(crate) fn report_first_backup(
+    what: &str,
+    started: Instant,
+    st: &cairn_operator::crd::BackupStatus,
+) {
+    let t =
+        |s: &Option<String>| s.as_deref().unwrap().parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+    eprintln!(
+        "{what}: first Succeeded {:.1}s after enabling; its Job took {:.1}s; revision {}, {} bytes",
+        started.elapsed().as_secs_f64(),
+        t(&st.completion_time).duration_since(t(&st.start_time)).as_secs_f64(),
+        st.revision.unwrap(),
+        st.size.unwrap()
+    );
+}
+
 /// Waits until a Backup is Succeeded and returns its status.
-async fn succeeded(api: &Api<Backup>, name: &str) -> cairn_operator::crd::BackupStatus {
+pub(crate) async fn succeeded(api: &Api<Backup>, name: &str) -> cairn_operator::crd::BackupStatus {
     wait_for(&format!("backup {name} Succeeded"), STEP_TIMEOUT, || async {
         let s = api.get(name).await?.status.unwrap_or_default();
         match s.phase {
@@ -327,19 +378,8 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
     let revision = snap.revision.unwrap();
 
     // A new 3-member cluster from the backup: the seed restores, two learners join.
-    let started = Instant::now();
-    let dst = create(bed, &ns, "dst", 3, "  bootstrap: {fromBackup: {name: snap}}\n").await;
-    eprintln!(
-        "restore: 3-member cluster from backup Available after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    assert_ne!(dst.cluster_id, src.cluster_id, "a restored cluster gets a new cluster ID");
-    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "dst", o)).collect();
-    let mut d = etcd(&urls[..1]).await.unwrap();
-    let got = d.get("restore/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(got.kvs().len(), 300, "299 written keys left plus the leased one");
-    let leases: Vec<i64> = d.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
-    assert!(leases.contains(&lease), "lease {lease:x} missing from {leases:?}");
+    // 299 written keys are left plus the leased one.
+    let urls = restored(bed, &ns, "dst", "snap", &src, ("restore/", 300), lease).await;
 
     // A member restored by hand from the same file answers the same HashKV.
     let file = bed.pvc_dir(&ns, "backups").join("snap.db");
@@ -379,15 +419,7 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
         })
         .await
         .unwrap();
-    for u in &urls {
-        let h = wait_for(&format!("HashKV at {revision} on {u}"), Duration::from_secs(60), || {
-            let u = u.clone();
-            async move { Ok(Some(etcd(&[u]).await?.hash_kv(revision).await?.hash())) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(h, hand_hash, "{u}: HashKV at {revision} differs from the hand-restored member");
-    }
+    assert_hash_kv(&urls, revision, hand_hash).await;
     eprintln!(
         "restore: HashKV at revision {revision} equal on 3 members and the hand-restored one: {hand_hash:x}"
     );
@@ -567,4 +599,96 @@ async fn quorum_loss_is_recovered_from_the_survivor_with_every_acknowledged_writ
         assert!(ev.contains(reason), "no {reason} event in\n{ev}");
     }
     bed.kubectl(&["delete", "cc", "rc", "-n", &ns, "--wait=false"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_with_no_survivor_is_rebuilt_from_the_newest_backup() {
+    let bed = bed::shared();
+    operator(bed).await;
+    let ns = bed.namespace("op-rebuild").await.unwrap();
+    let _logs = bed.dump_on_failure(&ns);
+    let client = bed.client().await.unwrap();
+    let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
+    let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
+    backup_claim(bed, &ns).await;
+    create(bed, &ns, "rb", 3, "  recovery: {quorumLoss: FromBackup, window: 5s}\n").await;
+    let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "rb", o)).collect();
+    let mut c = etcd(&urls).await.unwrap();
+    for i in 0..200 {
+        c.put(format!("rebuild/{i:04}"), format!("v{i}"), None).await.unwrap();
+    }
+    // The first scheduled backup is taken at once.
+    bed.kubectl(&[
+        "patch", "cc", "rb", "-n", &ns, "--type=merge", "-p",
+        r#"{"spec":{"backup":{"schedule":"@every 1h","destination":{"pvc":{"claimName":"backups"}}}}}"#,
+    ])
+    .await
+    .unwrap();
+    let first = wait_for("a successful backup", STEP_TIMEOUT, || async {
+        Ok(backups_of(&backups, "rb")
+            .await?
+            .into_iter()
+            .find(|b| phase_of(b) == Some(BackupPhase::Succeeded)))
+    })
+    .await
+    .unwrap();
+    let revision = first.status.clone().unwrap().revision.unwrap();
+    // Writes after the backup are lost with every member's data.
+    for i in 0..20 {
+        c.put(format!("after/{i:04}"), "lost", None).await.unwrap();
+    }
+    drop(c);
+
+    // Every member loses its data: no survivor is left. The pods are deleted rather than
+    // their containers killed: the test kubelet resolves a container's env once per pod, so
+    // a restarted seed container would keep the `new` state of its first start (a real
+    // kubelet reads the members ConfigMap again, and the seed fails with `existing`).
+    let lost_at = Instant::now();
+    for o in 0..3 {
+        bed.wipe_pvc(&ns, &format!("data-rb-{o}")).unwrap();
+    }
+    bed.kubectl(&["delete", "pod", "rb-0", "rb-1", "rb-2", "-n", &ns, "--wait=false"])
+        .await
+        .unwrap();
+    wait_for("the operator starts the rebuild", STEP_TIMEOUT, || async {
+        let s = status(&api, "rb").await?;
+        Ok(s.recovery.filter(|r| r.from_backup.is_some()))
+    })
+    .await
+    .unwrap();
+    let s =
+        wait_for("rb: 3 voters again after the rebuild", STEP_TIMEOUT, || settled(&api, "rb", 3))
+            .await
+            .unwrap();
+    eprintln!(
+        "rebuild: all data lost -> 3 voters from backup {} (revision {revision}) after {:.1}s",
+        first.name_any(),
+        lost_at.elapsed().as_secs_f64()
+    );
+    assert!(s.recovery.is_none() && s.quorum_lost_since.is_none(), "{s:?}");
+    assert!(s.cluster_id.is_some(), "{s:?}");
+    let mut c = etcd(&urls[..1]).await.unwrap();
+    let got = c.get("rebuild/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(got.kvs().len(), 200, "every key of the backup is back");
+    let after = c.get("after/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(after.kvs().len(), 0, "writes after the backup cannot be in it");
+    let hashes = wait_for("equal HashKV on 3 members", Duration::from_secs(60), || {
+        let urls = urls.clone();
+        async move {
+            let mut hashes = Vec::new();
+            for u in &urls {
+                hashes.push(etcd(std::slice::from_ref(u)).await?.hash_kv(revision).await?.hash());
+            }
+            Ok(hashes.iter().all(|h| *h == hashes[0]).then_some(hashes))
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!("rebuild: HashKV at {revision} equal on 3 members: {:x}", hashes[0]);
+    let ev = events(bed, &ns).await;
+    for reason in ["QuorumLost", "QuorumLossRecovery", "Recovered"] {
+        assert!(ev.contains(reason), "no {reason} event in\n{ev}");
+    }
+    assert!(ev.contains("rebuilding from backup"), "{ev}");
+    bed.kubectl(&["delete", "cc", "rb", "-n", &ns, "--wait=false"]).await.unwrap();
 }

@@ -9,4 +9,6 @@ mod chart;
 mod daytwo;
 mod kubelet;
 mod operator;
+mod s3;
 mod smoke;
+mod upgrade;
