@@ -298,8 +298,10 @@ struct Shared {
 /// Cairn's durable raft log: raft-rs [`raft::Storage`] over our own segment WAL.
 ///
 /// Cloning is cheap and every clone sees the same log; it is `Send + Sync`. Every mutating
-/// method is durable (`fdatasync`ed) when it returns `Ok`; on `Err` the change may or may not
-/// be on disk, and the store refuses further writes (the caller treats that as fatal).
+/// method is durable (`fdatasync`ed) when it returns `Ok`, except for records whose loss is
+/// harmless and which ride on the next `fdatasync` (a commit index alone, a compaction
+/// point); on `Err` the change may or may not be on disk, and the store refuses further
+/// writes (the caller treats that as fatal).
 #[derive(Clone)]
 pub struct LogStore {
     shared: Arc<Shared>,
@@ -381,7 +383,12 @@ impl LogStore {
     ///
     /// This is the group commit of one raft `Ready`. Entries starting at or below the last
     /// index replace the conflicting suffix, as followers must (Raft §5.3). An empty call
-    /// (no entries, no hard state) writes nothing.
+    /// (no entries, no hard state) writes nothing. A call without entries whose hard state
+    /// changes only the commit index is written without an `fdatasync`, for the reason
+    /// [`LogStore::set_commit`] gives (etcd's `mustSync` likewise syncs only for entries, a
+    /// new term or a new vote): otherwise every commit a follower learns, and every commit
+    /// the leader of a cluster learns from its followers, costs a second `fdatasync` per
+    /// write, on the raft task that the next `Ready` waits for.
     ///
     /// # Errors
     ///
@@ -398,17 +405,25 @@ impl LogStore {
             state.check_append(entries)?;
             let mut record = Vec::new();
             wal::encode_append(&mut record, hard_state, entries)?;
-            persist(&mut wal, &record, || {
-                let hard_state = hard_state.unwrap_or(&state.hard_state);
-                let kept = state.kept_before(entries.first());
-                wal::encode_state(
-                    hard_state,
-                    &state.conf_state,
-                    state.compact_index,
-                    state.compact_term,
-                    kept.iter().chain(entries),
-                )
-            })?;
+            let commit_only = entries.is_empty()
+                && hard_state.is_some_and(|hs| {
+                    hs.term == state.hard_state.term && hs.vote == state.hard_state.vote
+                });
+            if commit_only && wal.fits(record.len()) {
+                wal.write(&record, false)?;
+            } else {
+                persist(&mut wal, &record, || {
+                    let hard_state = hard_state.unwrap_or(&state.hard_state);
+                    let kept = state.kept_before(entries.first());
+                    wal::encode_state(
+                        hard_state,
+                        &state.conf_state,
+                        state.compact_index,
+                        state.compact_term,
+                        kept.iter().chain(entries),
+                    )
+                })?;
+            }
         }
         self.write().append(entries, hard_state);
         Ok(())
@@ -1086,6 +1101,24 @@ mod tests {
         assert_eq!((store.first_index(), store.last_index()), (11, 10));
         store.append(&entries(11..=11, 3), None).unwrap();
         assert_eq!(store.last_index(), 11);
+    }
+
+    #[test]
+    fn a_hard_state_that_only_moves_the_commit_index_is_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.append(&entries(1..=3, 1), Some(&hard_state(1, 1, 0))).unwrap();
+        // Written without its own fdatasync, still in the log for the next open.
+        store.append(&[], Some(&hard_state(1, 1, 3))).unwrap();
+        assert_eq!(store.hard_state(), hard_state(1, 1, 3));
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.hard_state(), hard_state(1, 1, 3));
+        assert_eq!(store.last_index(), 3);
+        // A new vote is not commit-only and is written (and synced) as before.
+        store.append(&[], Some(&hard_state(2, 2, 3))).unwrap();
+        drop(store);
+        assert_eq!(open(dir.path()).hard_state(), hard_state(2, 2, 3));
     }
 
     #[test]

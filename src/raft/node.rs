@@ -426,12 +426,16 @@ impl Node {
         };
         record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {
-            if *cur == next {
-                false
-            } else {
-                *cur = next;
-                true
-            }
+            // Waiters look for leadership, term and membership changes. The commit and last
+            // index and the progress move with nearly every write and are only ever read, so
+            // they update the value without waking anyone (a wake per `Ready` is a
+            // cross-thread wake-up per write on an idle runtime).
+            let notify = cur.id != next.id
+                || cur.leader != next.leader
+                || cur.term != next.term
+                || cur.voters != next.voters;
+            *cur = next;
+            notify
         });
     }
 }
