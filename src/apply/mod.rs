@@ -12,7 +12,8 @@
 //! checkpointed index.
 //!
 //! Files: this one runs the loop (grouping entries into write transactions, committing,
-//! checkpoints, snapshot export and install); [`dispatch`] is the router, the one place an
+//! asking for checkpoints, snapshot export and install); [`checkpoint`] makes checkpoints on
+//! their own thread; [`dispatch`] is the router, the one place an
 //! op is matched, with its chain of wrapper appliers (quota, auth, alarms add one wrapper
 //! each); [`alarm`] is the alarm wrapper (raised alarms, NOSPACE and CORRUPT refusals);
 //! [`auth`] is the auth wrapper (the caller's permissions for every key a request reads or
@@ -36,6 +37,7 @@
 
 pub mod alarm;
 pub mod auth;
+mod checkpoint;
 pub mod convert;
 pub mod dispatch;
 pub mod members;
@@ -263,9 +265,8 @@ pub struct Applier {
     applied: watch::Sender<u64>,
     /// Entries between checkpoints.
     snapshot_count: u64,
-    /// The index covered by the last checkpoint.
-    checkpointed: u64,
-    on_durable: Box<dyn Fn(u64) + Send>,
+    /// Makes checkpoints on its own thread and knows the index the last one covers.
+    checkpoints: checkpoint::Checkpointer,
     on_conf_change: Box<dyn Fn(ConfChange) + Send>,
     on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
@@ -278,7 +279,8 @@ impl Applier {
     /// Creates the applier over `state`, checkpointing every `snapshot_count` entries.
     pub fn new(state: StateMachine, snapshot_count: u64, hooks: Hooks) -> Self {
         let Hooks { wait, applied, members, on_durable, on_conf_change, on_snapshot } = hooks;
-        let checkpointed = *applied.borrow();
+        let checkpoints =
+            checkpoint::Checkpointer::start(state.engine.clone(), on_durable, *applied.borrow());
         Self {
             state,
             router: dispatch::Router::default(),
@@ -286,8 +288,7 @@ impl Applier {
             wait,
             applied,
             snapshot_count,
-            checkpointed,
-            on_durable,
+            checkpoints,
             on_conf_change,
             on_snapshot,
             watch: None,
@@ -297,6 +298,7 @@ impl Applier {
 
     /// Records fatal failures in `fatal` (the member's latch, shared with raft and health).
     pub fn with_fatal(mut self, fatal: Fatal) -> Self {
+        self.checkpoints.set_fatal(fatal.clone());
         self.fatal = fatal;
         self
     }
@@ -352,14 +354,16 @@ impl Applier {
                 ToApply::MakeSnapshot => self.make_snapshot(),
             }
             let applied = *self.applied.borrow();
-            if applied.saturating_sub(self.checkpointed) >= self.snapshot_count {
-                self.checkpoint(applied);
+            if applied.saturating_sub(self.checkpoints.durable()) >= self.snapshot_count {
+                // In the background: the writes in flight need not wait for the sync.
+                self.checkpoints.request(applied);
             }
         }
         let applied = *self.applied.borrow();
-        if applied > self.checkpointed {
-            self.checkpoint(applied);
+        if applied > self.checkpoints.durable() {
+            self.checkpoints.checkpoint_now(applied);
         }
+        self.checkpoints.stop();
     }
 
     /// Exports the state machine at the applied index for raft to send to a member that
@@ -443,7 +447,8 @@ impl Applier {
                 }
                 self.members.replace(members);
                 self.applied.send_replace(index);
-                self.checkpoint(index);
+                // Durable at once: the raft log now starts after the snapshot.
+                self.checkpoints.checkpoint_now(index);
                 tracing::info!(
                     index,
                     revision = self.state.kv.current_revision(),
@@ -569,21 +574,6 @@ impl Applier {
         }
         for (id, res) in group.results {
             self.wait.trigger(id, res);
-        }
-    }
-
-    fn checkpoint(&mut self, index: u64) {
-        match self.state.engine.sync() {
-            Ok(()) => {
-                self.checkpointed = index;
-                (self.on_durable)(index);
-                tracing::debug!(index, "state machine checkpoint");
-            }
-            Err(e) => {
-                // Never retried (fsyncgate, see the module doc): the member stops, and the
-                // raft log, never compacted past the last good checkpoint, replays.
-                self.fatal.set_error("state machine checkpoint (fsync) failed", &e);
-            }
         }
     }
 }

@@ -19,8 +19,8 @@
 //!   method that returned `Ok` has made its change durable: a crash loses nothing
 //!   acknowledged. [`LogStore::append`] takes a whole raft `Ready` (entries and hard state)
 //!   as one record, so many proposals share one `fdatasync` (group commit).
-//! - When a record does not fit in the active segment, and on [`LogStore::compact`] and
-//!   [`LogStore::apply_snapshot`], the new state is written as a fresh self-contained
+//! - When a record does not fit in the active segment, and on [`LogStore::apply_snapshot`],
+//!   the new state is written as a fresh self-contained
 //!   segment that becomes visible by an atomic rename after its `fdatasync`; older segments
 //!   are deleted only after that (see [`super::wal`]).
 //! - A crash mid-write can only tear the last record of the last segment, which was never
@@ -258,8 +258,27 @@ impl State {
                 self.append(&entries, hard_state.as_ref());
             }
             Record::ConfState(conf_state) => self.conf_state = conf_state,
+            Record::Compact { index, term } => {
+                if index > self.last_index() {
+                    return Err(format!(
+                        "compaction to {index} past the last index {}",
+                        self.last_index()
+                    ));
+                }
+                if index > self.compact_index {
+                    self.compact_to(index, term);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Drops the entries up to `index` (within the log) from memory.
+    fn compact_to(&mut self, index: u64, term: u64) {
+        let dropped = self.position(index + 1);
+        self.entries.drain(..dropped);
+        self.compact_index = index;
+        self.compact_term = term;
     }
 }
 
@@ -315,8 +334,10 @@ struct Shared {
 /// Cairn's durable raft log: raft-rs [`raft::Storage`] over our own segment WAL.
 ///
 /// Cloning is cheap and every clone sees the same log; it is `Send + Sync`. Every mutating
-/// method is durable (`fdatasync`ed) when it returns `Ok`; on `Err` the change may or may not
-/// be on disk, and the store refuses further writes (the caller treats that as fatal).
+/// method is durable (`fdatasync`ed) when it returns `Ok`, except for records whose loss is
+/// harmless and which ride on the next `fdatasync` (a commit index alone, a compaction
+/// point); on `Err` the change may or may not be on disk, and the store refuses further
+/// writes (the caller treats that as fatal).
 #[derive(Clone)]
 pub struct LogStore {
     shared: Arc<Shared>,
@@ -415,7 +436,12 @@ impl LogStore {
     ///
     /// This is the group commit of one raft `Ready`. Entries starting at or below the last
     /// index replace the conflicting suffix, as followers must (Raft §5.3). An empty call
-    /// (no entries, no hard state) writes nothing.
+    /// (no entries, no hard state) writes nothing. A call without entries whose hard state
+    /// changes only the commit index is written without an `fdatasync`, for the reason
+    /// [`LogStore::set_commit`] gives (etcd's `mustSync` likewise syncs only for entries, a
+    /// new term or a new vote): otherwise every commit a follower learns, and every commit
+    /// the leader of a cluster learns from its followers, costs a second `fdatasync` per
+    /// write, on the raft task that the next `Ready` waits for.
     ///
     /// # Errors
     ///
@@ -432,17 +458,25 @@ impl LogStore {
             state.check_append(entries)?;
             let mut record = Vec::new();
             wal::encode_append(&mut record, hard_state, entries)?;
-            persist(&mut wal, &record, || {
-                let hard_state = hard_state.unwrap_or(&state.hard_state);
-                let kept = state.kept_before(entries.first());
-                wal::encode_state(
-                    hard_state,
-                    &state.conf_state,
-                    state.compact_index,
-                    state.compact_term,
-                    kept.iter().chain(entries),
-                )
-            })?;
+            let commit_only = entries.is_empty()
+                && hard_state.is_some_and(|hs| {
+                    hs.term == state.hard_state.term && hs.vote == state.hard_state.vote
+                });
+            if commit_only && wal.fits(record.len()) {
+                wal.write(&record, false)?;
+            } else {
+                persist(&mut wal, &record, || {
+                    let hard_state = hard_state.unwrap_or(&state.hard_state);
+                    let kept = state.kept_before(entries.first());
+                    wal::encode_state(
+                        hard_state,
+                        &state.conf_state,
+                        state.compact_index,
+                        state.compact_term,
+                        kept.iter().chain(entries),
+                    )
+                })?;
+            }
         }
         self.write().append(entries, hard_state);
         Ok(())
@@ -503,9 +537,15 @@ impl LogStore {
     /// Drops the entries with index <= `index`, which the state machine has durably applied.
     ///
     /// The dropped point (`index` and its term) becomes the compaction point that
-    /// `Storage::term` still answers for. The remaining entries move to a new segment and all
-    /// older segments are deleted, which reclaims their disk space. A no-op when `index` is at
-    /// or below the current compaction point.
+    /// `Storage::term` still answers for. A small compaction record goes into the active
+    /// segment, without an `fdatasync` of its own (it rides on the next append's): should a
+    /// crash lose it, the log merely keeps entries the state machine already holds, which
+    /// raft skips. The disk space of the dropped entries is reclaimed at the next rotation,
+    /// which writes only the entries after the compaction point. Rotating here instead, as
+    /// before, rewrote the kept entries and had the pipeline zero-fill a whole new segment
+    /// every `snapshot-count` entries, a burst of disk writes that stalled the appends of
+    /// clients' writes behind it. A no-op when `index` is at or below the current compaction
+    /// point.
     ///
     /// # Errors
     ///
@@ -522,18 +562,20 @@ impl LogStore {
             let Some(term) = state.entry(index).map(|e| e.term) else {
                 return Err(Error::CompactPastLast { index, last_index });
             };
-            let dropped = state.position(index + 1);
-            let kept = state.entries.get(dropped..).unwrap_or_default();
-            let content =
-                wal::encode_state(&state.hard_state, &state.conf_state, index, term, kept)?;
-            wal.rotate(&content)?;
+            let mut record = Vec::new();
+            wal::encode_compact(&mut record, index, term)?;
+            if wal.fits(record.len()) {
+                wal.write(&record, false)?;
+            } else {
+                let dropped = state.position(index + 1);
+                let kept = state.entries.get(dropped..).unwrap_or_default();
+                let content =
+                    wal::encode_state(&state.hard_state, &state.conf_state, index, term, kept)?;
+                wal.rotate(&content)?;
+            }
             term
         };
-        let mut state = self.write();
-        let dropped = state.position(index + 1);
-        state.entries.drain(..dropped);
-        state.compact_index = index;
-        state.compact_term = term;
+        self.write().compact_to(index, term);
         Ok(())
     }
 
@@ -1091,8 +1133,8 @@ mod tests {
             assert_eq!(store.hard_state(), hard_state(2, 1, 10));
         };
         check(&store);
-        // Compaction moved the log to a new segment and deleted the old one.
-        assert_ne!(only_segment(dir.path()), first_segment);
+        // Compaction only records the new point; the segment reclaims the space at rotation.
+        assert_eq!(only_segment(dir.path()), first_segment);
 
         store.compact(5).unwrap();
         store.compact(7).unwrap();
@@ -1115,6 +1157,24 @@ mod tests {
     }
 
     #[test]
+    fn a_hard_state_that_only_moves_the_commit_index_is_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.append(&entries(1..=3, 1), Some(&hard_state(1, 1, 0))).unwrap();
+        // Written without its own fdatasync, still in the log for the next open.
+        store.append(&[], Some(&hard_state(1, 1, 3))).unwrap();
+        assert_eq!(store.hard_state(), hard_state(1, 1, 3));
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.hard_state(), hard_state(1, 1, 3));
+        assert_eq!(store.last_index(), 3);
+        // A new vote is not commit-only and is written (and synced) as before.
+        store.append(&[], Some(&hard_state(2, 2, 3))).unwrap();
+        drop(store);
+        assert_eq!(open(dir.path()).hard_state(), hard_state(2, 2, 3));
+    }
+
+    #[test]
     fn segments_rotate_when_full_and_the_log_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1124,16 +1184,17 @@ mod tests {
             e.data = vec![index as u8; 300].into();
             e
         };
-        // Compacting as the state machine would keeps each rewrite small, so rotation uses
-        // the pipeline's preallocated segments.
+        // Compacting as the state machine would keeps each rewrite small, so rotation (when
+        // a segment is full; compaction itself only records its point) uses the pipeline's
+        // preallocated segments.
         for index in 2..=400 {
             store.append(&[big(index)], Some(&hard_state(1, 1, index - 1))).unwrap();
-            if index % 20 == 0 {
+            if index % 5 == 0 {
                 store.compact(index - 5).unwrap();
             }
         }
         let seq = store.active_segment();
-        assert!(seq > 20, "active segment {seq}");
+        assert!(seq > 8, "active segment {seq}");
         assert_eq!(only_segment(dir.path()).metadata().unwrap().len(), SEGMENT);
         let before = all(&store);
         assert_eq!(before.len(), 5);

@@ -288,7 +288,8 @@ impl RaftHandle {
         &self.fatal
     }
 
-    /// Returns a receiver that sees every status change.
+    /// Returns a receiver woken by every change of leader, term or voters (the commit and
+    /// last index and the progress change silently: read them, do not wait for them).
     pub fn subscribe(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
     }

@@ -391,16 +391,18 @@ impl Node {
             self.transport.send(rd.take_persisted_messages());
         }
         // 7. Advance; the light ready carries what became committed by this persist.
+        //    Apply and the followers hear of it first; the commit record (no fdatasync of its
+        //    own, see `LogStore::set_commit`) is written while they work.
         let mut light = self.raw.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            self.log.set_commit(commit)?;
-        }
         if !light.messages().is_empty() {
             self.transport.send(light.take_messages());
         }
         let committed = light.take_committed_entries();
         if !committed.is_empty() {
             self.to_apply(ToApply::Entries(committed)).await?;
+        }
+        if let Some(commit) = light.commit_index() {
+            self.log.set_commit(commit)?;
         }
         // Apply is ordered and runs behind us; entries handed over count as applied for
         // raft's own bookkeeping (as etcd's raftNode does).
@@ -460,12 +462,16 @@ impl Node {
         };
         record_status(&self.status.borrow(), &next);
         self.status.send_if_modified(|cur| {
-            if *cur == next {
-                false
-            } else {
-                *cur = next;
-                true
-            }
+            // Waiters look for leadership, term and membership changes. The commit and last
+            // index and the progress move with nearly every write and are only ever read, so
+            // they update the value without waking anyone (a wake per `Ready` is a
+            // cross-thread wake-up per write on an idle runtime).
+            let notify = cur.id != next.id
+                || cur.leader != next.leader
+                || cur.term != next.term
+                || cur.voters != next.voters;
+            *cur = next;
+            notify
         });
     }
 }

@@ -19,10 +19,12 @@
 //!   preallocated zeros) marks the end of the written data.
 //! - Record types: `1` base (hard state, conf state, compaction point index and term; it
 //!   replaces the whole log state), `2` append (optional hard state, then entries; entries
-//!   starting at or below the last index replace the conflicting suffix), `3` conf state.
-//!   Messages are rust-protobuf encodings, each behind a `u32 LE` length.
+//!   starting at or below the last index replace the conflicting suffix), `3` conf state,
+//!   `4` compaction (index and term of the new compaction point; the entries up to it are
+//!   dropped). Messages are rust-protobuf encodings, each behind a `u32 LE` length.
 //! - Every segment starts with a base record followed by append records holding every entry
-//!   after the compaction point, so a segment is self-contained and all older segments can
+//!   after its compaction point (later compaction records only drop entries from the
+//!   front), so a segment is self-contained and all older segments can
 //!   be deleted as soon as it is durable.
 //!
 //! # Durability argument
@@ -76,6 +78,7 @@ const SIZE_ALIGN: u64 = 4096;
 const TYPE_BASE: u8 = 1;
 const TYPE_APPEND: u8 = 2;
 const TYPE_CONF_STATE: u8 = 3;
+const TYPE_COMPACT: u8 = 4;
 
 /// One decoded log record, handed to the replay callback in log order.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +104,13 @@ pub(super) enum Record {
     },
     /// Sets the conf state.
     ConfState(ConfState),
+    /// Drops the entries up to `index`, which becomes the compaction point.
+    Compact {
+        /// The new compaction point.
+        index: u64,
+        /// The term of the entry at `index`.
+        term: u64,
+    },
 }
 
 /// Appends a base record to `buf`.
@@ -137,6 +147,14 @@ pub(super) fn encode_append<'a>(
 pub(super) fn encode_conf_state(buf: &mut Vec<u8>, conf_state: &ConfState) -> Result<(), Error> {
     let start = begin_record(buf, TYPE_CONF_STATE);
     put_message(buf, conf_state)?;
+    finish_record(buf, start)
+}
+
+/// Appends a compaction record to `buf`.
+pub(super) fn encode_compact(buf: &mut Vec<u8>, index: u64, term: u64) -> Result<(), Error> {
+    let start = begin_record(buf, TYPE_COMPACT);
+    buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(&term.to_le_bytes());
     finish_record(buf, start)
 }
 
@@ -253,6 +271,7 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
             Record::Append { hard_state, entries }
         }
         TYPE_CONF_STATE => Record::ConfState(reader.message()?),
+        TYPE_COMPACT => Record::Compact { index: reader.u64()?, term: reader.u64()? },
         other => return Err(format!("unknown record type {other}")),
     };
     if !reader.rest.is_empty() {
@@ -766,8 +785,8 @@ mod tests {
     use raft::prelude::{ConfState, Entry, HardState};
 
     use super::{
-        Frame, HEADER_LEN, Record, Wal, decode_body, encode_append, encode_base, encode_conf_state,
-        encode_state, frame_at,
+        Frame, HEADER_LEN, Record, Wal, decode_body, encode_append, encode_base, encode_compact,
+        encode_conf_state, encode_state, frame_at,
     };
 
     fn entry(index: u64, len: usize) -> Entry {
@@ -802,6 +821,7 @@ mod tests {
         encode_append(&mut buf, None, &entries[..1]).unwrap();
         encode_append(&mut buf, None, []).unwrap();
         encode_conf_state(&mut buf, &conf_state).unwrap();
+        encode_compact(&mut buf, 10, 2).unwrap();
 
         assert_eq!(
             decode_all(&buf),
@@ -816,6 +836,7 @@ mod tests {
                 Record::Append { hard_state: None, entries: entries[..1].to_vec() },
                 Record::Append { hard_state: None, entries: vec![] },
                 Record::ConfState(conf_state),
+                Record::Compact { index: 10, term: 2 },
             ]
         );
     }
