@@ -101,7 +101,7 @@ pub enum Response {
     DeleteRange(mvcc::DeleteRangeResult),
     /// A txn's result.
     Txn(mvcc::TxnResult),
-    /// A compaction finished (physically: the compacted revisions are gone from storage).
+    /// A compaction was applied (its records leave storage in background batches).
     Compact,
     /// A lease was granted with this id and TTL (seconds, after the minimum was applied).
     LeaseGrant {

@@ -54,8 +54,12 @@ mod txn;
 mod types;
 mod write;
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{
+    Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 
+pub use self::compaction::CompactionPacing;
 pub use self::history::{History, HistoryRequest};
 pub use self::pin::Pin;
 pub use self::types::*;
@@ -90,6 +94,9 @@ pub enum Error {
     /// A compaction or a state replacement ran while a [`Pin`] was read; retry.
     #[error("mvcc: pinned view invalidated by a compaction or state replacement; retry")]
     PinInvalidated,
+    /// The physical part of a compaction stopped before completing (a storage failure).
+    #[error("mvcc: compaction stopped: {0}")]
+    Compaction(String),
 }
 
 /// Result alias for mvcc operations.
@@ -141,8 +148,16 @@ struct Inner {
     /// `WriteTxn` can move between threads (an apply task on a multi-threaded runtime).
     writer_busy: Mutex<bool>,
     writer_free: Condvar,
-    /// Bumped before anything removes `Kv` records (see `pin.rs`).
-    epoch: std::sync::atomic::AtomicU64,
+    /// Bumped before the engine's content is replaced (see `pin.rs`).
+    epoch: AtomicU64,
+    /// The newest compaction revision whose physical part has begun (see `pin.rs`).
+    deleting_rev: AtomicI64,
+    /// Progress of the physical part of compactions (`compaction.rs`).
+    compaction: Mutex<compaction::Progress>,
+    /// Signalled when a compaction's physical part completes or stops.
+    compaction_done: Condvar,
+    /// This handle, for starting the compaction worker from a `&Inner`.
+    me: Weak<Inner>,
 }
 
 impl Inner {
@@ -189,15 +204,22 @@ impl KvStore {
     /// meta value does not decode.
     pub fn open(engine: Arc<dyn Engine>) -> Result<KvStore> {
         let state = load_state(engine.as_ref())?;
-        Ok(KvStore {
-            inner: Arc::new(Inner {
-                engine,
-                state: RwLock::new(state),
-                writer_busy: Mutex::new(false),
-                writer_free: Condvar::new(),
-                epoch: std::sync::atomic::AtomicU64::new(0),
-            }),
-        })
+        let compact_rev = state.compact_rev;
+        let inner = compaction::new_inner(|me| Inner {
+            engine,
+            state: RwLock::new(state),
+            writer_busy: Mutex::new(false),
+            writer_free: Condvar::new(),
+            epoch: AtomicU64::new(0),
+            deleting_rev: AtomicI64::new(0),
+            compaction: Mutex::new(compaction::Progress::default()),
+            compaction_done: Condvar::new(),
+            me,
+        });
+        // Records a compaction had not yet deleted (a restart, or a snapshot taken
+        // mid-compaction) came back into the index: plan their removal again.
+        inner.restart_compaction(compact_rev);
+        Ok(KvStore { inner })
     }
 
     /// Rebuilds the key index and revisions from the engine, after its whole content was
@@ -213,8 +235,10 @@ impl KvStore {
         }
         let loaded = load_state(inner.engine.as_ref());
         let state = loaded?;
+        let compact_rev = state.compact_rev;
         *inner.write_state() = state;
         drop(busy);
+        inner.restart_compaction(compact_rev);
         Ok(())
     }
 
@@ -245,28 +269,47 @@ impl KvStore {
     /// `HashKV` does, so members can be compared. Returns `(hash, compact revision, hashed
     /// revision)`.
     ///
-    /// The hash is a CRC32 (IEEE) over each record's storage key and value in revision order; two
-    /// members that applied the same log hash equally.
+    /// The hash is a CRC32 (IEEE) over each record's storage key and value in revision order,
+    /// counting at or below the compaction revision only the records that compaction keeps
+    /// (etcd's `HashByRev` keeps the same set), so two members that applied the same log
+    /// hash equally however far their physical compaction has come.
     ///
     /// # Errors
-    /// [`Error::FutureRevision`] above the current revision, [`Error::Compacted`] below the
-    /// compaction revision, and storage errors.
+    /// [`Error::FutureRevision`] above the current revision, [`Error::Compacted`] at or below
+    /// the compaction revision, and storage errors.
     pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
         let st = self.inner.read_state();
         let rev = if revision <= 0 { st.current_rev } else { revision };
         if rev > st.current_rev {
             return Err(Error::FutureRevision);
         }
-        if rev < st.compact_rev {
+        // etcd refuses an explicit revision at the compaction revision too (`HashByRev`:
+        // `rev > 0 && rev <= compactRev`), unlike a range read.
+        if rev < st.compact_rev || (revision > 0 && rev == st.compact_rev) {
             return Err(Error::Compacted);
         }
         let end = Revision::new(rev.saturating_add(1), 0).to_key(false);
         let mut hasher = crc32fast::Hasher::new();
+        let mut failure = None;
         self.inner.engine.scan(Keyspace::Kv, b"", Some(&end), &mut |k, v| {
-            hasher.update(k);
-            hasher.update(v);
-            Scan::Continue
+            let kept = Revision::from_key(k)
+                .and_then(|(r, tomb)| compaction::is_kept(&st.index, r, tomb, v, st.compact_rev));
+            match kept {
+                Ok(true) => {
+                    hasher.update(k);
+                    hasher.update(v);
+                    Scan::Continue
+                }
+                Ok(false) => Scan::Continue,
+                Err(e) => {
+                    failure = Some(e);
+                    Scan::Stop
+                }
+            }
         })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         Ok((hasher.finalize(), st.compact_rev, rev))
     }
 
@@ -480,6 +523,7 @@ pub(super) mod tests {
         w.put(&PutRequest { lease: 5, ..put_req("c", "1") }, &Leases(&[5])).unwrap(); // 7
         w.compact(4).unwrap();
         w.commit().unwrap();
+        kv.wait_compacted(4).unwrap();
         put(kv, "c", "2"); // 8
         del(kv, "a", ""); // 9
         put(kv, "d", "1"); // 10
@@ -507,6 +551,7 @@ pub(super) mod tests {
         drop(first);
 
         let reopened = KvStore::open(Arc::new(SledEngine::open(dir.path()).unwrap())).unwrap();
+        reopened.wait_compacted(4).unwrap();
         assert_same_state(&reopened, &reference);
         assert_eq!((reopened.current_revision(), reopened.compact_revision()), (11, 4));
         // Writing after the reopen continues the history.
@@ -524,6 +569,7 @@ pub(super) mod tests {
         let mut w = kv.write();
         w.compact(3).unwrap();
         w.commit().unwrap();
+        kv.wait_compacted(3).unwrap();
         let mut records = 0;
         engine
             .scan(Keyspace::Kv, b"", None, &mut |_, _| {

@@ -231,6 +231,10 @@ impl Server {
         let engine: Arc<dyn Engine> =
             Arc::new(SledEngine::open(&dir.state_dir()).map_err(|e| startup(&e))?);
         let kv = KvStore::open(engine.clone()).map_err(|e| startup(&e))?;
+        kv.set_compaction_pacing(crate::mvcc::CompactionPacing {
+            batch_limit: cfg.compaction_batch_limit,
+            sleep: cfg.compaction_sleep_interval,
+        });
         // etcd's minimum TTL: 1.5 election timeouts (in whole ticks), rounded up to seconds.
         let min_ttl_ms = u64::try_from(cfg.election_ticks * 3 / 2).unwrap_or(15)
             * u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(100);

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod cluster;
+mod compaction;
 mod compat;
 mod crash;
 mod diff;
