@@ -228,13 +228,27 @@ impl KvStore {
     /// # Errors
     /// As [`KvStore::open`]; the store is unchanged on error.
     pub fn reload(&self) -> Result<()> {
+        self.replace(|| Ok(()))
+    }
+
+    /// Replaces the engine's whole content with `import` and rebuilds the key index and
+    /// revisions from it. Waits for the open write group; no write group, compaction batch
+    /// or pin starts until it is done, and every existing [`Pin`] is invalidated first.
+    ///
+    /// # Errors
+    /// `import`'s error (the store is then unchanged if `import` changed nothing), or as
+    /// [`KvStore::open`].
+    pub fn replace(&self, import: impl FnOnce() -> Result<()>) -> Result<()> {
         let inner = &self.inner;
+        // Holding the writer mutex (with no group open) keeps every writer out, the
+        // compaction worker included, for the whole replacement.
         let mut busy = inner.writer_busy.lock().unwrap_or_else(PoisonError::into_inner);
         while *busy {
             busy = inner.writer_free.wait(busy).unwrap_or_else(PoisonError::into_inner);
         }
-        let loaded = load_state(inner.engine.as_ref());
-        let state = loaded?;
+        inner.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        import()?;
+        let state = load_state(inner.engine.as_ref())?;
         let compact_rev = state.compact_rev;
         *inner.write_state() = state;
         drop(busy);

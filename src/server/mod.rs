@@ -330,7 +330,7 @@ impl Server {
                 },
                 on_snapshot: {
                     let raft = raft.clone();
-                    Arc::new(move |index, data| raft.snapshot_ready(index, data))
+                    Arc::new(move |index, image| raft.offer_snapshot(index, image))
                 },
             },
         )
