@@ -184,8 +184,8 @@ fn run_worker(weak: &Weak<Inner>) {
 
 /// Runs one batch; returns false (and marks the worker stopped) when nothing is left.
 fn step(inner: &Inner) -> Result<bool> {
-    // Holding the writer slot keeps the batch between two write groups: the index is then
-    // changed by nobody else, and a group's rollback never meets a trimmed key.
+    // The index is trimmed between two write groups (holding the writer slot): nobody else
+    // changes it then, and a group's rollback never meets a trimmed key.
     let slot = WriteTxn::begin(inner);
     let (target, resume, limit) = {
         let mut p = inner.progress();
@@ -205,23 +205,38 @@ fn step(inner: &Inner) -> Result<bool> {
         for (key, trim) in &chunk.trims {
             st.index.apply_trim(key, *trim);
         }
-        drop(st);
-        let mut batch = Batch::new();
-        for key in chunk.dropped {
-            batch.delete(Keyspace::Kv, key);
+    }
+    inner.progress().resume = chunk.resume.clone();
+    let epoch = inner.epoch.load(Ordering::SeqCst);
+    drop(slot);
+
+    // The deletes need no slot: no write group touches these records, and every reader
+    // already skips them (`is_kept`). Their sizes are read first for `stored_bytes`.
+    let mut freed = 0u64;
+    let mut batch = Batch::new();
+    for key in chunk.dropped {
+        if let Some(value) = inner.engine.get(Keyspace::Kv, &key)? {
+            freed = freed.saturating_add((key.len() + value.len()) as u64);
         }
-        if !batch.is_empty() {
-            inner.engine.write(batch)?;
-        }
+        batch.delete(Keyspace::Kv, key);
+    }
+    if !batch.is_empty() {
+        inner.engine.write(batch)?;
+    }
+    // A replacement of the whole state meanwhile recounted the bytes and restarted the
+    // compaction: this batch's bookkeeping belongs to the old state.
+    let replaced = inner.epoch.load(Ordering::SeqCst) != epoch;
+    if !replaced {
+        let _ = inner
+            .stored_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(freed)));
     }
     let mut p = inner.progress();
-    p.resume = chunk.resume;
-    if p.resume.is_none() {
+    if chunk.resume.is_none() && p.target == target && !replaced {
         p.finished = target;
         drop(p);
         inner.compaction_done.notify_all();
     }
-    drop(slot);
     Ok(true)
 }
 
@@ -293,6 +308,17 @@ mod tests {
             })
             .unwrap();
         out
+    }
+
+    fn record_bytes(engine: &dyn Engine) -> u64 {
+        let mut n = 0;
+        engine
+            .scan(Keyspace::Kv, b"", None, &mut |k, v| {
+                n += (k.len() + v.len()) as u64;
+                Scan::Continue
+            })
+            .unwrap();
+        n
     }
 
     fn compact(kv: &KvStore, rev: i64) -> Result<(), Error> {
@@ -455,6 +481,7 @@ mod tests {
         assert!(matches!(kv.hash_kv(50), Err(Error::Compacted)));
         assert_eq!(pinned_records(&kv), pinned_records(&reference));
         assert!(stored_revisions(engine.as_ref()).len() > pinned_records(&kv).len());
+        assert_eq!(kv.stored_bytes(), record_bytes(engine.as_ref()), "counted as stored");
     }
 
     #[test]
@@ -476,6 +503,7 @@ mod tests {
         long_history(&reference);
         compact(&reference, 50).unwrap();
         assert_eq!(reopened.hash_kv(0).unwrap(), hash);
+        assert_eq!(reopened.stored_bytes(), record_bytes(engine.as_ref()));
         assert_eq!(stored_revisions(engine.as_ref()), pinned_records(&reference));
         for at in 50..=62 {
             assert_eq!(rng(&reopened, "k", "l", at), rng(&reference, "k", "l", at), "at {at}");

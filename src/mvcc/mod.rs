@@ -152,6 +152,8 @@ struct Inner {
     epoch: AtomicU64,
     /// The newest compaction revision whose physical part has begun (see `pin.rs`).
     deleting_rev: AtomicI64,
+    /// Bytes (storage key plus value) of the records in the `Kv` keyspace.
+    stored_bytes: AtomicU64,
     /// Progress of the physical part of compactions (`compaction.rs`).
     compaction: Mutex<compaction::Progress>,
     /// Signalled when a compaction's physical part completes or stops.
@@ -203,7 +205,7 @@ impl KvStore {
     /// [`Error::Storage`] when the engine fails; [`Error::Corrupt`] when a stored record or
     /// meta value does not decode.
     pub fn open(engine: Arc<dyn Engine>) -> Result<KvStore> {
-        let state = load_state(engine.as_ref())?;
+        let (state, bytes) = load_state(engine.as_ref())?;
         let compact_rev = state.compact_rev;
         let inner = compaction::new_inner(|me| Inner {
             engine,
@@ -212,6 +214,7 @@ impl KvStore {
             writer_free: Condvar::new(),
             epoch: AtomicU64::new(0),
             deleting_rev: AtomicI64::new(0),
+            stored_bytes: AtomicU64::new(bytes),
             compaction: Mutex::new(compaction::Progress::default()),
             compaction_done: Condvar::new(),
             me,
@@ -248,9 +251,10 @@ impl KvStore {
         }
         inner.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         import()?;
-        let state = load_state(inner.engine.as_ref())?;
+        let (state, bytes) = load_state(inner.engine.as_ref())?;
         let compact_rev = state.compact_rev;
         *inner.write_state() = state;
+        inner.stored_bytes.store(bytes, std::sync::atomic::Ordering::SeqCst);
         drop(busy);
         inner.restart_compaction(compact_rev);
         Ok(())
@@ -272,6 +276,13 @@ impl KvStore {
     /// Returns the newest committed revision (1 for a fresh store, as etcd).
     pub fn current_revision(&self) -> i64 {
         self.inner.read_state().current_rev
+    }
+
+    /// Returns the bytes (storage keys plus encoded values) of the records the `Kv`
+    /// keyspace holds, those awaiting a compaction's deletion included: exact, kept up to
+    /// date by commits and compaction batches.
+    pub fn stored_bytes(&self) -> u64 {
+        self.inner.stored_bytes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Returns the revision of the last compaction, 0 when the store was never compacted.
@@ -351,12 +362,13 @@ pub fn revision_records(current: i64, compacted: i64) -> [(Vec<u8>, Vec<u8>); 2]
     ]
 }
 
-/// Loads the key index and revisions kept in `engine`.
-fn load_state(engine: &dyn Engine) -> Result<State> {
+/// Loads the key index and revisions kept in `engine`, with the bytes of its records.
+fn load_state(engine: &dyn Engine) -> Result<(State, u64)> {
     let compact_rev = read_meta(engine, META_COMPACT_REVISION)?.unwrap_or(0);
     let mut current_rev = read_meta(engine, META_CURRENT_REVISION)?.unwrap_or(1);
     let mut index = Index::default();
     let mut failure = None;
+    let mut bytes = 0u64;
     engine.scan(
         Keyspace::Kv,
         b"",
@@ -364,6 +376,7 @@ fn load_state(engine: &dyn Engine) -> Result<State> {
         &mut |key, value| match replay(&mut index, key, value) {
             Ok(rev) => {
                 current_rev = current_rev.max(rev.main);
+                bytes = bytes.saturating_add((key.len() + value.len()) as u64);
                 Scan::Continue
             }
             Err(e) => {
@@ -375,7 +388,8 @@ fn load_state(engine: &dyn Engine) -> Result<State> {
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev })
+    let state = State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev };
+    Ok((state, bytes))
 }
 
 /// Reads an 8-byte big-endian meta record.

@@ -188,9 +188,12 @@ impl WriteTxn<'_> {
         let mut batch = std::mem::take(&mut self.batch);
         // Encode before taking the write lock: readers wait only for the engine write and
         // the index publication.
+        let mut added = 0u64;
         for (event, rev) in self.events.iter().zip(&self.event_revs) {
             let tombstone = event.kind == EventKind::Delete;
-            batch.put(Keyspace::Kv, rev.to_key(tombstone), codec::encode(&event.kv));
+            let (key, value) = (rev.to_key(tombstone), codec::encode(&event.kv));
+            added = added.saturating_add((key.len() + value.len()) as u64);
+            batch.put(Keyspace::Kv, key, value);
         }
         let compaction = self.compaction.take();
         if let Some(rev) = compaction {
@@ -218,6 +221,7 @@ impl WriteTxn<'_> {
         }
         st.current_rev = self.current_rev;
         drop(st);
+        inner.stored_bytes.fetch_add(added, std::sync::atomic::Ordering::SeqCst);
         self.finished = true;
         if let Some(rev) = compaction {
             // The worker waits for the writer slot, which this group holds until dropped.

@@ -100,6 +100,8 @@ pub struct StatusInfo {
     pub applied: u64,
     /// State machine size on disk in bytes.
     pub db_size: u64,
+    /// An estimate of the bytes of `db_size` that live data needs (`defrag.rs`).
+    pub db_size_in_use: u64,
     /// The backend quota in bytes.
     pub quota: u64,
 }
@@ -132,6 +134,8 @@ pub struct Server {
     quota_size: Mutex<(Option<std::time::Instant>, u64)>,
     /// Held while a defragmentation runs.
     maintenance: Mutex<()>,
+    /// The engine's bytes on disk per byte of records, measured (`defrag.rs`).
+    space_factor: Mutex<Option<f64>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -373,6 +377,7 @@ impl Server {
             request_timeout,
             leader_wait,
             quota_size: Mutex::new((None, 0)),
+            space_factor: Mutex::new(None),
             maintenance: Mutex::new(()),
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
@@ -449,10 +454,12 @@ impl Server {
 
     /// Status for `Maintenance.Status`.
     pub fn status(&self) -> StatusInfo {
+        let db_size = self.engine.size_on_disk().unwrap_or(0);
         StatusInfo {
             raft: self.raft.status(),
             applied: *self.applied.borrow(),
-            db_size: self.engine.size_on_disk().unwrap_or(0),
+            db_size,
+            db_size_in_use: self.db_size_in_use(db_size),
             quota: self.cfg.quota_backend_bytes,
         }
     }

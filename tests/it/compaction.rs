@@ -189,3 +189,33 @@ async fn a_learner_catches_up_from_a_streamed_snapshot_while_history_is_compacte
     let left: Vec<_> = std::fs::read_dir(&snap).unwrap().flatten().collect();
     assert!(left.is_empty(), "staged images left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_size_in_use_shows_what_compaction_frees_and_defrag_gives_back() {
+    let m = Cairn::start().await;
+    let mut c = m.client().await;
+    let value = vec![b'x'; 1024];
+    let mut rev = 0;
+    for _ in 0..100 {
+        let ops: Vec<TxnOp> =
+            (0..KEYS).map(|k| TxnOp::put(format!("k/{k:03}"), value.clone(), None)).collect();
+        rev = c.txn(Txn::new().and_then(ops)).await.unwrap().header().unwrap().revision();
+    }
+    let s = c.status().await.unwrap();
+    let (size, in_use) = (s.db_size(), s.raft_used_db_size());
+    assert!(in_use <= size && in_use * 10 > size * 9, "full store: {in_use} of {size}");
+    c.compact(rev, Some(CompactionOptions::new().with_physical())).await.unwrap();
+    let s = c.status().await.unwrap();
+    let (size, freed_in_use) = (s.db_size(), s.raft_used_db_size());
+    // 99 of every 100 records went; the files keep their size until a defragmentation.
+    assert!(freed_in_use * 10 < size, "after compaction: {freed_in_use} of {size}");
+    c.defragment().await.unwrap();
+    let s = c.status().await.unwrap();
+    eprintln!(
+        "dbSize {size} -> {} after defrag; dbSizeInUse {in_use} -> {freed_in_use} after compaction, {} after defrag",
+        s.db_size(),
+        s.raft_used_db_size()
+    );
+    assert_eq!(s.raft_used_db_size(), s.db_size(), "right after a defragmentation");
+    assert!(s.db_size() * 4 < size);
+}
