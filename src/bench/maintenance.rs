@@ -114,12 +114,24 @@ async fn fill(
                 if i >= total {
                     return Ok::<_, tonic::Status>(());
                 }
-                kv.put(PutRequest {
-                    key: key(i),
-                    value: vec![b'f'; val_size],
-                    ..Default::default()
-                })
-                .await?;
+                // The fill is setup, not a measurement: a put that failed (a timeout while
+                // the server checkpoints a large store) is retried a few times.
+                let mut tries = 0;
+                loop {
+                    let put = PutRequest {
+                        key: key(i),
+                        value: vec![b'f'; val_size],
+                        ..Default::default()
+                    };
+                    match kv.put(put).await {
+                        Ok(_) => break,
+                        Err(e) if tries < 5 => {
+                            tries += 1;
+                            eprintln!("fill: put {i} failed ({}); retrying", e.message());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }));
     }
