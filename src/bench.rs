@@ -2,6 +2,7 @@
 //! `benchmark` tool (tools/benchmark): the same workloads, flags and summary shape, so the
 //! same command measures Cairn and real etcd on the same machine.
 
+mod maintenance;
 mod watch;
 
 use std::sync::Arc;
@@ -156,6 +157,10 @@ pub enum Workload {
         #[arg(long, default_value_t = 10)]
         ttl: i64,
     },
+    /// Put latency while a long history is compacted (`bench/maintenance.rs`).
+    CompactionP99(maintenance::CompactionArgs),
+    /// Put latency while a new learner catches up from a snapshot (`bench/maintenance.rs`).
+    LearnerP99(maintenance::LearnerArgs),
 }
 
 /// Latency statistics of a run.
@@ -282,6 +287,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         _ => {}
     }
     let channels = connect(args, args.conns).await?;
+    let first = channels.first().cloned().ok_or_else(|| anyhow::anyhow!("no connection"))?;
+    match &args.workload {
+        Workload::CompactionP99(a) => return maintenance::compaction(first, args.clients, a).await,
+        Workload::LearnerP99(a) => return maintenance::learner(first, args.clients, a).await,
+        _ => {}
+    }
     let tokens = tokens(args, &channels).await?;
     if let Workload::LeaseExpiry { leases, ttl } = args.workload {
         let report = expiry::run(&channels, args.clients, leases, ttl).await?;
@@ -365,7 +376,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                     Workload::WatchLatency(_) | Workload::WatchMemory(_) => return lat,
                     Workload::LeaseKeepalive
                     | Workload::LeaseExpiry { .. }
-                    | Workload::Lock { .. } => Ok(()),
+                    | Workload::Lock { .. }
+                    | Workload::CompactionP99(_)
+                    | Workload::LearnerP99(_) => Ok(()),
                 };
                 match res {
                     Ok(()) => lat.push(t0.elapsed()),

@@ -151,6 +151,14 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s")]
     pub experimental_corrupt_check_time: String,
 
+    /// Sets the maximum number of revisions deleted in each compaction batch.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
+    pub experimental_compaction_batch_limit: usize,
+
+    /// Sets the sleep interval between each compaction batch (a Go duration such as "10ms").
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", default_value = "10ms")]
+    pub experimental_compaction_sleep_interval: String,
+
     /// Sets the maximum number of learners that can be available in the cluster membership.
     #[arg(
         long,
@@ -517,6 +525,10 @@ pub struct Validated {
     pub lease_checkpoint_interval: Option<Duration>,
     /// How often the leader compares members' HashKV (`None` = never).
     pub corrupt_check_interval: Option<Duration>,
+    /// Most revisions one compaction batch deletes (at least 1).
+    pub compaction_batch_limit: usize,
+    /// Pause between two compaction batches.
+    pub compaction_sleep_interval: Duration,
     /// `--metrics extensive`: export the gRPC handling-time histogram.
     pub metrics_extensive: bool,
     /// Extra listeners for `/metrics` and the health endpoints (empty: client URLs only).
@@ -709,6 +721,23 @@ impl Config {
         if self.auth_token_ttl == 0 {
             return Err(bad("auth-token-ttl", &self.auth_token_ttl, "must be positive"));
         }
+        if self.experimental_compaction_batch_limit == 0 {
+            return Err(bad(
+                "experimental-compaction-batch-limit",
+                &self.experimental_compaction_batch_limit,
+                "must be positive",
+            ));
+        }
+        let compaction_sleep_interval =
+            parse_go_duration(&self.experimental_compaction_sleep_interval)
+                .or((self.experimental_compaction_sleep_interval == "0").then_some(Duration::ZERO))
+                .ok_or_else(|| {
+                    bad(
+                        "experimental-compaction-sleep-interval",
+                        &self.experimental_compaction_sleep_interval,
+                        "must be a duration such as 10ms",
+                    )
+                })?;
         Ok(Validated {
             raw: self.clone(),
             data_dir,
@@ -726,6 +755,8 @@ impl Config {
             log_filter: log_filter.to_owned(),
             lease_checkpoint_interval,
             corrupt_check_interval,
+            compaction_batch_limit: self.experimental_compaction_batch_limit,
+            compaction_sleep_interval,
             metrics_extensive,
             listen_metrics_urls,
             client_tls,

@@ -41,6 +41,7 @@ mod checkpoint;
 pub mod convert;
 pub mod dispatch;
 pub mod members;
+mod raft_snapshot;
 mod wait;
 
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub use self::auth::AuthWrapper;
 pub use self::convert::ConvertError;
 pub use self::dispatch::{Ctx, Kind, Next, Wrapper};
 pub use self::members::{Member, Members};
+pub use self::raft_snapshot::PinnedImage;
 pub use self::wait::Wait;
 
 /// The `Keyspace::Meta` key holding the raft index of the last applied entry.
@@ -118,7 +120,7 @@ pub enum Response {
     DeleteRange(mvcc::DeleteRangeResult),
     /// A txn's result.
     Txn(mvcc::TxnResult),
-    /// A compaction finished (physically: the compacted revisions are gone from storage).
+    /// A compaction was applied (its records leave storage in background batches).
     Compact,
     /// A lease was granted with this id and TTL (seconds, after the minimum was applied).
     LeaseGrant {
@@ -251,7 +253,7 @@ pub struct Hooks {
     /// etcd). Must not be lost: raft's configuration depends on it.
     pub on_conf_change: Box<dyn Fn(ConfChange) + Send>,
     /// Hands a state image at an applied index to raft, to serve as a raft snapshot.
-    pub on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
+    pub on_snapshot: Arc<dyn Fn(u64, Arc<PinnedImage>) + Send + Sync>,
 }
 
 /// The apply task's state.
@@ -268,7 +270,7 @@ pub struct Applier {
     /// Makes checkpoints on its own thread and knows the index the last one covers.
     checkpoints: checkpoint::Checkpointer,
     on_conf_change: Box<dyn Fn(ConfChange) + Send>,
-    on_snapshot: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
+    on_snapshot: Arc<dyn Fn(u64, Arc<PinnedImage>) + Send + Sync>,
     /// Hears each committed group's events (notify only: it never blocks apply).
     watch: Option<WatchHub>,
     /// The member's fatal-failure latch; apply stops once it is set.
@@ -366,50 +368,13 @@ impl Applier {
         self.checkpoints.stop();
     }
 
-    /// Exports the state machine at the applied index for raft to send to a member that
-    /// fell behind the compacted log, without stalling apply: between two write groups it
-    /// pins the mvcc revision and copies the small keyspaces (meta with the applied index,
-    /// leases, auth, members); a thread then reads the mvcc records up to the pin and hands
-    /// the image to raft. A compaction or snapshot install meanwhile invalidates the pin;
-    /// the image is then dropped and raft asks again. (The image is still built in memory,
-    /// in `Engine::export`'s format.)
+    /// Offers raft the state machine at the applied index, for a member behind the
+    /// compacted log, without stalling apply or building the image in memory: a pin and a
+    /// copy of the small keyspaces between two write groups (`raft_snapshot.rs`).
     fn make_snapshot(&mut self) {
-        let index = *self.applied.borrow();
-        let engine = self.state.engine.clone();
-        let (pin, small) = self.state.kv.pin(|| {
-            let mut out = Vec::new();
-            crate::storage::scan_non_kv(engine.as_ref(), &mut |ks, k, v| {
-                crate::storage::image_push(&mut out, &ks.encode(k), v);
-            })
-            .map(|()| out)
-        });
-        let mut image = match small {
-            Ok(image) => image,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot export the state for a raft snapshot");
-                return;
-            }
-        };
-        let on_snapshot = self.on_snapshot.clone();
-        let spawned = std::thread::Builder::new().name("cairn-raft-snapshot".into()).spawn(move || {
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let page = pin.scan_kv(true, after.as_deref(), 1 << 20, &mut |k, v| {
-                    crate::storage::image_push(&mut image, &Keyspace::Kv.encode(k), v);
-                });
-                match page {
-                    Ok(Some(k)) => after = Some(k),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(error = %e, "raft snapshot export interrupted; raft will ask again");
-                        return;
-                    }
-                }
-            }
-            on_snapshot(index, crate::storage::image_seal(image));
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the raft snapshot export");
+        match PinnedImage::take(&self.state.kv, self.state.engine.as_ref()) {
+            Ok((index, image)) => (self.on_snapshot)(index, Arc::new(image)),
+            Err(e) => tracing::warn!(error = %e, "cannot pin the state for a raft snapshot"),
         }
     }
 
@@ -422,13 +387,25 @@ impl Applier {
             return;
         }
         let sm = &self.state;
-        // Pinned readers (snapshot streams) must not read across the replacement.
-        sm.kv.invalidate_pins();
-        let installed = sm
-            .engine
-            .import(snapshot.get_data())
-            .map_err(mvcc::Error::from)
-            .and_then(|()| sm.kv.reload())
+        // Pinned readers (snapshot streams) are invalidated by the replacement.
+        let staged = match crate::raft::Reference::parse(snapshot.get_data()) {
+            crate::raft::Reference::Staged(path) => Some(path),
+            _ => None,
+        };
+        let replaced = match (&staged, crate::raft::Reference::parse(snapshot.get_data())) {
+            (Some(path), _) => raft_snapshot::install_staged(&sm.kv, sm.engine.as_ref(), path),
+            (None, crate::raft::Reference::Inline(image)) => {
+                sm.kv.replace(|| sm.engine.import(image).map_err(mvcc::Error::from))
+            }
+            (None, _) => Err(mvcc::Error::Corrupt(
+                "a raft snapshot refers to an image of another member".into(),
+            )),
+        };
+        if let Some(path) = &staged {
+            // The staged image is installed (or useless): its space goes back.
+            let _ = std::fs::remove_file(path);
+        }
+        let installed = replaced
             .and_then(|()| {
                 sm.leases
                     .reload(sm.engine.as_ref())

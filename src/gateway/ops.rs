@@ -124,9 +124,10 @@ impl Member for MemberProbe {
         let me = self.server.header().member_id;
         let size = i64::try_from(status.db_size).unwrap_or(i64::MAX);
         m.mvcc.db_total_size_in_bytes.set(size);
-        // sled reports no free space inside its files, so the bytes in use are the bytes
-        // allocated, as Maintenance.Status reports dbSizeInUse (docs/metrics.md).
-        m.mvcc.db_total_size_in_use_in_bytes.set(size);
+        // The estimate Maintenance.Status reports as dbSizeInUse (server/defrag.rs).
+        m.mvcc
+            .db_total_size_in_use_in_bytes
+            .set(i64::try_from(status.db_size_in_use).unwrap_or(i64::MAX));
         m.mvcc.current_revision.set(self.server.current_revision());
         let watch = self.server.watch_stats();
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);

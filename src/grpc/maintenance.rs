@@ -97,7 +97,7 @@ impl Maintenance for MaintenanceService {
                     format!("memberID:{member_id} alarm:{name} ")
                 })
                 .collect(),
-            db_size_in_use: db_size,
+            db_size_in_use: i64::try_from(s.db_size_in_use).unwrap_or(i64::MAX),
             is_learner: self.server.is_learner(),
             storage_version: STORAGE_VERSION.to_owned(),
             db_size_quota: i64::try_from(s.quota).unwrap_or(i64::MAX),

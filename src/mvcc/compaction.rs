@@ -1,60 +1,303 @@
 //! Compaction: forgetting history older than a revision (etcd's `kvstore_compaction.go`
-//! and `treeIndex.Compact`).
+//! and `treeIndex.Compact`), carried out in bounded batches off the apply path.
 //!
 //! Compacting at `rev` keeps, for every key, the newest revision at or before `rev` (unless
 //! that is a tombstone) and every newer revision, so any read at `rev` or later answers as
 //! before; reads below `rev` fail with `Compacted` from then on.
 //!
-//! A compaction runs in two steps so that readers never see it half done. [`plan`] walks
-//! the index under the read lock (readers keep going) and lists what to drop; the writer
-//! then deletes those records in the same atomic batch as the group's other changes and
-//! [`apply`] trims the index under the write lock at commit. Planning is valid across
-//! later writes of the group because writes only append revisions above `rev`.
+//! A compaction takes effect in two stages, as etcd's does. The write group that applies
+//! it only records and publishes the compaction revision (reads below it fail from that
+//! commit on), which costs the same whatever the history's length. The physical part,
+//! trimming the key index and deleting the superseded records, then runs on a worker
+//! thread in batches of at most `batch_limit` records (etcd's
+//! `--experimental-compaction-batch-limit`, default 1000), each between two write groups
+//! and followed by a pause (`--experimental-compaction-sleep-interval`, default 10 ms), so
+//! applies interleave with a long compaction instead of waiting for all of it.
+//!
+//! Nothing reads the records a compaction drops: reads at or after the compaction revision
+//! never reach them, and whatever scans storage directly ([`super::KvStore::hash_kv`],
+//! pins) skips them by the rule in [`is_kept`], so the answers do not depend on how far
+//! the physical part has come. The compaction revision is durable with the group; a
+//! restart (or a leader snapshot taken mid-compaction) simply plans the physical part
+//! again from the rebuilt index ([`super::KvStore::open`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, Weak};
+use std::time::Duration;
 
 use super::index::Index;
 use super::key_index::Trim;
+use super::revision::Revision;
+use super::write::WriteTxn;
+use super::{Error, Inner, KvStore, Result, codec};
+use crate::storage::{Batch, Keyspace};
 
-/// What a compaction at one revision removes from the index and from storage.
-#[derive(Debug, Default)]
-pub(super) struct CompactionPlan {
-    /// The compaction revision.
-    pub rev: i64,
-    /// Keys losing history, with how much of it.
-    trims: Vec<(Vec<u8>, Trim)>,
-    /// Storage keys (encoded revisions, tombstone marks included) to delete.
-    pub dropped: Vec<Vec<u8>>,
+/// How the physical part of a compaction is paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPacing {
+    /// Most records deleted per batch (etcd's default 1000).
+    pub batch_limit: usize,
+    /// Pause after each batch (etcd's default 10 ms).
+    pub sleep: Duration,
 }
 
-/// Plans a compaction of `index` at `rev`.
-///
-/// The walk visits every key (as etcd's does); only keys with something to drop cost an
-/// allocation.
-pub(super) fn plan(index: &Index, rev: i64) -> CompactionPlan {
-    let mut out = CompactionPlan { rev, ..CompactionPlan::default() };
-    for (key, ki) in index.iter() {
-        let dropped = &mut out.dropped;
-        if let Some(trim) = ki.plan_compaction(rev, |r, tomb| dropped.push(r.to_key(tomb))) {
-            out.trims.push((key.clone(), trim));
+impl Default for CompactionPacing {
+    fn default() -> Self {
+        CompactionPacing { batch_limit: 1000, sleep: Duration::from_millis(10) }
+    }
+}
+
+/// Index keys looked at per batch for each record the batch may delete: bounds a batch's
+/// walk over keys that have nothing to drop.
+const KEYS_PER_RECORD: usize = 10;
+
+/// Where the physical part of compaction stands; shared by every clone of the store.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// The newest compaction revision whose physical part is scheduled (0: none).
+    target: i64,
+    /// The first index key the next batch looks at (`None`: the first key).
+    resume: Option<Vec<u8>>,
+    /// The newest compaction revision whose physical part is complete.
+    finished: i64,
+    /// True while a worker thread runs.
+    running: bool,
+    /// Why the last worker stopped early, if it failed.
+    failure: Option<String>,
+    pacing: CompactionPacing,
+}
+
+/// One batch of a compaction: the index trims and the storage records to delete.
+struct Chunk {
+    trims: Vec<(Vec<u8>, Trim)>,
+    dropped: Vec<Vec<u8>>,
+    /// Where the next batch starts; `None` when the walk reached the last key.
+    resume: Option<Vec<u8>>,
+}
+
+/// Plans one batch at `rev`, walking the index from `start`.
+fn plan_chunk(index: &Index, rev: i64, start: Option<&[u8]>, limit: usize) -> Chunk {
+    let limit = limit.max(1);
+    let mut chunk = Chunk { trims: Vec::new(), dropped: Vec::new(), resume: None };
+    for (visited, (key, ki)) in index.iter_from(start.unwrap_or_default()).enumerate() {
+        let budget = limit.saturating_sub(chunk.dropped.len());
+        if budget == 0 || visited >= limit.saturating_mul(KEYS_PER_RECORD) {
+            chunk.resume = Some(key.clone());
+            break;
+        }
+        let dropped = &mut chunk.dropped;
+        let planned =
+            ki.plan_compaction_bounded(rev, budget, |r, tomb| dropped.push(r.to_key(tomb)));
+        if let Some((trim, whole)) = planned {
+            chunk.trims.push((key.clone(), trim));
+            if !whole {
+                // A long history of one key: the next batch goes on with the same key.
+                chunk.resume = Some(key.clone());
+                break;
+            }
         }
     }
-    out
+    chunk
 }
 
-/// Trims `index` as `plan` says; keys left with no history leave the index.
-pub(super) fn apply(index: &mut Index, plan: &CompactionPlan) {
-    for (key, trim) in &plan.trims {
-        index.apply_trim(key, *trim);
+/// True when the stored record `(rev, tombstone, value)` survives a compaction at
+/// `compact_rev` as the index says: every record after it, and at or before it only the
+/// newest revision of a key that is live at `compact_rev` (etcd's `keyIndex.keep`).
+///
+/// # Errors
+/// [`Error::Corrupt`] when the record does not decode.
+pub(super) fn is_kept(
+    index: &Index,
+    rev: Revision,
+    tombstone: bool,
+    value: &[u8],
+    compact_rev: i64,
+) -> Result<bool> {
+    if rev.main > compact_rev {
+        return Ok(true);
     }
+    if tombstone {
+        return Ok(false);
+    }
+    let kv = codec::decode(value, false)?;
+    Ok(index.get(&kv.key, compact_rev).is_some_and(|k| k.modified == rev))
+}
+
+impl Inner {
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.compaction.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Schedules the physical part of a compaction at `rev` (published already), starting
+    /// a worker when none runs. A newer compaction supersedes an unfinished older one: its
+    /// walk starts over from the first key and drops everything the older one would.
+    pub(super) fn schedule_compaction(&self, rev: i64) {
+        let mut p = self.progress();
+        if rev <= p.target && (p.running || p.finished >= p.target) {
+            return;
+        }
+        if rev > p.target {
+            p.target = rev;
+            p.resume = None;
+        }
+        p.failure = None;
+        if !p.running {
+            p.running = true;
+            let weak = self.me.clone();
+            let spawned = std::thread::Builder::new()
+                .name("mvcc-compact".into())
+                .spawn(move || run_worker(&weak));
+            if let Err(e) = spawned {
+                p.running = false;
+                p.failure = Some(format!("cannot start the compaction thread: {e}"));
+                tracing::warn!(error = %e, "cannot start the compaction thread");
+            }
+        }
+    }
+}
+
+/// The worker: one batch, a pause, until the scheduled compaction is complete or the store
+/// is gone.
+fn run_worker(weak: &Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let more = match step(&inner) {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::warn!(error = %e, "compaction stopped; it resumes at the next compaction or restart");
+                let mut p = inner.progress();
+                p.running = false;
+                p.failure = Some(e.to_string());
+                drop(p);
+                inner.compaction_done.notify_all();
+                return;
+            }
+        };
+        if !more {
+            return;
+        }
+        let pause = inner.progress().pacing.sleep;
+        drop(inner);
+        std::thread::sleep(pause);
+    }
+}
+
+/// Runs one batch; returns false (and marks the worker stopped) when nothing is left.
+fn step(inner: &Inner) -> Result<bool> {
+    // The index is trimmed between two write groups (holding the writer slot): nobody else
+    // changes it then, and a group's rollback never meets a trimmed key.
+    let slot = WriteTxn::begin(inner);
+    let (target, resume, limit) = {
+        let mut p = inner.progress();
+        if p.target <= p.finished {
+            p.running = false;
+            drop(p);
+            inner.compaction_done.notify_all();
+            return Ok(false);
+        }
+        (p.target, p.resume.clone(), p.pacing.batch_limit)
+    };
+    let chunk = plan_chunk(&inner.read_state().index, target, resume.as_deref(), limit);
+    if !chunk.trims.is_empty() {
+        // Pins older than `target` must learn of the removal before it happens (`pin.rs`).
+        inner.deleting_rev.fetch_max(target, Ordering::SeqCst);
+        let mut st = inner.write_state();
+        for (key, trim) in &chunk.trims {
+            st.index.apply_trim(key, *trim);
+        }
+    }
+    inner.progress().resume = chunk.resume.clone();
+    let epoch = inner.epoch.load(Ordering::SeqCst);
+    drop(slot);
+
+    // The deletes need no slot: no write group touches these records, and every reader
+    // already skips them (`is_kept`). Their sizes are read first for `stored_bytes`.
+    let mut freed = 0u64;
+    let mut batch = Batch::new();
+    for key in chunk.dropped {
+        if let Some(value) = inner.engine.get(Keyspace::Kv, &key)? {
+            freed = freed.saturating_add((key.len() + value.len()) as u64);
+        }
+        batch.delete(Keyspace::Kv, key);
+    }
+    if !batch.is_empty() {
+        inner.engine.write(batch)?;
+    }
+    // A replacement of the whole state meanwhile recounted the bytes and restarted the
+    // compaction: this batch's bookkeeping belongs to the old state.
+    let replaced = inner.epoch.load(Ordering::SeqCst) != epoch;
+    if !replaced {
+        let _ = inner
+            .stored_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(freed)));
+    }
+    let mut p = inner.progress();
+    if chunk.resume.is_none() && p.target == target && !replaced {
+        p.finished = target;
+        drop(p);
+        inner.compaction_done.notify_all();
+    }
+    Ok(true)
+}
+
+impl KvStore {
+    /// Sets how the physical part of compactions is paced (etcd's
+    /// `--experimental-compaction-batch-limit` and `--experimental-compaction-sleep-interval`).
+    pub fn set_compaction_pacing(&self, pacing: CompactionPacing) {
+        self.inner.progress().pacing = pacing;
+    }
+
+    /// Blocks until the physical part of the compaction at `rev` is complete: its records
+    /// are gone from storage (etcd's `CompactionRequest.physical`).
+    ///
+    /// # Errors
+    /// [`Error::Compaction`] when the worker stopped on a storage failure first.
+    pub fn wait_compacted(&self, rev: i64) -> Result<()> {
+        let mut p = self.inner.progress();
+        loop {
+            if p.finished >= rev {
+                return Ok(());
+            }
+            if !p.running {
+                let why = p.failure.clone().unwrap_or_else(|| "not scheduled".into());
+                return Err(Error::Compaction(why));
+            }
+            p = self.inner.compaction_done.wait(p).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Inner {
+    /// Forgets the physical progress after the engine's content was replaced, and plans
+    /// the compaction at `rev` (the new content's) from the first key.
+    pub(super) fn restart_compaction(&self, rev: i64) {
+        let mut p = self.progress();
+        p.target = 0;
+        p.finished = 0;
+        p.resume = None;
+        drop(p);
+        if rev > 0 {
+            self.schedule_compaction(rev);
+        }
+    }
+}
+
+/// Creates the shared handle, with a weak self-reference for starting workers.
+pub(super) fn new_inner(f: impl FnOnce(Weak<Inner>) -> Inner) -> Arc<Inner> {
+    Arc::new_cyclic(|me| f(me.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
+    use std::time::Duration;
+
     use super::super::revision::Revision;
     use super::super::tests::{NoLeases, del, put, put_req, range_req, rng, store};
     use super::super::{Error, KvStore};
-    use crate::storage::{Engine, Keyspace, MemEngine, Scan};
+    use super::CompactionPacing;
+    use crate::storage::{Engine, Keyspace, MemEngine, Scan, SledEngine};
 
     fn stored_revisions(engine: &dyn Engine) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -67,10 +310,22 @@ mod tests {
         out
     }
 
+    fn record_bytes(engine: &dyn Engine) -> u64 {
+        let mut n = 0;
+        engine
+            .scan(Keyspace::Kv, b"", None, &mut |k, v| {
+                n += (k.len() + v.len()) as u64;
+                Scan::Continue
+            })
+            .unwrap();
+        n
+    }
+
     fn compact(kv: &KvStore, rev: i64) -> Result<(), Error> {
         let mut w = kv.write();
         w.compact(rev)?;
-        w.commit().map(|_| ())
+        w.commit()?;
+        kv.wait_compacted(rev)
     }
 
     fn key(main: i64, tombstone: bool) -> Vec<u8> {
@@ -155,7 +410,103 @@ mod tests {
         let events = w.commit().unwrap();
         assert_eq!(events.len(), 4, "compaction never hides events from watchers");
         assert_eq!(kv.compact_revision(), 4);
+        kv.wait_compacted(4).unwrap();
         assert_eq!(stored_revisions(engine.as_ref()), [key(4, false), key(5, false)]);
         assert_eq!(rng(&kv, "a", "", 4).kvs[0].value, b"3");
+    }
+
+    /// Batches of 5 and a pause no test waits out: a compaction stops after one batch.
+    const STALLED: CompactionPacing =
+        CompactionPacing { batch_limit: 5, sleep: Duration::from_secs(3600) };
+
+    /// 60 puts over three keys (revisions 2..=61), then a delete of `k0` (62).
+    fn long_history(kv: &KvStore) {
+        for i in 0..60 {
+            put(kv, &format!("k{}", i % 3), &i.to_string());
+        }
+        del(kv, "k0", "");
+    }
+
+    /// Commits a compaction at `rev` and waits until its first batch deleted something.
+    fn start_compaction(kv: &KvStore, engine: &dyn Engine, rev: i64) -> usize {
+        let before = stored_revisions(engine).len();
+        let mut w = kv.write();
+        w.compact(rev).unwrap();
+        w.commit().unwrap();
+        loop {
+            let now = stored_revisions(engine).len();
+            if now < before {
+                return before - now;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn pinned_records(kv: &KvStore) -> Vec<Vec<u8>> {
+        let (pin, ()) = kv.pin(|| ());
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let next =
+                pin.scan_kv(true, after.as_deref(), 64, &mut |k, _| out.push(k.to_vec())).unwrap();
+            match next {
+                Some(k) => after = Some(k),
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_compaction_runs_in_bounded_batches_between_writes() {
+        let engine = Arc::new(MemEngine::new());
+        let kv = KvStore::open(engine.clone()).unwrap();
+        kv.set_compaction_pacing(STALLED);
+        let reference = store();
+        long_history(&kv);
+        long_history(&reference);
+
+        assert_eq!(start_compaction(&kv, engine.as_ref(), 50), 5, "one batch of 5 records");
+        compact(&reference, 50).unwrap();
+        // The compaction is unfinished, yet the writer is free between its batches ...
+        put(&kv, "k1", "after");
+        put(&reference, "k1", "after");
+        // ... and every answer is already that of the finished compaction.
+        assert!(matches!(kv.range(&range_req("k1", "", 49)), Err(Error::Compacted)));
+        for at in 50..=63 {
+            assert_eq!(rng(&kv, "k", "l", at), rng(&reference, "k", "l", at), "at {at}");
+        }
+        for at in [51, 55, 0] {
+            assert_eq!(kv.hash_kv(at).unwrap(), reference.hash_kv(at).unwrap(), "hash at {at}");
+        }
+        assert!(matches!(kv.hash_kv(50), Err(Error::Compacted)));
+        assert_eq!(pinned_records(&kv), pinned_records(&reference));
+        assert!(stored_revisions(engine.as_ref()).len() > pinned_records(&kv).len());
+        assert_eq!(kv.stored_bytes(), record_bytes(engine.as_ref()), "counted as stored");
+    }
+
+    #[test]
+    fn a_compaction_cut_short_by_a_restart_completes_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(SledEngine::open(dir.path()).unwrap());
+        let kv = KvStore::open(engine.clone()).unwrap();
+        kv.set_compaction_pacing(STALLED);
+        long_history(&kv);
+        start_compaction(&kv, engine.as_ref(), 50);
+        let hash = kv.hash_kv(0).unwrap();
+        drop(kv);
+        drop(engine);
+
+        let engine = Arc::new(SledEngine::open(dir.path()).unwrap());
+        let reopened = KvStore::open(engine.clone()).unwrap();
+        reopened.wait_compacted(50).unwrap();
+        let reference = store();
+        long_history(&reference);
+        compact(&reference, 50).unwrap();
+        assert_eq!(reopened.hash_kv(0).unwrap(), hash);
+        assert_eq!(reopened.stored_bytes(), record_bytes(engine.as_ref()));
+        assert_eq!(stored_revisions(engine.as_ref()), pinned_records(&reference));
+        for at in 50..=62 {
+            assert_eq!(rng(&reopened, "k", "l", at), rng(&reference, "k", "l", at), "at {at}");
+        }
     }
 }

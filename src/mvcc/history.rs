@@ -88,6 +88,9 @@ impl KvStore {
         // The scan runs without the state lock, so apply is never held up by a catch-up;
         // a compaction that deletes records meanwhile is detected below.
         let (mut events, last_revision) = self.scan_window(range, req)?;
+        // Deletes at the compaction revision are dropped by it, but in the background
+        // (`compaction.rs`): leave them out whether or not they are gone yet.
+        events.retain(|e| !(e.kind == EventKind::Delete && e.kv.mod_revision <= compact_before));
 
         let st = self.inner.read_state();
         if st.compact_rev != compact_before && st.compact_rev >= req.from {

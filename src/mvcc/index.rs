@@ -160,9 +160,12 @@ impl Index {
         }
     }
 
-    /// Iterates over every key with its history, in key order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &KeyIndex)> {
-        self.keys.iter()
+    /// Iterates over the keys from `start` on (inclusive), with their history, in key order.
+    pub(super) fn iter_from<'s>(
+        &'s self,
+        start: &[u8],
+    ) -> impl Iterator<Item = (&'s Vec<u8>, &'s KeyIndex)> {
+        self.keys.range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
     }
 
     /// Applies a compaction trim to `key`, dropping the key once nothing of it remains.

@@ -169,11 +169,29 @@ impl KeyIndex {
     ///
     /// Calls `dropped(revision, is_tombstone)` for each revision the compaction removes and
     /// returns the trim to apply, or `None` when nothing goes.
+    #[cfg(test)]
     pub(super) fn plan_compaction(
         &self,
         at: i64,
-        mut dropped: impl FnMut(Revision, bool),
+        dropped: impl FnMut(Revision, bool),
     ) -> Option<Trim> {
+        self.plan_compaction_bounded(at, usize::MAX, dropped).map(|(trim, _)| trim)
+    }
+
+    /// As `plan_compaction`, but removes at most `max` revisions, oldest first; also
+    /// returns whether the trim is the whole compaction of this key (false: plan again to
+    /// remove the rest).
+    ///
+    /// A partial trim removes a prefix of what the whole one removes, so the revisions it
+    /// leaves are all at or before the kept one and reads at or after `at` answer the same
+    /// before, between and after the parts. `max` below 1 is taken as 1.
+    pub(super) fn plan_compaction_bounded(
+        &self,
+        at: i64,
+        max: usize,
+        mut dropped: impl FnMut(Revision, bool),
+    ) -> Option<(Trim, bool)> {
+        let max = max.max(1);
         let last = self.generations.len().checked_sub(1)?;
         // Skip the generations whose tombstone is older than `at`: they are gone entirely.
         let mut gi = 0;
@@ -194,18 +212,29 @@ impl KeyIndex {
                 trim = Trim { generations: gi + 1, revs: 0 };
             }
         }
+        let mut part = Trim { generations: 0, revs: 0 };
+        let mut budget = max;
         for g in self.generations.iter().take(trim.generations) {
+            if g.revs.len() > budget {
+                // Part of a closed generation: its tombstone (the last revision) stays.
+                g.revs.iter().take(budget).for_each(|rev| dropped(*rev, false));
+                part.revs = budget;
+                return Some((part, false));
+            }
             let tomb_at = g.revs.len().saturating_sub(1);
             for (i, rev) in g.revs.iter().enumerate() {
                 dropped(*rev, i == tomb_at);
             }
+            budget -= g.revs.len();
+            part.generations += 1;
         }
         if let Some(g) = self.generations.get(trim.generations) {
             // Revisions before the kept one are puts: a tombstone only ever ends a
             // generation.
-            g.revs.iter().take(trim.revs).for_each(|rev| dropped(*rev, false));
+            part.revs = trim.revs.min(budget);
+            g.revs.iter().take(part.revs).for_each(|rev| dropped(*rev, false));
         }
-        (trim.generations > 0 || trim.revs > 0).then_some(trim)
+        (part.generations > 0 || part.revs > 0).then_some((part, part == trim))
     }
 
     /// Removes the prefix described by `trim`.
@@ -343,6 +372,32 @@ mod tests {
             // Reads at or after the compaction point are unchanged.
             for read in at..16 {
                 assert_eq!(out.get(read), ki.get(read), "compact {at}, read {read}");
+            }
+        }
+    }
+
+    #[test]
+    fn bounded_compaction_in_parts_ends_where_the_whole_one_does() {
+        let ki = history();
+        for at in 1..16 {
+            let (whole, whole_dropped) = compact(&ki, at);
+            for max in 1..8 {
+                let mut part = ki.clone();
+                let mut dropped = Vec::new();
+                while let Some((trim, done)) =
+                    part.plan_compaction_bounded(at, max, |r, t| dropped.push((r.main, t)))
+                {
+                    part.apply_trim(trim);
+                    // Every intermediate state answers reads at or after `at` as before.
+                    for read in at..16 {
+                        assert_eq!(part.get(read), ki.get(read), "at {at} max {max} read {read}");
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                assert_eq!(part, whole, "at {at} max {max}");
+                assert_eq!(dropped, whole_dropped, "at {at} max {max}");
             }
         }
     }

@@ -54,8 +54,12 @@ mod txn;
 mod types;
 mod write;
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{
+    Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 
+pub use self::compaction::CompactionPacing;
 pub use self::history::{History, HistoryRequest};
 pub use self::pin::Pin;
 pub use self::types::*;
@@ -90,6 +94,9 @@ pub enum Error {
     /// A compaction or a state replacement ran while a [`Pin`] was read; retry.
     #[error("mvcc: pinned view invalidated by a compaction or state replacement; retry")]
     PinInvalidated,
+    /// The physical part of a compaction stopped before completing (a storage failure).
+    #[error("mvcc: compaction stopped: {0}")]
+    Compaction(String),
 }
 
 /// Result alias for mvcc operations.
@@ -141,8 +148,18 @@ struct Inner {
     /// `WriteTxn` can move between threads (an apply task on a multi-threaded runtime).
     writer_busy: Mutex<bool>,
     writer_free: Condvar,
-    /// Bumped before anything removes `Kv` records (see `pin.rs`).
-    epoch: std::sync::atomic::AtomicU64,
+    /// Bumped before the engine's content is replaced (see `pin.rs`).
+    epoch: AtomicU64,
+    /// The newest compaction revision whose physical part has begun (see `pin.rs`).
+    deleting_rev: AtomicI64,
+    /// Bytes (storage key plus value) of the records in the `Kv` keyspace.
+    stored_bytes: AtomicU64,
+    /// Progress of the physical part of compactions (`compaction.rs`).
+    compaction: Mutex<compaction::Progress>,
+    /// Signalled when a compaction's physical part completes or stops.
+    compaction_done: Condvar,
+    /// This handle, for starting the compaction worker from a `&Inner`.
+    me: Weak<Inner>,
 }
 
 impl Inner {
@@ -188,16 +205,24 @@ impl KvStore {
     /// [`Error::Storage`] when the engine fails; [`Error::Corrupt`] when a stored record or
     /// meta value does not decode.
     pub fn open(engine: Arc<dyn Engine>) -> Result<KvStore> {
-        let state = load_state(engine.as_ref())?;
-        Ok(KvStore {
-            inner: Arc::new(Inner {
-                engine,
-                state: RwLock::new(state),
-                writer_busy: Mutex::new(false),
-                writer_free: Condvar::new(),
-                epoch: std::sync::atomic::AtomicU64::new(0),
-            }),
-        })
+        let (state, bytes) = load_state(engine.as_ref())?;
+        let compact_rev = state.compact_rev;
+        let inner = compaction::new_inner(|me| Inner {
+            engine,
+            state: RwLock::new(state),
+            writer_busy: Mutex::new(false),
+            writer_free: Condvar::new(),
+            epoch: AtomicU64::new(0),
+            deleting_rev: AtomicI64::new(0),
+            stored_bytes: AtomicU64::new(bytes),
+            compaction: Mutex::new(compaction::Progress::default()),
+            compaction_done: Condvar::new(),
+            me,
+        });
+        // Records a compaction had not yet deleted (a restart, or a snapshot taken
+        // mid-compaction) came back into the index: plan their removal again.
+        inner.restart_compaction(compact_rev);
+        Ok(KvStore { inner })
     }
 
     /// Rebuilds the key index and revisions from the engine, after its whole content was
@@ -206,15 +231,32 @@ impl KvStore {
     /// # Errors
     /// As [`KvStore::open`]; the store is unchanged on error.
     pub fn reload(&self) -> Result<()> {
+        self.replace(|| Ok(()))
+    }
+
+    /// Replaces the engine's whole content with `import` and rebuilds the key index and
+    /// revisions from it. Waits for the open write group; no write group, compaction batch
+    /// or pin starts until it is done, and every existing [`Pin`] is invalidated first.
+    ///
+    /// # Errors
+    /// `import`'s error (the store is then unchanged if `import` changed nothing), or as
+    /// [`KvStore::open`].
+    pub fn replace(&self, import: impl FnOnce() -> Result<()>) -> Result<()> {
         let inner = &self.inner;
+        // Holding the writer mutex (with no group open) keeps every writer out, the
+        // compaction worker included, for the whole replacement.
         let mut busy = inner.writer_busy.lock().unwrap_or_else(PoisonError::into_inner);
         while *busy {
             busy = inner.writer_free.wait(busy).unwrap_or_else(PoisonError::into_inner);
         }
-        let loaded = load_state(inner.engine.as_ref());
-        let state = loaded?;
+        inner.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        import()?;
+        let (state, bytes) = load_state(inner.engine.as_ref())?;
+        let compact_rev = state.compact_rev;
         *inner.write_state() = state;
+        inner.stored_bytes.store(bytes, std::sync::atomic::Ordering::SeqCst);
         drop(busy);
+        inner.restart_compaction(compact_rev);
         Ok(())
     }
 
@@ -236,6 +278,13 @@ impl KvStore {
         self.inner.read_state().current_rev
     }
 
+    /// Returns the bytes (storage keys plus encoded values) of the records the `Kv`
+    /// keyspace holds, those awaiting a compaction's deletion included: exact, kept up to
+    /// date by commits and compaction batches.
+    pub fn stored_bytes(&self) -> u64 {
+        self.inner.stored_bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Returns the revision of the last compaction, 0 when the store was never compacted.
     pub fn compact_revision(&self) -> i64 {
         self.inner.read_state().compact_rev
@@ -245,28 +294,47 @@ impl KvStore {
     /// `HashKV` does, so members can be compared. Returns `(hash, compact revision, hashed
     /// revision)`.
     ///
-    /// The hash is a CRC32 (IEEE) over each record's storage key and value in revision order; two
-    /// members that applied the same log hash equally.
+    /// The hash is a CRC32 (IEEE) over each record's storage key and value in revision order,
+    /// counting at or below the compaction revision only the records that compaction keeps
+    /// (etcd's `HashByRev` keeps the same set), so two members that applied the same log
+    /// hash equally however far their physical compaction has come.
     ///
     /// # Errors
-    /// [`Error::FutureRevision`] above the current revision, [`Error::Compacted`] below the
-    /// compaction revision, and storage errors.
+    /// [`Error::FutureRevision`] above the current revision, [`Error::Compacted`] at or below
+    /// the compaction revision, and storage errors.
     pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
         let st = self.inner.read_state();
         let rev = if revision <= 0 { st.current_rev } else { revision };
         if rev > st.current_rev {
             return Err(Error::FutureRevision);
         }
-        if rev < st.compact_rev {
+        // etcd refuses an explicit revision at the compaction revision too (`HashByRev`:
+        // `rev > 0 && rev <= compactRev`), unlike a range read.
+        if rev < st.compact_rev || (revision > 0 && rev == st.compact_rev) {
             return Err(Error::Compacted);
         }
         let end = Revision::new(rev.saturating_add(1), 0).to_key(false);
         let mut hasher = crc32fast::Hasher::new();
+        let mut failure = None;
         self.inner.engine.scan(Keyspace::Kv, b"", Some(&end), &mut |k, v| {
-            hasher.update(k);
-            hasher.update(v);
-            Scan::Continue
+            let kept = Revision::from_key(k)
+                .and_then(|(r, tomb)| compaction::is_kept(&st.index, r, tomb, v, st.compact_rev));
+            match kept {
+                Ok(true) => {
+                    hasher.update(k);
+                    hasher.update(v);
+                    Scan::Continue
+                }
+                Ok(false) => Scan::Continue,
+                Err(e) => {
+                    failure = Some(e);
+                    Scan::Stop
+                }
+            }
         })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         Ok((hasher.finalize(), st.compact_rev, rev))
     }
 
@@ -294,12 +362,13 @@ pub fn revision_records(current: i64, compacted: i64) -> [(Vec<u8>, Vec<u8>); 2]
     ]
 }
 
-/// Loads the key index and revisions kept in `engine`.
-fn load_state(engine: &dyn Engine) -> Result<State> {
+/// Loads the key index and revisions kept in `engine`, with the bytes of its records.
+fn load_state(engine: &dyn Engine) -> Result<(State, u64)> {
     let compact_rev = read_meta(engine, META_COMPACT_REVISION)?.unwrap_or(0);
     let mut current_rev = read_meta(engine, META_CURRENT_REVISION)?.unwrap_or(1);
     let mut index = Index::default();
     let mut failure = None;
+    let mut bytes = 0u64;
     engine.scan(
         Keyspace::Kv,
         b"",
@@ -307,6 +376,7 @@ fn load_state(engine: &dyn Engine) -> Result<State> {
         &mut |key, value| match replay(&mut index, key, value) {
             Ok(rev) => {
                 current_rev = current_rev.max(rev.main);
+                bytes = bytes.saturating_add((key.len() + value.len()) as u64);
                 Scan::Continue
             }
             Err(e) => {
@@ -318,7 +388,8 @@ fn load_state(engine: &dyn Engine) -> Result<State> {
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev })
+    let state = State { index, current_rev: current_rev.max(compact_rev).max(1), compact_rev };
+    Ok((state, bytes))
 }
 
 /// Reads an 8-byte big-endian meta record.
@@ -480,6 +551,7 @@ pub(super) mod tests {
         w.put(&PutRequest { lease: 5, ..put_req("c", "1") }, &Leases(&[5])).unwrap(); // 7
         w.compact(4).unwrap();
         w.commit().unwrap();
+        kv.wait_compacted(4).unwrap();
         put(kv, "c", "2"); // 8
         del(kv, "a", ""); // 9
         put(kv, "d", "1"); // 10
@@ -507,6 +579,7 @@ pub(super) mod tests {
         drop(first);
 
         let reopened = KvStore::open(Arc::new(SledEngine::open(dir.path()).unwrap())).unwrap();
+        reopened.wait_compacted(4).unwrap();
         assert_same_state(&reopened, &reference);
         assert_eq!((reopened.current_revision(), reopened.compact_revision()), (11, 4));
         // Writing after the reopen continues the history.
@@ -524,6 +597,7 @@ pub(super) mod tests {
         let mut w = kv.write();
         w.compact(3).unwrap();
         w.commit().unwrap();
+        kv.wait_compacted(3).unwrap();
         let mut records = 0;
         engine
             .scan(Keyspace::Kv, b"", None, &mut |_, _| {

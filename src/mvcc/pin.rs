@@ -6,11 +6,17 @@
 //! the whole keyspace as of revision `R`, however many groups commit afterwards, with two
 //! exceptions that remove records: a compaction (it deletes superseded revisions) and the
 //! wholesale replacement of the engine's content (a leader's snapshot being installed).
-//! Each of them bumps the store's *epoch* before it touches storage; a [`Pin`] remembers
-//! the epoch it was taken at and checks it after every page it reads, so a reader never
-//! returns a page that may have lost records, and instead fails with
-//! [`Error::PinInvalidated`] (the caller retries; etcd's bbolt read transactions keep old
-//! pages alive instead, which sled cannot do).
+//!
+//! A replacement bumps the store's *epoch* before it touches storage. A compaction's
+//! batches first raise the store's *deleting revision* to the compaction revision. A
+//! [`Pin`] remembers the epoch and the compaction revision it was taken at and checks,
+//! after every page it reads, that the epoch is unchanged and that no compaction newer than
+//! its own has begun deleting, so a reader never returns a page that may have lost
+//! records, and instead fails with [`Error::PinInvalidated`] (the caller retries; etcd's
+//! bbolt read transactions keep old pages alive instead, which sled cannot do). The
+//! batches of the pin's own compaction (or an older one) still running in the background
+//! do not invalidate it: the pin leaves out the records they delete anyway
+//! (`compaction::is_kept`), so what it returns does not depend on their progress.
 //!
 //! A pin is taken between write groups ([`KvStore::pin`]), so whatever the caller copies
 //! from the other keyspaces at that moment (meta, leases, members) is consistent with the
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::revision::Revision;
-use super::{Error, Inner, KvStore, Result};
+use super::{Error, Inner, KvStore, Result, compaction};
 use crate::storage::{Keyspace, Scan};
 
 /// A point-in-time view of the `Kv` keyspace at one revision (see the module docs).
@@ -76,13 +82,15 @@ impl Pin {
         self.compact_rev
     }
 
-    /// True while no compaction or state replacement has happened since the pin.
+    /// True while no newer compaction has begun deleting and no state replacement has
+    /// happened since the pin.
     pub fn is_valid(&self) -> bool {
         self.inner.epoch.load(Ordering::SeqCst) == self.epoch
+            && self.inner.deleting_rev.load(Ordering::SeqCst) <= self.compact_rev
     }
 
     /// Visits the stored `Kv` records with revisions up to the pin (`upto_pin`) or above it
-    /// (`!upto_pin`), in revision order, starting after the storage key `after` (from the
+    /// (`!upto_pin`), in revision order, leaving out those its compaction drops, starting after the storage key `after` (from the
     /// first record when `None`), until about `max_bytes` of keys and values were visited.
     /// Returns the last key visited, `None` when the scan reached the end.
     ///
@@ -109,8 +117,23 @@ impl Pin {
         let end = if upto_pin { Some(bound.as_slice()) } else { None };
         let mut seen = 0usize;
         let mut last = None;
+        let mut failure = None;
         self.inner.engine.scan(Keyspace::Kv, &start, end, &mut |k, v| {
-            visit(k, v);
+            let kept = Revision::from_key(k).and_then(|(rev, tomb)| {
+                if rev.main > self.compact_rev {
+                    return Ok(true);
+                }
+                let st = self.inner.read_state();
+                compaction::is_kept(&st.index, rev, tomb, v, self.compact_rev)
+            });
+            match kept {
+                Ok(true) => visit(k, v),
+                Ok(false) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    return Scan::Stop;
+                }
+            }
             seen = seen.saturating_add(k.len() + v.len());
             if seen >= max_bytes {
                 last = Some(k.to_vec());
@@ -119,10 +142,14 @@ impl Pin {
                 Scan::Continue
             }
         })?;
-        // Checked after the read: a compaction bumps the epoch before it deletes, so an
-        // unchanged epoch here means nothing was deleted before or during the read.
+        // Checked after the read: a newer compaction raises the deleting revision before it
+        // trims or deletes, so a valid pin here means nothing it needs was removed before
+        // or during the read.
         if !self.is_valid() {
             return Err(Error::PinInvalidated);
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         Ok(last)
     }
@@ -166,6 +193,7 @@ mod tests {
         let mut w = kv.write();
         w.compact(3).unwrap();
         w.commit().unwrap();
+        kv.wait_compacted(3).unwrap();
         assert!(!pin.is_valid());
         assert!(matches!(collect(&pin, true), Err(Error::PinInvalidated)));
     }

@@ -9,7 +9,6 @@
 
 use std::sync::PoisonError;
 
-use super::compaction::{self, CompactionPlan};
 use super::index::KeyRange;
 use super::key_index::Shape;
 use super::range::{Pending, View};
@@ -78,8 +77,8 @@ pub struct WriteTxn<'a> {
     /// The newest revision this group has written (== `base_rev` before any change).
     pub(super) current_rev: i64,
     base_compact_rev: i64,
-    /// The newest compaction requested in this group, applied to the index at commit.
-    compaction: Option<CompactionPlan>,
+    /// The newest compaction revision requested in this group, published at commit.
+    compaction: Option<i64>,
     /// Every change so far, in revision order; committed as storage records.
     events: Vec<Event>,
     /// The revision of each entry of `events`.
@@ -154,8 +153,9 @@ impl WriteTxn<'_> {
         self.finish(mark, stamp, result)
     }
 
-    /// Compacts history at `revision`; the index and storage change at commit, while reads
-    /// through this group already refuse revisions below it.
+    /// Compacts history at `revision`: reads through this group refuse revisions below it
+    /// at once, other readers from commit on, and the superseded records leave the index
+    /// and storage after commit, in bounded batches (`compaction.rs`).
     ///
     /// # Errors
     /// [`Error::Compacted`] when `revision` is not above the current compaction revision;
@@ -167,10 +167,8 @@ impl WriteTxn<'_> {
         if revision > self.current_rev {
             return Err(Error::FutureRevision);
         }
-        // Planning reads the whole index under the read lock, so readers are not held up;
-        // a later compaction in the same group supersedes this one (compactions compose).
-        let plan = compaction::plan(&self.inner.read_state().index, revision);
-        self.compaction = Some(plan);
+        // A later compaction in the same group supersedes this one (compactions compose).
+        self.compaction = Some(revision);
         Ok(())
     }
 
@@ -190,18 +188,16 @@ impl WriteTxn<'_> {
         let mut batch = std::mem::take(&mut self.batch);
         // Encode before taking the write lock: readers wait only for the engine write and
         // the index publication.
+        let mut added = 0u64;
         for (event, rev) in self.events.iter().zip(&self.event_revs) {
             let tombstone = event.kind == EventKind::Delete;
-            batch.put(Keyspace::Kv, rev.to_key(tombstone), codec::encode(&event.kv));
+            let (key, value) = (rev.to_key(tombstone), codec::encode(&event.kv));
+            added = added.saturating_add((key.len() + value.len()) as u64);
+            batch.put(Keyspace::Kv, key, value);
         }
         let compaction = self.compaction.take();
-        if let Some(plan) = &compaction {
-            // Deletes follow the puts: a record written and compacted away in the same
-            // group ends up deleted (a later op on the same key wins).
-            for key in &plan.dropped {
-                batch.delete(Keyspace::Kv, key.clone());
-            }
-            batch.put(Keyspace::Meta, META_COMPACT_REVISION, plan.rev.to_be_bytes().to_vec());
+        if let Some(rev) = compaction {
+            batch.put(Keyspace::Meta, META_COMPACT_REVISION, rev.to_be_bytes().to_vec());
         }
         if self.current_rev != self.base_rev {
             batch.put(
@@ -212,10 +208,6 @@ impl WriteTxn<'_> {
         }
 
         let inner = self.inner;
-        if compaction.is_some() {
-            // Pinned readers must learn of the deletes before they happen (`pin.rs`).
-            inner.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
         let mut st = inner.write_state();
         if !batch.is_empty()
             && let Err(e) = inner.engine.write(batch)
@@ -224,13 +216,17 @@ impl WriteTxn<'_> {
             self.finished = true;
             return Err(e.into());
         }
-        if let Some(plan) = &compaction {
-            compaction::apply(&mut st.index, plan);
-            st.compact_rev = plan.rev;
+        if let Some(rev) = compaction {
+            st.compact_rev = rev;
         }
         st.current_rev = self.current_rev;
         drop(st);
+        inner.stored_bytes.fetch_add(added, std::sync::atomic::Ordering::SeqCst);
         self.finished = true;
+        if let Some(rev) = compaction {
+            // The worker waits for the writer slot, which this group holds until dropped.
+            inner.schedule_compaction(rev);
+        }
         Ok(std::mem::take(&mut self.events))
     }
 }
@@ -249,7 +245,7 @@ impl<'a> WriteTxn<'a> {
 
     /// The compaction revision as this group sees it.
     fn compact_floor(&self) -> i64 {
-        self.compaction.as_ref().map_or(self.base_compact_rev, |p| p.rev)
+        self.compaction.unwrap_or(self.base_compact_rev)
     }
 
     /// Where the group stands now, for [`Self::finish`] to roll a failed request back to.

@@ -704,6 +704,15 @@ impl LogStore {
         self.write().snapshot = Some(snapshot);
     }
 
+    /// Forgets the recorded snapshot if it is the one at `index`: raft then asks for a
+    /// fresh one the next time a member needs it.
+    pub fn drop_snapshot(&self, index: u64) {
+        let mut state = self.write();
+        if state.snapshot.as_ref().is_some_and(|s| s.get_metadata().index == index) {
+            state.snapshot = None;
+        }
+    }
+
     /// Returns true, once, after raft asked for a snapshot that was not available.
     pub fn take_snapshot_request(&self) -> bool {
         self.shared.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)

@@ -14,9 +14,11 @@ mod fatal;
 pub mod log_store;
 mod logger;
 mod node;
+mod snapshot;
 mod transport;
 mod wal;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,6 +27,7 @@ pub use self::fatal::{Cause, Failure, Fatal};
 pub use self::log_store::LogStore;
 pub use self::logger::tracing_logger;
 pub use self::node::start;
+pub use self::snapshot::{Images, Reference, SnapshotImage};
 pub use self::transport::{NoPeers, Transport};
 pub use raft::prelude::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
@@ -138,6 +141,8 @@ pub(crate) enum Command {
     Unreachable(u64),
     /// The transport finished (or failed) sending a snapshot to this member.
     SnapshotStatus { to: u64, ok: bool },
+    /// The snapshot recorded at this index can no longer be served; forget it.
+    DropSnapshot(u64),
     /// Hand leadership to this member.
     TransferLeader(u64),
     /// Stop the raft task (graceful shutdown).
@@ -150,6 +155,8 @@ pub struct RaftHandle {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<RaftStatus>,
     fatal: Fatal,
+    /// The state image this member offers for raft snapshots (`snapshot.rs`).
+    images: Arc<Images>,
 }
 
 impl RaftHandle {
@@ -207,6 +214,26 @@ impl RaftHandle {
     pub fn snapshot_ready(&self, index: u64, data: Vec<u8>) {
         // A full inbox drops it; raft asks again when it still needs one.
         let _ = self.tx.try_send(Command::SnapshotReady { index, data });
+    }
+
+    /// Offers `image`, the state at applied index `index`, as raft's snapshot; raft's
+    /// snapshot then carries a reference to it, read by the transport when it sends.
+    pub fn offer_snapshot(&self, index: u64, image: Arc<dyn SnapshotImage>) {
+        self.images.offer(index, image);
+        self.snapshot_ready(index, Reference::pinned(index));
+    }
+
+    /// The image offered at `index`, if it is still the current one.
+    pub fn snapshot_image(&self, index: u64) -> Option<Arc<dyn SnapshotImage>> {
+        self.images.get(index)
+    }
+
+    /// Tells raft that its snapshot at `index` can no longer be read (its view was
+    /// invalidated, or it is a reference only another member understood); the next member
+    /// that needs a snapshot gets a fresh one. Never blocks.
+    pub fn snapshot_unusable(&self, index: u64) {
+        self.images.forget(index);
+        let _ = self.tx.try_send(Command::DropSnapshot(index));
     }
 
     /// Reports that `to` could not be reached; never blocks.

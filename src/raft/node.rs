@@ -126,7 +126,7 @@ pub fn start(
             tracing::error!(error = %e, "cannot spawn the raft thread");
             Error::Stopped
         })?;
-    Ok((RaftHandle { tx, status: status_rx, fatal }, handle))
+    Ok((RaftHandle { tx, status: status_rx, fatal, images: Arc::default() }, handle))
 }
 
 /// A proposal that arrived while this leader hands leadership over. raft-rs refuses
@@ -302,6 +302,7 @@ impl Node {
                 }
             }
             Command::Unreachable(to) => self.raw.report_unreachable(to),
+            Command::DropSnapshot(index) => self.log.drop_snapshot(index),
             Command::SnapshotStatus { to, ok } => {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
                 self.raw.report_snapshot(to, status);

@@ -10,6 +10,20 @@
 //!
 //! A crash at any point leaves either the old files or the new ones live (the engine
 //! switches by an atomic rename after the new files are fsynced), each complete.
+//!
+//! # `dbSizeInUse`
+//!
+//! sled does not say how much of its files is free, so `Maintenance.Status` reports an
+//! estimate: the bytes of the records the state machine holds (storage keys plus values,
+//! counted exactly by mvcc for the revisions and by a scan of the small keyspaces), times
+//! the engine's *space factor*, the bytes on disk per byte of records. The factor is
+//! measured after each defragmentation (when the files hold exactly the records) and
+//! whenever the estimate would exceed `dbSize` (first of all at the first status, and
+//! when the factor was taken on a nearly empty store); the estimate is then `dbSize`. Right after a defragmentation
+//! it equals `dbSize`; compaction and deletes lower it by the space their records took, so
+//! `1 - dbSizeInUse / dbSize` estimates what the next defragmentation gives back (the
+//! operator's `minFreeRatio`). Records awaiting a compaction's deletion count as in use
+//! until their batch deletes them.
 
 use std::sync::Arc;
 
@@ -38,6 +52,7 @@ impl Server {
                 match defragment_once(server.engine.as_ref(), &server.kv) {
                     Ok(()) => {
                         let after = server.engine.size_on_disk().unwrap_or(0);
+                        server.measure_space_factor(after);
                         // The quota check must not go on comparing the old size.
                         server.forget_quota_size();
                         tracing::info!(before, after, "defragmented the state machine");
@@ -51,6 +66,40 @@ impl Server {
         })
         .await
         .map_err(|_| Error::Stopped)?
+    }
+}
+
+impl Server {
+    /// The bytes of records the state machine holds (see the module docs).
+    fn record_bytes(&self) -> u64 {
+        let mut small = 0u64;
+        let _ = crate::storage::scan_non_kv(self.engine.as_ref(), &mut |_, k, v| {
+            small = small.saturating_add((k.len() + v.len() + 1) as u64);
+        });
+        self.kv.stored_bytes().saturating_add(small)
+    }
+
+    /// Records the space factor for `db_size` bytes on disk holding the current records.
+    fn measure_space_factor(&self, db_size: u64) -> f64 {
+        let factor = (db_size as f64 / self.record_bytes().max(1) as f64).max(1.0);
+        *self.space_factor.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(factor);
+        factor
+    }
+
+    /// `dbSizeInUse` for `db_size` bytes on disk (see the module docs).
+    pub(super) fn db_size_in_use(&self, db_size: u64) -> u64 {
+        let known = *self.space_factor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let estimate = known.map(|factor| self.record_bytes() as f64 * factor);
+        match estimate {
+            Some(bytes) if bytes <= db_size as f64 => bytes as u64,
+            // More records than the files could hold at the measured factor: the factor
+            // was taken on a (nearly) empty store, whose fixed overhead dwarfs its records.
+            // The files are then taken as full, and the factor measured again.
+            _ => {
+                self.measure_space_factor(db_size);
+                db_size
+            }
+        }
     }
 }
 

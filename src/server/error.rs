@@ -120,7 +120,8 @@ impl From<mvcc::Error> for Error {
             mvcc::Error::KeyNotFound => Error::KeyNotFound,
             mvcc::Error::LeaseNotFound => Error::LeaseNotFound,
             e @ mvcc::Error::PinInvalidated => Error::Interrupted(e.to_string()),
-            e @ (mvcc::Error::Storage(_) | mvcc::Error::Corrupt(_)) => {
+            e
+            @ (mvcc::Error::Storage(_) | mvcc::Error::Corrupt(_) | mvcc::Error::Compaction(_)) => {
                 Error::Storage(e.to_string())
             }
         }

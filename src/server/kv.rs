@@ -111,8 +111,19 @@ impl Server {
     /// # Errors
     /// [`Error::Compacted`], [`Error::FutureRevision`], [`Error::Learner`] or the
     /// proposal's errors.
+    ///
+    /// With `r.physical` the answer waits until this member has also deleted the compacted
+    /// records (they leave storage in background batches otherwise).
     pub async fn compact(&self, r: pb::CompactionRequest) -> Result<(), Error> {
+        let (revision, physical) = (r.revision, r.physical);
         match self.propose_from_client(Op::Compaction(r)).await? {
+            Response::Compact if physical => {
+                let kv = self.kv.clone();
+                tokio::task::spawn_blocking(move || kv.wait_compacted(revision))
+                    .await
+                    .map_err(|_| Error::Stopped)??;
+                Ok(())
+            }
             Response::Compact => Ok(()),
             _ => Err(mismatch()),
         }

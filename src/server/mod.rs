@@ -103,6 +103,8 @@ pub struct StatusInfo {
     pub applied: u64,
     /// State machine size on disk in bytes.
     pub db_size: u64,
+    /// An estimate of the bytes of `db_size` that live data needs (`defrag.rs`).
+    pub db_size_in_use: u64,
     /// The backend quota in bytes.
     pub quota: u64,
 }
@@ -137,6 +139,8 @@ pub struct Server {
     quota_size: Mutex<(Option<std::time::Instant>, u64)>,
     /// Held while a defragmentation runs.
     maintenance: Mutex<()>,
+    /// The engine's bytes on disk per byte of records, measured (`defrag.rs`).
+    space_factor: Mutex<Option<f64>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -236,6 +240,10 @@ impl Server {
         let engine: Arc<dyn Engine> =
             Arc::new(SledEngine::open(&dir.state_dir()).map_err(|e| startup(&e))?);
         let kv = KvStore::open(engine.clone()).map_err(|e| startup(&e))?;
+        kv.set_compaction_pacing(crate::mvcc::CompactionPacing {
+            batch_limit: cfg.compaction_batch_limit,
+            sleep: cfg.compaction_sleep_interval,
+        });
         // etcd's minimum TTL: 1.5 election timeouts (in whole ticks), rounded up to seconds.
         let min_ttl_ms = u64::try_from(cfg.election_ticks * 3 / 2).unwrap_or(15)
             * u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(100);
@@ -344,7 +352,7 @@ impl Server {
                 },
                 on_snapshot: {
                     let raft = raft.clone();
-                    Arc::new(move |index, data| raft.snapshot_ready(index, data))
+                    Arc::new(move |index, image| raft.offer_snapshot(index, image))
                 },
             },
         )
@@ -390,6 +398,7 @@ impl Server {
             request_timeout,
             leader_wait,
             quota_size: Mutex::new((None, 0)),
+            space_factor: Mutex::new(None),
             maintenance: Mutex::new(()),
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
@@ -477,10 +486,12 @@ impl Server {
 
     /// Status for `Maintenance.Status`.
     pub fn status(&self) -> StatusInfo {
+        let db_size = self.engine.size_on_disk().unwrap_or(0);
         StatusInfo {
             raft: self.raft.status(),
             applied: *self.applied.borrow(),
-            db_size: self.engine.size_on_disk().unwrap_or(0),
+            db_size,
+            db_size_in_use: self.db_size_in_use(db_size),
             quota: self.cfg.quota_backend_bytes,
         }
     }

@@ -46,6 +46,12 @@ impl SnapshotStream {
 type PinnedState = Result<(Vec<(Keyspace, Vec<u8>, Vec<u8>)>, u64), Error>;
 
 impl Server {
+    /// Where a raft snapshot streamed from the leader for `index` is staged before apply
+    /// installs it (`<data-dir>/snap/`, as etcd's member/snap holds its `.snap.db`).
+    pub fn raft_snapshot_staging(&self, index: u64) -> std::path::PathBuf {
+        self.cfg.data_dir.join("snap").join(format!("{index:016x}.incoming"))
+    }
+
     /// Pins the mvcc revision and copies, in the same pause between write groups, every
     /// record outside the mvcc keyspace, with the applied index.
     fn pin_state(&self) -> (Pin, PinnedState) {

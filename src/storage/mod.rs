@@ -321,6 +321,70 @@ pub(crate) fn image_pairs(image: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(pairs)
 }
 
+/// Bytes of records written per batch by [`import_image_file`].
+const IMPORT_BATCH: usize = 4 * 1024 * 1024;
+
+/// Replaces the whole content of `engine` with the export image (the format of
+/// [`image_seal`]) kept in the file at `path`, reading it page by page: the image never
+/// sits in memory whole. The records go into a [`Engine::rewrite`] whose commit switches
+/// the engine to them atomically, and only after the image's CRC32 checked out, so a
+/// corrupt or short image, or a crash midway, leaves the old content in place.
+///
+/// The caller must see to it that nothing writes the engine meanwhile.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read, [`Error::Engine`] when the image is corrupt
+/// or the engine fails.
+pub(crate) fn import_image_file(engine: &dyn Engine, path: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let corrupt =
+        |why: &str| Error::Engine(format!("corrupt state image {}: {why}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let body_len = len.checked_sub(4).ok_or_else(|| corrupt("shorter than its checksum"))?;
+    let mut trailer = [0u8; 4];
+    file.seek(SeekFrom::Start(body_len)).map_err(io)?;
+    file.read_exact(&mut trailer).map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut body = std::io::BufReader::with_capacity(1 << 20, file.take(body_len));
+
+    let mut crc = crc32fast::Hasher::new();
+    let read_part = |body: &mut dyn Read, crc: &mut crc32fast::Hasher| -> Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        match body.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(io(e)),
+        }
+        let n = u32::from_be_bytes(len);
+        let mut part = vec![0u8; usize::try_from(n).map_err(|_| corrupt("length"))?];
+        body.read_exact(&mut part).map_err(|_| corrupt("truncated record"))?;
+        crc.update(&len);
+        crc.update(&part);
+        Ok(Some(part))
+    };
+    let mut rw = engine.rewrite()?;
+    let mut batch = Batch::new();
+    let mut batched = 0usize;
+    while let Some(key) = read_part(&mut body, &mut crc)? {
+        let value = read_part(&mut body, &mut crc)?.ok_or_else(|| corrupt("key without value"))?;
+        let (prefix, key) = key.split_first().ok_or_else(|| corrupt("empty key"))?;
+        let ks = Keyspace::from_prefix(*prefix).ok_or_else(|| corrupt("unknown keyspace"))?;
+        batched = batched.saturating_add(key.len() + value.len());
+        batch.put(ks, key.to_vec(), value);
+        if batched >= IMPORT_BATCH {
+            rw.write(std::mem::take(&mut batch))?;
+            batched = 0;
+        }
+    }
+    if crc.finalize() != u32::from_be_bytes(trailer) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    rw.write(batch)?;
+    rw.commit()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 mod auth;
 mod cluster;
+mod compaction;
 mod compat;
 mod crash;
 mod diff;

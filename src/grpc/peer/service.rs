@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::MAX_MESSAGE;
 use crate::grpc::status;
-use crate::raft::Message;
+use crate::raft::{Message, Reference};
 use crate::server::Server;
 
 /// The peer service over one server.
@@ -90,20 +90,23 @@ impl Peer for PeerService {
         self.check_cluster(first.cluster_id)?;
         let mut msg = Message::parse_from_bytes(&first.message)
             .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
-        let mut data = first.data;
-        let mut crc = None;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            data.extend_from_slice(&chunk.data);
-            if chunk.last {
-                crc = Some(chunk.crc32);
-                break;
+        // The image goes to a file as it arrives, never whole into memory; apply installs
+        // it from there (`raft/snapshot.rs`).
+        let path = self.server.raft_snapshot_staging(msg.get_snapshot().get_metadata().index);
+        let staged = stage(&path, first.data, &mut stream).await;
+        let reference = match staged {
+            Ok(()) => Reference::staged(&path)
+                .ok_or_else(|| Status::internal("the data dir path is not UTF-8")),
+            Err(e) => Err(e),
+        };
+        let reference = match reference {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(e);
             }
-        }
-        if crc != Some(crc32fast::hash(&data)) {
-            return Err(Status::data_loss("snapshot checksum mismatch"));
-        }
-        msg.mut_snapshot().set_data(data.into());
+        };
+        msg.mut_snapshot().set_data(reference.into());
         self.server.raft().step(msg).await.map_err(|_| Status::unavailable("raft stopped"))?;
         Ok(Response::new(PeerAck {}))
     }
@@ -139,4 +142,41 @@ impl Peer for PeerService {
         }
         Ok(Response::new(crate::grpc::lease::time_to_live(&self.server, None, &r)))
     }
+}
+
+/// Writes a streamed snapshot image to `path` (`first` is the data of the first chunk),
+/// checking the trailing CRC32 of the data, and syncs it.
+async fn stage(
+    path: &std::path::Path,
+    first: Vec<u8>,
+    stream: &mut Streaming<SnapshotChunk>,
+) -> Result<(), Status> {
+    use tokio::io::AsyncWriteExt as _;
+    let io = |what: &str, e: std::io::Error| {
+        Status::internal(format!("cannot stage the snapshot in {}: {what}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| io("create dir", e))?;
+    }
+    let file = tokio::fs::File::create(path).await.map_err(|e| io("create", e))?;
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&first);
+    file.write_all(&first).await.map_err(|e| io("write", e))?;
+    let mut trailer = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        crc.update(&chunk.data);
+        file.write_all(&chunk.data).await.map_err(|e| io("write", e))?;
+        if chunk.last {
+            trailer = Some(chunk.crc32);
+            break;
+        }
+    }
+    if trailer != Some(crc.finalize()) {
+        return Err(Status::data_loss("snapshot checksum mismatch"));
+    }
+    file.flush().await.map_err(|e| io("flush", e))?;
+    file.get_ref().sync_all().await.map_err(|e| io("sync", e))?;
+    Ok(())
 }

@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cairn_proto::internal::peer_client::PeerClient;
 use cairn_proto::internal::{RaftBatch, SnapshotChunk};
+use futures::StreamExt as _;
 use protobuf::Message as _;
 use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::Channel;
 
-use super::{BATCH, CHUNK, QUEUE, SNAPSHOT_TIMEOUT, channel, client, lazy};
+use super::{BATCH, CHUNK, QUEUE, SNAPSHOT_TIMEOUT, client, lazy};
 use crate::grpc::status;
-use crate::raft::{Message, MessageType, RaftHandle, Transport};
+use crate::raft::{Message, MessageType, RaftHandle, Reference, Transport};
 
 /// Batches buffered on an open message stream before the sender waits.
 const STREAM_BUFFER: usize = 64;
@@ -157,12 +158,8 @@ async fn run_link(
     attached: Arc<OnceLock<Attached>>,
     removed: Arc<tokio::sync::watch::Sender<bool>>,
 ) {
-    let Some(ch) = urls.first().and_then(|u| channel(u)) else {
-        tracing::warn!(to, ?urls, "unusable peer URL");
-        return;
-    };
-    let mut peer = client(ch);
     let Some(stream_ch) = urls.first().and_then(|u| lazy(u, None)) else {
+        tracing::warn!(to, ?urls, "unusable peer URL");
         return;
     };
     let mut open: Option<mpsc::Sender<RaftBatch>> = None;
@@ -197,38 +194,109 @@ async fn run_link(
             }
         }
         for snap in snapshots {
+            // The message channel's per-call timeout would cut a large image short; the
+            // snapshot call carries its own (SNAPSHOT_TIMEOUT).
+            let mut peer = client(stream_ch.clone());
             let ok = send_snapshot(&mut peer, a, snap).await;
             a.raft.report_snapshot(to, ok);
         }
     }
 }
 
+/// Chunks of a snapshot image buffered between its reader thread and the stream.
+const SNAPSHOT_BUFFER: usize = 4;
+
 /// Streams a snapshot message: the message without its data, then the data in chunks, then
-/// a CRC32 of the data.
+/// a CRC32 of the data. A pinned image (`raft/snapshot.rs`) is read by a blocking thread
+/// page by page while it streams, so neither side holds it whole.
 async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Message) -> bool {
     let data = msg.mut_snapshot().take_data();
+    let index = msg.get_snapshot().get_metadata().index;
     let Ok(header) = msg.write_to_bytes() else { return false };
-    let crc = crc32fast::hash(&data);
-    let mut chunks = vec![SnapshotChunk {
+    let first = SnapshotChunk {
         cluster_id: a.cluster_id,
         from: a.local_id,
         message: header,
         ..Default::default()
-    }];
-    for part in data.chunks(CHUNK) {
-        chunks.push(SnapshotChunk { data: part.to_vec(), ..Default::default() });
-    }
-    chunks.push(SnapshotChunk { last: true, crc32: crc, ..Default::default() });
-    let mut req = Request::new(futures::stream::iter(chunks));
+    };
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(SNAPSHOT_BUFFER);
+    let reader = match Reference::parse(&data) {
+        Reference::Pinned(i) if i == index => match a.raft.snapshot_image(index) {
+            Some(image) => tokio::task::spawn_blocking(move || stream_image(image.as_ref(), &tx)),
+            None => {
+                // Not the image offered now (a newer one replaced it): raft takes a new one.
+                a.raft.snapshot_unusable(index);
+                return false;
+            }
+        },
+        Reference::Inline(image) => {
+            let image = image.to_vec();
+            tokio::task::spawn_blocking(move || {
+                let out = |piece: Vec<u8>| tx.blocking_send(chunk(piece)).is_ok();
+                let done = image.chunks(CHUNK).all(|p| out(p.to_vec()));
+                done.then(|| crc32fast::hash(&image)).ok_or_else(|| "receiver gone".to_owned())
+            })
+        }
+        Reference::Pinned(_) | Reference::Staged(_) => {
+            // A reference only this member's past understood (a snapshot it received
+            // before it led, say): raft takes a fresh one.
+            a.raft.snapshot_unusable(index);
+            return false;
+        }
+    };
+    let body =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let (trailer_tx, trailer_rx) = tokio::sync::oneshot::channel::<SnapshotChunk>();
+    let trailer = futures::stream::once(trailer_rx).filter_map(|c| async move { c.ok() });
+    let outbound = futures::stream::once(async move { first }).chain(body).chain(trailer);
+    let mut req = Request::new(outbound);
     req.set_timeout(SNAPSHOT_TIMEOUT);
-    match peer.snapshot(req).await {
-        Ok(_) => {
-            tracing::info!(to = msg.to, bytes = data.len(), "sent raft snapshot");
+    let (sent, produced) = tokio::join!(peer.snapshot(req), async move {
+        let produced = reader.await.unwrap_or_else(|e| Err(format!("reader thread: {e}")));
+        if let Ok(crc) = &produced {
+            let _ =
+                trailer_tx.send(SnapshotChunk { last: true, crc32: *crc, ..Default::default() });
+        }
+        // On failure the trailer sender is dropped: the stream ends without its last
+        // chunk, which the receiver refuses.
+        produced
+    });
+    match (sent, produced) {
+        (Ok(_), Ok(_)) => {
+            tracing::info!(to = msg.to, index, "sent raft snapshot");
             true
         }
-        Err(e) => {
+        (_, Err(e)) => {
+            tracing::warn!(to = msg.to, index, error = %e, "raft snapshot image unreadable; taking a new one");
+            a.raft.snapshot_unusable(index);
+            false
+        }
+        (Err(e), Ok(_)) => {
             tracing::warn!(to = msg.to, error = %e, "raft snapshot not delivered");
             false
         }
     }
+}
+
+/// A data chunk of a snapshot stream.
+fn chunk(data: Vec<u8>) -> SnapshotChunk {
+    SnapshotChunk { data, ..Default::default() }
+}
+
+/// Reads `image` into `tx` in chunks; returns the CRC32 of what it sent.
+fn stream_image(
+    image: &dyn crate::raft::SnapshotImage,
+    tx: &mpsc::Sender<SnapshotChunk>,
+) -> Result<u32, String> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut gone = false;
+    image.stream(CHUNK, &mut |piece| {
+        crc.update(&piece);
+        gone = tx.blocking_send(chunk(piece)).is_err();
+        !gone
+    })?;
+    if gone {
+        return Err("the receiver went away".into());
+    }
+    Ok(crc.finalize())
 }
