@@ -9,6 +9,8 @@
 #   - helm (scripts/helm.sh build: helm.sh/helm/v4 from the Go module proxy, cached the same
 #     way) for `helm lint` and the chart's end-to-end test, and promtool for the alert
 #     unit tests (scripts/helm.sh build-promtool: a 5-6 minute build, cached);
+#   - a second build of cairn reporting version 0.2.0 for the rolling-upgrade test
+#     (scripts/cairn-next.sh: recompiles only the cairn crate, cached by its inputs);
 #   - then unit tests, integration tests (real cairn processes), the end-to-end tests (a real
 #     control plane on a real cairn, pods run by the test kubelet), and the layering guard.
 set -euo pipefail
@@ -149,6 +151,13 @@ cargo fmt --all -- --check
 
 log "cargo clippy (workspace lints: no unwrap/expect/indexing outside tests)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The rolling-upgrade e2e test runs two builds of cairn: the normal one and this one, built
+# with CAIRN_BUILD_VERSION=0.2.0 (cached by its inputs). Built before the normal build below,
+# which then finds the cairn crate already rebuilt the normal way (scripts/cairn-next.sh).
+log "cairn 0.2.0, the second build for the rolling-upgrade test (scripts/cairn-next.sh)"
+CAIRN_BIN_NEXT="$(scripts/cairn-next.sh)"
+export CAIRN_BIN_NEXT
 
 # The end-to-end tests run the store and operator binaries as pods; build them first. With
 # --tests the dev-dependencies' features are on as they are for `cargo test`, so the test run

@@ -31,7 +31,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if cli.version {
-        println!("cairn Version: {}", env!("CARGO_PKG_VERSION"));
+        println!("cairn Version: {}", cairn::server::VERSION);
         println!("etcd API Version: {}", cairn::server::ETCD_VERSION);
         return std::process::ExitCode::SUCCESS;
     }

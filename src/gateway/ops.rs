@@ -30,7 +30,7 @@ use tonic::Status;
 
 use crate::grpc::{KvService, MaintenanceService};
 use crate::metrics;
-use crate::server::{ETCD_VERSION, STORAGE_VERSION, Server};
+use crate::server::{ETCD_VERSION, STORAGE_VERSION, Server, VERSION};
 
 /// What the operations endpoints read from the member.
 pub trait Member: Send + Sync + 'static {
@@ -140,7 +140,7 @@ impl Member for MemberProbe {
         m.server.id.with_label_values(&[&format!("{me:x}")]).set(1);
         m.server.version.with_label_values(&[ETCD_VERSION]).set(1);
         m.server.cluster_version.with_label_values(&[&cluster_version()]).set(1);
-        m.cairn.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), ETCD_VERSION]).set(1);
+        m.cairn.build_info.with_label_values(&[VERSION, ETCD_VERSION]).set(1);
         for peer in self.server.members().iter().filter(|p| p.id != me) {
             m.init_peer(&format!("{:x}", peer.id));
         }

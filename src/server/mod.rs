@@ -63,6 +63,14 @@ pub use self::quota::Alarm;
 pub use self::snapshot::SnapshotStream;
 pub use crate::auth::Error as AuthError;
 
+/// Cairn's own version (`cairn --version`, the `cairn_build_info` metric): the
+/// `CAIRN_BUILD_VERSION` set at compile time, else the crate's version. The rolling-upgrade
+/// test builds a second `cairn` this way to run two builds that differ (scripts/test.sh).
+pub const VERSION: &str = match option_env!("CAIRN_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// The etcd version Cairn reports in `Status` and `/version`: the etcd API level whose
 /// behaviour it matches (clients such as Kubernetes gate features on it).
 pub const ETCD_VERSION: &str = "3.6.0";

@@ -16,7 +16,11 @@
 //! Binaries: `kube-apiserver`, `kube-controller-manager` and `kubectl` from
 //! `CAIRN_KUBE_BIN_DIR`, else `${CAIRN_CACHE_DIR:-$HOME/.cache/cairn}/kubernetes/<version>/`
 //! (`scripts/k8s.sh build` fills it); `cairn` and `cairn-operator` from `CAIRN_BIN` /
-//! `CAIRN_OPERATOR_BIN`, else the target directory this test binary was built into.
+//! `CAIRN_OPERATOR_BIN`, else the target directory this test binary was built into. The
+//! second build of `cairn` the rolling-upgrade test runs as image `cairn:0.2.0`
+//! ([`NEXT_VERSION`]) from `CAIRN_BIN_NEXT`, else `<target>/debug/cairn-0.2.0/cairn`
+//! (`scripts/cairn-next.sh` builds it); without it that image runs the normal `cairn`, and
+//! the upgrade test fails at its start saying so.
 //!
 //! Security setup: the bed makes its own CA (openssl), a serving certificate for 127.0.0.1,
 //! a client certificate in `system:masters` for the admin kubeconfig (used by tests, the
@@ -99,7 +103,8 @@ impl Bed {
         let controller_manager_bin = kube_bin(&kube_dir, "kube-controller-manager")?;
         let kubectl_bin = kube_bin(&kube_dir, "kubectl")?;
         let cairn = cairn_bin()?;
-        let images = kubelet::ImageMap::from_env(&cairn, operator_bin().ok().as_deref())?;
+        let next = cairn_next_bin().ok().map(|b| (format!("cairn:{NEXT_VERSION}"), b));
+        let images = kubelet::ImageMap::from_env(&cairn, operator_bin().ok().as_deref(), next)?;
 
         let dir = tempfile::Builder::new()
             .prefix("cairn-bed-")
@@ -753,7 +758,26 @@ fn kube_bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 /// The `cairn` binary: `CAIRN_BIN`, else next to this test binary's target directory.
 pub fn cairn_bin() -> anyhow::Result<PathBuf> {
-    built_bin("CAIRN_BIN", "cairn", "cargo build -p cairn --bin cairn")
+    built_bin(
+        "CAIRN_BIN",
+        "cairn",
+        "`cargo build -p cairn --bin cairn` (scripts/test.sh runs `cargo build --bins`)",
+    )
+}
+
+/// The version of the second `cairn` build ([`cairn_next_bin`]), and the tag of the image
+/// the bed runs it as.
+pub const NEXT_VERSION: &str = "0.2.0";
+
+/// The second `cairn` build, reporting [`NEXT_VERSION`]: `CAIRN_BIN_NEXT`, else
+/// `debug/cairn-<version>/cairn` in the target directory (named `cairn`: the kubelet runs a
+/// container's `command: [cairn]` with its image's binary only when the names match).
+pub fn cairn_next_bin() -> anyhow::Result<PathBuf> {
+    built_bin(
+        "CAIRN_BIN_NEXT",
+        &format!("cairn-{NEXT_VERSION}/cairn"),
+        "`scripts/cairn-next.sh` (scripts/test.sh runs it; it builds cairn with CAIRN_BUILD_VERSION=0.2.0)",
+    )
 }
 
 /// The `cairn-operator` binary: `CAIRN_OPERATOR_BIN`, else from the target directory.
@@ -761,7 +785,7 @@ pub fn operator_bin() -> anyhow::Result<PathBuf> {
     built_bin(
         "CAIRN_OPERATOR_BIN",
         "cairn-operator",
-        "cargo build -p cairn-operator --bin cairn-operator",
+        "`cargo build -p cairn-operator --bin cairn-operator` (scripts/test.sh runs `cargo build --bins`)",
     )
 }
 
@@ -789,7 +813,7 @@ fn built_bin(var: &str, name: &str, build: &str) -> anyhow::Result<PathBuf> {
         return Ok(found.clone());
     }
     bail!(
-        "the {name} binary is missing (looked at {}); build it first with `{build}` (scripts/test.sh runs `cargo build --bins`) or set {var}",
+        "the {name} binary is missing (looked at {}); build it first with {build} or set {var}",
         candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
     )
 }

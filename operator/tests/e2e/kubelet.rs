@@ -1944,13 +1944,19 @@ pub struct ImageMap {
 }
 
 impl ImageMap {
-    /// `cairn` and (when built) `cairn-operator`, plus `CAIRN_BED_IMAGES="name[:tag]=/path,..."`.
-    pub fn from_env(cairn: &Path, operator: Option<&Path>) -> anyhow::Result<ImageMap> {
+    /// `cairn`, (when built) `cairn-operator` and the second cairn build under its
+    /// `name:tag`, plus `CAIRN_BED_IMAGES="name[:tag]=/path,..."`.
+    pub fn from_env(
+        cairn: &Path,
+        operator: Option<&Path>,
+        next: Option<(String, PathBuf)>,
+    ) -> anyhow::Result<ImageMap> {
         let mut entries = HashMap::new();
         entries.insert("cairn".to_owned(), cairn.to_owned());
         if let Some(op) = operator {
             entries.insert("cairn-operator".to_owned(), op.to_owned());
         }
+        entries.extend(next);
         if let Ok(extra) = std::env::var("CAIRN_BED_IMAGES") {
             for item in extra.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let (name, path) = item.split_once('=').ok_or_else(|| {

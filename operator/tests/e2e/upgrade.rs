@@ -4,12 +4,18 @@
 //! versions are refused with a condition; an image that does not come back stops the roll,
 //! and reverting the image resumes it.
 //!
-//! What differs between the "two builds": the bed maps an image to a binary by its
-//! repository name, so `cairn:0.1.0` and `cairn:0.2.0` run the same `cairn` binary. The
-//! operator's side of an upgrade (version check, order, leader move, health gating) depends
-//! only on the image in the pod spec, which differs; the store's own version-compatibility
-//! behaviour is not exercised. `cairn-broken:0.3.0` is in no image map: its container
-//! cannot start, standing in for a build that does not come back healthy.
+//! The two builds are two real binaries: `cairn:0.1.0` runs the normal `cairn` (it reports
+//! the crate's version) and `cairn:0.2.0` a second build of the same sources compiled with
+//! `CAIRN_BUILD_VERSION=0.2.0` (`scripts/cairn-next.sh`; the bed maps that image to it, see
+//! `bed::cairn_next_bin`), which reports 0.2.0 in `cairn --version` and in its
+//! `cairn_build_info{version}` metric. The test scrapes every member's metric while the roll
+//! runs and asserts each member goes from the old build to the new one exactly once, in the
+//! order the operator restarted them, that the cluster ran both builds at once midway, and
+//! that every member runs the new build at the end. The two builds differ only in the version
+//! they report: no wire or storage format changes between them, so the store's own
+//! version-compatibility behaviour is still not exercised. `cairn-broken:0.3.0` is in no
+//! image map: its container cannot start, standing in for a build that does not come back
+//! healthy.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::sync::Arc;
@@ -22,6 +28,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
+use crate::kubelet::http_get;
 use crate::operator::{STEP_TIMEOUT, client_url, condition, etcd, operator, settled, status};
 
 fn cluster(ns: &str, image: &str) -> String {
@@ -50,6 +57,36 @@ async fn pod_images(pods: &Api<Pod>) -> Vec<(String, String)> {
         .collect();
     out.sort();
     out
+}
+
+/// The version a `cairn` binary reports in `--version`.
+fn binary_version(bin: &std::path::Path) -> String {
+    let out = std::process::Command::new(bin).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("cairn Version: "))
+        .unwrap_or_else(|| panic!("no version in `{} --version`: {text}", bin.display()))
+        .to_owned()
+}
+
+/// The build member `ordinal` of `up` runs now: the `version` label of its
+/// `cairn_build_info` metric, or `None` while it does not answer.
+async fn member_build(ns: &str, ordinal: u32) -> Option<String> {
+    let host = format!("up-{ordinal}.up-peer.{ns}.svc");
+    let (code, body) = http_get(&host, 2379, "/metrics", Duration::from_secs(2)).await.ok()?;
+    if code != 200 {
+        return None;
+    }
+    let line = body.lines().find(|l| l.starts_with("cairn_build_info{"))?;
+    let labels = line.split_once('{')?.1.split_once('}')?.0;
+    labels
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("version=\"")?.strip_suffix('"').map(str::to_owned))
+}
+
+/// Every member's build, by ordinal.
+async fn member_builds(ns: &str) -> Vec<Option<String>> {
+    futures::future::join_all((0..3).map(|o| member_build(ns, o))).await
 }
 
 /// Events of the namespace in order: (reason, message).
@@ -94,12 +131,25 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
     let api: Api<Cluster> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let old = "registry.example/cairn:0.1.0";
-    let new = "registry.example/cairn:0.2.0";
+    let new = format!("registry.example/cairn:{}", bed::NEXT_VERSION);
+    let new = new.as_str();
+    // The two builds the images run: the normal one and the second build.
+    let old_build = binary_version(&bed::cairn_bin().unwrap());
+    let new_build = binary_version(&bed::cairn_next_bin().unwrap());
+    assert_eq!(new_build, bed::NEXT_VERSION, "the second build reports another version");
+    assert_ne!(old_build, new_build, "the two builds report the same version");
     bed.apply(&cluster(&ns, old)).await.unwrap();
     let s = wait_for("up: 3 voters", STEP_TIMEOUT, || settled(&api, "up", 3)).await.unwrap();
     let leader = s.leader.clone().unwrap();
     assert_eq!(s.current_image.as_deref(), Some(old));
     let urls: Vec<String> = (0..3).map(|o| client_url(&ns, "up", o)).collect();
+    let before = wait_for("every member to report its build", STEP_TIMEOUT, || async {
+        let builds = member_builds(&ns).await;
+        Ok(builds.iter().all(Option::is_some).then_some(builds))
+    })
+    .await
+    .unwrap();
+    assert!(before.iter().all(|b| b.as_deref() == Some(old_build.as_str())), "{before:?}");
 
     // A client writes throughout; each write either is acknowledged or fails.
     let stop = Arc::new(AtomicBool::new(false));
@@ -150,7 +200,11 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
 
     let started = Instant::now();
     set_image(bed, &ns, new).await;
+    // Every member's build, scraped at each poll of the roll.
+    let seen = std::sync::Mutex::new(vec![before]);
     wait_for("every member on the new image", STEP_TIMEOUT, || async {
+        let builds = member_builds(&ns).await;
+        seen.lock().unwrap().push(builds);
         let s = settled(&api, "up", 3).await?;
         let images = pod_images(&pods).await;
         let done = s
@@ -198,6 +252,39 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
         .unwrap();
     assert!(second_restart < moved && moved < last_restart, "{events:?}");
     assert!(events.iter().any(|(r, _)| r == "UpgradeCompleted"), "{events:?}");
+
+    // The builds: each member went from the old build to the new one once, in the order the
+    // members were restarted; midway both ran at once; at the end every member runs the new.
+    let after = member_builds(&ns).await;
+    assert!(after.iter().all(|b| b.as_deref() == Some(new_build.as_str())), "{after:?}");
+    let mut seen = seen.into_inner().unwrap();
+    seen.push(after);
+    let mut first_new = Vec::new();
+    for o in 0..3 {
+        let mut path: Vec<&str> = seen.iter().filter_map(|b| b[o].as_deref()).collect();
+        path.dedup();
+        eprintln!("upgrade: up-{o} ran builds {path:?}");
+        assert_eq!(path, [old_build.as_str(), new_build.as_str()], "up-{o}'s builds");
+        first_new
+            .push(seen.iter().position(|b| b[o].as_deref() == Some(new_build.as_str())).unwrap());
+    }
+    let by_restart: Vec<usize> = restarted
+        .iter()
+        .map(|name| first_new[name.rsplit('-').next().unwrap().parse::<usize>().unwrap()])
+        .collect();
+    assert!(
+        by_restart.is_sorted(),
+        "members reported the new build out of restart order {restarted:?}: first seen at polls {by_restart:?}"
+    );
+    let mixed = seen
+        .iter()
+        .filter(|b| b.contains(&Some(old_build.clone())) && b.contains(&Some(new_build.clone())))
+        .count();
+    eprintln!(
+        "upgrade: {} polls; the new build first seen at polls {by_restart:?} in restart order; {mixed} polls saw both builds",
+        seen.len()
+    );
+    assert!(mixed > 0, "no poll saw both builds running: {seen:?}");
 
     // Clients saw no failure beyond the leader move, and every acknowledged write is there.
     assert!(acked.len() > 50, "too few writes: {}", acked.len());
@@ -260,5 +347,7 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
     })
     .await
     .unwrap();
+    let builds = member_builds(&ns).await;
+    assert!(builds.iter().all(|b| b.as_deref() == Some(new_build.as_str())), "{builds:?}");
     bed.kubectl(&["delete", "cc", "up", "-n", &ns, "--wait=false"]).await.unwrap();
 }
