@@ -100,18 +100,7 @@ async fn scheduled_compaction_advances_and_old_revisions_answer_compacted() {
     assert!(samples > 0 && samples <= 32, "status keeps a bounded sample list: {samples}");
 
     // Paused: no more compactions.
-    bed.kubectl(&[
-        "patch",
-        "cc",
-        "cp",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"paused":true}}"#,
-    ])
-    .await
-    .unwrap();
+    patch_spec(bed, &ns, "cp", r#"{"spec":{"paused":true}}"#).await;
     wait_for("phase Paused", STEP_TIMEOUT, || async {
         let s = status(&api, "cp").await?;
         Ok((s.phase == Some(cairn_operator::crd::Phase::Paused)).then_some(()))
@@ -228,18 +217,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     })
     .await
     .unwrap();
-    bed.kubectl(&[
-        "patch",
-        "cc",
-        "bk",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#,
-    ])
-    .await
-    .unwrap();
+    patch_spec(bed, &ns, "bk", r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
     let kept = wait_for("two backups kept, files matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "bk").await?;
         let good: Vec<String> = all
@@ -468,18 +446,7 @@ async fn a_defragmentation_run_takes_followers_first_and_the_leader_last() {
     }
     c.delete("defrag/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
     let started = Instant::now();
-    bed.kubectl(&[
-        "patch",
-        "cc",
-        "df",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"defrag":{"schedule":"@every 1h"}}}"#,
-    ])
-    .await
-    .unwrap();
+    patch_spec(bed, &ns, "df", r#"{"spec":{"defrag":{"schedule":"@every 1h"}}}"#).await;
     let state = wait_for("a finished defragmentation run over 3 members", STEP_TIMEOUT, || async {
         let s = status(&api, "df").await?;
         Ok(s.defrag.filter(|d| d.running.is_none() && d.members.len() == 3))
@@ -618,12 +585,13 @@ async fn quorum_loss_with_no_survivor_is_rebuilt_from_the_newest_backup() {
         c.put(format!("rebuild/{i:04}"), format!("v{i}"), None).await.unwrap();
     }
     // The first scheduled backup is taken at once.
-    bed.kubectl(&[
-        "patch", "cc", "rb", "-n", &ns, "--type=merge", "-p",
+    patch_spec(
+        bed,
+        &ns,
+        "rb",
         r#"{"spec":{"backup":{"schedule":"@every 1h","destination":{"pvc":{"claimName":"backups"}}}}}"#,
-    ])
-    .await
-    .unwrap();
+    )
+    .await;
     let first = wait_for("a successful backup", STEP_TIMEOUT, || async {
         Ok(backups_of(&backups, "rb")
             .await?

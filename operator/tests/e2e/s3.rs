@@ -22,7 +22,9 @@ use crate::daytwo::{
     assert_hash_kv, backups_of, create, phase_of, report_first_backup, restored, sha256_of,
     succeeded,
 };
-use crate::operator::{STEP_TIMEOUT, client_url, etcd, events, manifest, operator, status};
+use crate::operator::{
+    STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, status,
+};
 
 /// The bucket every test object goes to.
 const BUCKET: &str = "cairn-backups";
@@ -243,18 +245,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     })
     .await
     .unwrap();
-    bed.kubectl(&[
-        "patch",
-        "cc",
-        "s3src",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#,
-    ])
-    .await
-    .unwrap();
+    patch_spec(bed, &ns, "s3src", r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
     let kept = wait_for("two backups kept, objects matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "s3src").await?;
         let mut good: Vec<String> = all
