@@ -17,7 +17,7 @@ use kube::api::{Api, ListParams};
 
 use crate::bed::{self, Bed, wait_for};
 use crate::operator::{
-    STEP_TIMEOUT, client_url, etcd, events, manifest, operator, settled, status,
+    STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, settled, status,
 };
 
 /// Applies a Cluster with `extra` spec lines and waits until it has `n` healthy voters.
