@@ -14,7 +14,7 @@
 //! # Durability argument
 //!
 //! - Each mutating method encodes its change as one record, writes it with one `write_all`
-//!   and one `fdatasync` ([`super::wal::Wal::append`]), and only then changes the in-memory
+//!   and one `fdatasync` ([`super::wal::Wal::write`]), and only then changes the in-memory
 //!   state. Readers therefore never see an entry or hard state that is not on disk, and a
 //!   method that returned `Ok` has made its change durable: a crash loses nothing
 //!   acknowledged. [`LogStore::append`] takes a whole raft `Ready` (entries and hard state)
@@ -418,7 +418,7 @@ impl LogStore {
             }
             let mut record = Vec::new();
             wal::encode_base(&mut record, &hard_state, &conf_state, 1, 1)?;
-            persist(&mut wal, &record, || Ok(record.clone()))?;
+            persist(&mut wal, &record, true, || Ok(record.clone()))?;
         }
         let mut state = self.write();
         *state = State {
@@ -462,21 +462,17 @@ impl LogStore {
                 && hard_state.is_some_and(|hs| {
                     hs.term == state.hard_state.term && hs.vote == state.hard_state.vote
                 });
-            if commit_only && wal.fits(record.len()) {
-                wal.write(&record, false)?;
-            } else {
-                persist(&mut wal, &record, || {
-                    let hard_state = hard_state.unwrap_or(&state.hard_state);
-                    let kept = state.kept_before(entries.first());
-                    wal::encode_state(
-                        hard_state,
-                        &state.conf_state,
-                        state.compact_index,
-                        state.compact_term,
-                        kept.iter().chain(entries),
-                    )
-                })?;
-            }
+            persist(&mut wal, &record, !commit_only, || {
+                let hard_state = hard_state.unwrap_or(&state.hard_state);
+                let kept = state.kept_before(entries.first());
+                wal::encode_state(
+                    hard_state,
+                    &state.conf_state,
+                    state.compact_index,
+                    state.compact_term,
+                    kept.iter().chain(entries),
+                )
+            })?;
         }
         self.write().append(entries, hard_state);
         Ok(())
@@ -493,7 +489,7 @@ impl LogStore {
             let state = self.read();
             let mut record = Vec::new();
             wal::encode_conf_state(&mut record, &conf_state)?;
-            persist(&mut wal, &record, || state.encode_with(&state.hard_state, &conf_state))?;
+            persist(&mut wal, &record, true, || state.encode_with(&state.hard_state, &conf_state))?;
         }
         self.write().conf_state = conf_state;
         Ok(())
@@ -523,11 +519,9 @@ impl LogStore {
             // The commit index needs no fdatasync of its own: raft re-learns it from the
             // leader, and a state machine found ahead of it at start raises it (see
             // `raft::node::start`). The next append's fdatasync makes it durable.
-            if wal.fits(record.len()) {
-                wal.write(&record, false)?;
-            } else {
-                persist(&mut wal, &record, || state.encode_with(&hard_state, &state.conf_state))?;
-            }
+            persist(&mut wal, &record, false, || {
+                state.encode_with(&hard_state, &state.conf_state)
+            })?;
             hard_state
         };
         self.write().hard_state = hard_state;
@@ -564,15 +558,10 @@ impl LogStore {
             };
             let mut record = Vec::new();
             wal::encode_compact(&mut record, index, term)?;
-            if wal.fits(record.len()) {
-                wal.write(&record, false)?;
-            } else {
-                let dropped = state.position(index + 1);
-                let kept = state.entries.get(dropped..).unwrap_or_default();
-                let content =
-                    wal::encode_state(&state.hard_state, &state.conf_state, index, term, kept)?;
-                wal.rotate(&content)?;
-            }
+            persist(&mut wal, &record, false, || {
+                let kept = state.entries.get(state.position(index + 1)..).unwrap_or_default();
+                wal::encode_state(&state.hard_state, &state.conf_state, index, term, kept)
+            })?;
             term
         };
         self.write().compact_to(index, term);
@@ -765,15 +754,16 @@ impl LogStore {
     }
 }
 
-/// Writes `record` to the active segment, or, when it does not fit, starts a new segment
-/// with the full new state that `rewrite` encodes (base record plus every entry), which
-/// replaces the record.
+/// Writes `record` to the active segment (with an `fdatasync` when `sync`; see
+/// [`Wal::write`]), or, when it does not fit, starts a new segment with the full new state
+/// that `rewrite` encodes (base record plus every entry), which replaces the record.
 fn persist(
     wal: &mut Wal,
     record: &[u8],
+    sync: bool,
     rewrite: impl FnOnce() -> Result<Vec<u8>, Error>,
 ) -> Result<(), Error> {
-    if wal.fits(record.len()) { wal.append(record) } else { wal.rotate(&rewrite()?) }
+    if wal.fits(record.len()) { wal.write(record, sync) } else { wal.rotate(&rewrite()?) }
 }
 
 impl raft::Storage for LogStore {

@@ -29,7 +29,7 @@
 //!
 //! # Durability argument
 //!
-//! - [`Wal::append`] writes one buffer with one positioned `write_all` and then calls
+//! - [`Wal::write`] writes one buffer with one positioned `write_all` and then calls
 //!   `fdatasync`; it returns only after both succeed, so whatever the caller acknowledges is
 //!   on disk. A crash mid-write can leave only the last write torn, at the tail of the last
 //!   segment: replay cuts it (and zeroes everything after it), which loses nothing that was
@@ -625,24 +625,15 @@ impl Wal {
         self.active.offset.saturating_add(len as u64) <= self.active.capacity
     }
 
-    /// Writes `buf` (whole records) to the active segment as one write and makes it durable
-    /// with one `fdatasync`. The caller checks [`Wal::fits`] first.
+    /// Writes `buf` (whole records) to the active segment as one write, made durable with
+    /// one `fdatasync` when `sync`. Without it the records ride on the next synced write:
+    /// for records whose loss a crash may cause without harm (the commit index, which raft
+    /// re-learns; a compaction point). The caller checks [`Wal::fits`] first.
     ///
     /// # Errors
     ///
     /// [`Error::Failed`] after an earlier failure; [`Error::Io`] when the write or the sync
     /// fails, after which the log is failed too.
-    pub(super) fn append(&mut self, buf: &[u8]) -> Result<(), Error> {
-        self.write(buf, true)
-    }
-
-    /// Writes `buf` like [`Wal::append`] but without the `fdatasync` when `sync` is false:
-    /// for records whose loss a crash may cause without harm (the commit index, which raft
-    /// re-learns), so they ride on the next append's `fdatasync`.
-    ///
-    /// # Errors
-    ///
-    /// As [`Wal::append`].
     pub(super) fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), Error> {
         self.check_failed()?;
         if !self.fits(buf.len()) {
