@@ -111,12 +111,7 @@ impl Server {
     /// # Errors
     /// [`Error::Auth`] with etcd's refusal.
     pub async fn check_read(&self, key: &[u8], range_end: &[u8]) -> Result<(), Error> {
-        let Some(caller) = current_caller() else { return Ok(()) };
-        // A token is resolved even with auth off, as etcd does (a stale one is refused).
-        if caller.token.is_none() && !self.auth.is_enabled() {
-            return Ok(());
-        }
-        let info = self.auth_info(&caller).await?;
+        let Some(info) = self.caller_to_check().await? else { return Ok(()) };
         Ok(self.auth.is_permitted(&info, Access::Read, key, range_end)?)
     }
 
@@ -126,12 +121,19 @@ impl Server {
     /// # Errors
     /// [`Error::Auth`] with etcd's refusal.
     pub async fn check_admin(&self) -> Result<(), Error> {
-        let Some(caller) = current_caller() else { return Ok(()) };
-        if caller.token.is_none() && !self.auth.is_enabled() {
-            return Ok(());
-        }
-        let info = self.auth_info(&caller).await?;
+        let Some(info) = self.caller_to_check().await? else { return Ok(()) };
         Ok(self.auth.is_admin_permitted(&info)?)
+    }
+
+    /// Who the current caller is, when there is something to check: none for the member's
+    /// own work, or without a token while auth is off. A token is resolved even with auth
+    /// off, as etcd does (a stale one is refused).
+    async fn caller_to_check(&self) -> Result<Option<AuthInfo>, Error> {
+        let Some(caller) = current_caller() else { return Ok(None) };
+        if caller.token.is_none() && !self.auth.is_enabled() {
+            return Ok(None);
+        }
+        Ok(Some(self.auth_info(&caller).await?))
     }
 
     async fn auth_op(&self, op: Op) -> Result<(), Error> {
