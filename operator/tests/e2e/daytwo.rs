@@ -20,6 +20,18 @@ use crate::operator::{
     STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, settled, status,
 };
 
+/// The Degraded condition a restore refused for a checksum mismatch sets, if set.
+pub(crate) fn checksum_refusal(s: &ClusterStatus) -> Option<cairn_operator::crd::Condition> {
+    s.conditions
+        .iter()
+        .find(|c| {
+            c.type_ == "Degraded"
+                && c.reason == "RestoreFailed"
+                && c.message.contains("checksum mismatch")
+        })
+        .cloned()
+}
+
 /// Applies a Cluster with `extra` spec lines and waits until it has `n` healthy voters.
 pub(crate) async fn create(bed: &Bed, ns: &str, name: &str, n: u32, extra: &str) -> ClusterStatus {
     let api: Api<Cluster> = Api::namespaced(bed.client().await.unwrap(), ns);
@@ -414,15 +426,7 @@ async fn a_cluster_restored_from_a_backup_matches_a_hand_restored_member() {
     .unwrap();
     let cond = wait_for("RestoreFailed condition", STEP_TIMEOUT, || async {
         let s = status(&api, "bad").await?;
-        Ok(s.conditions
-            .iter()
-            .find(|c| {
-                c.type_ == "Degraded"
-                    && c.reason == "RestoreFailed"
-                    && c.message.contains("checksum mismatch")
-            })
-            .cloned()
-            .filter(|_| s.phase == Some(cairn_operator::crd::Phase::Restoring)))
+        Ok(checksum_refusal(&s).filter(|_| s.phase == Some(cairn_operator::crd::Phase::Restoring)))
     })
     .await
     .unwrap();

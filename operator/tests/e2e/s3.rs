@@ -19,8 +19,8 @@ use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
 use crate::daytwo::{
-    assert_hash_kv, backups_of, create, phase_of, report_first_backup, restored, sha256_of,
-    succeeded,
+    assert_hash_kv, backups_of, checksum_refusal, create, phase_of, report_first_backup, restored,
+    sha256_of, succeeded,
 };
 use crate::operator::{
     STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, status,
@@ -292,14 +292,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     .unwrap();
     let cond = wait_for("RestoreFailed condition", STEP_TIMEOUT, || async {
         let s = status(&api, "s3bad").await?;
-        Ok(s.conditions
-            .iter()
-            .find(|c| {
-                c.type_ == "Degraded"
-                    && c.reason == "RestoreFailed"
-                    && c.message.contains("checksum mismatch")
-            })
-            .cloned())
+        Ok(checksum_refusal(&s))
     })
     .await
     .unwrap();
