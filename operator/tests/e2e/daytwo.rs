@@ -20,6 +20,21 @@ use crate::operator::{
     STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, settled, status,
 };
 
+/// Puts `n` keys `<prefix>/0000`… with values `value-<i>`; returns the last revision.
+pub(crate) async fn put_numbered(c: &mut etcd_client::Client, prefix: &str, n: usize) -> i64 {
+    let mut written = 0;
+    for i in 0..n {
+        written = c
+            .put(format!("{prefix}/{i:04}"), format!("value-{i}"), None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    written
+}
+
 /// The Degraded condition a restore refused for a checksum mismatch sets, if set.
 pub(crate) fn checksum_refusal(s: &ClusterStatus) -> Option<cairn_operator::crd::Condition> {
     s.conditions
@@ -177,16 +192,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     create(bed, &ns, "bk", 1, "").await;
     let url = client_url(&ns, "bk", 0);
     let mut c = etcd(std::slice::from_ref(&url)).await.unwrap();
-    let mut written = 0;
-    for i in 0..200 {
-        written = c
-            .put(format!("backup/{i:04}"), format!("value-{i}"), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
-    }
+    let written = put_numbered(&mut c, "backup", 200).await;
     // Backups every 3 s, keeping the newest 2.
     let started = Instant::now();
     bed.kubectl(&[

@@ -19,8 +19,8 @@ use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
 use crate::daytwo::{
-    assert_hash_kv, backups_of, checksum_refusal, create, phase_of, report_first_backup, restored,
-    sha256_of, succeeded,
+    assert_hash_kv, backups_of, checksum_refusal, create, phase_of, put_numbered,
+    report_first_backup, restored, sha256_of, succeeded,
 };
 use crate::operator::{
     STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, status,
@@ -179,16 +179,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
 
     let src = create(bed, &ns, "s3src", 1, "").await;
     let mut c = etcd(&[client_url(&ns, "s3src", 0)]).await.unwrap();
-    let mut written = 0;
-    for i in 0..300 {
-        written = c
-            .put(format!("s3/{i:04}"), format!("value-{i}"), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
-    }
+    let written = put_numbered(&mut c, "s3", 300).await;
     let lease = c.lease_grant(3600, None).await.unwrap().id();
     c.put("s3/leased", "x", Some(etcd_client::PutOptions::new().with_lease(lease))).await.unwrap();
 
