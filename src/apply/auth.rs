@@ -76,7 +76,9 @@ impl Wrapper for AuthWrapper {
         req: InternalRequest,
         next: Next<'_>,
     ) -> ApplyResult {
-        if let Some(h) = &req.auth {
+        // With auth off every check passes: skip working out what the request needs (for a
+        // put with a lease, that lists every key attached to the lease).
+        if let Some(h) = req.auth.as_ref().filter(|_| self.store.is_enabled()) {
             let info = AuthInfo { username: h.username.clone(), revision: h.revision };
             self.check(ctx, &info, dispatch::needs(&req))?;
         }
