@@ -494,6 +494,11 @@ mod tests {
         start_compaction(&kv, engine.as_ref(), 50);
         let hash = kv.hash_kv(0).unwrap();
         drop(kv);
+        // The worker holds the store for the rest of its batch after the deletes land;
+        // sled's lock on the directory goes only with the last handle on the engine.
+        while Arc::strong_count(&engine) > 1 {
+            std::thread::yield_now();
+        }
         drop(engine);
 
         let engine = Arc::new(SledEngine::open(dir.path()).unwrap());
