@@ -1075,7 +1075,11 @@ impl<'a> Pass<'a> {
             // The spec changed again: a new roll replaces the old (stalled or not).
             *rollout = None;
         }
-        if outdated.is_empty() {
+        // Every pod on the new revision is not yet the end: the member restarted last must
+        // also be back (Ready, answering, caught up), which the pending-member step below
+        // checks before it counts the member done.
+        let last_back = rollout.as_ref().is_none_or(|r| r.member.is_none());
+        if outdated.is_empty() && last_back {
             if let Some(r) = rollout.take() {
                 self.event(
                     EventType::Normal,

@@ -97,16 +97,25 @@ async fn ordered_events(bed: &Bed, ns: &str) -> Vec<(String, String)> {
             "events",
             "-n",
             ns,
-            "--sort-by=.metadata.creationTimestamp",
             "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\t\"}{.message}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.eventTime}{\"\\t\"}{.metadata.creationTimestamp}{\"\\t\"}{.reason}{\"\\t\"}{.message}{\"\\n\"}{end}",
         ])
         .await
         .unwrap();
-    out.lines()
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(r, m)| (r.to_owned(), m.to_owned()))
-        .collect()
+    // The operator's events carry a microsecond eventTime (events.k8s.io); creationTimestamp
+    // has whole seconds only, so two events of one second would come in any order. Events
+    // of other controllers have no eventTime and sort by their second.
+    let mut events: Vec<(String, String, String)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(4, '\t');
+            let (at, created, reason, message) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            let at = if at.is_empty() { created } else { at };
+            Some((at.to_owned(), reason.to_owned(), message.to_owned()))
+        })
+        .collect();
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    events.into_iter().map(|(_, r, m)| (r, m)).collect()
 }
 
 /// Waits for `Degraded=True` with `reason` and a message naming `about`.
@@ -251,7 +260,13 @@ async fn an_image_change_rolls_followers_first_and_the_leader_last() {
         .nth(1)
         .unwrap();
     assert!(second_restart < moved && moved < last_restart, "{events:?}");
-    assert!(events.iter().any(|(r, _)| r == "UpgradeCompleted"), "{events:?}");
+    // Complete only once the last member restarted is back, and the order names all three.
+    let completed = events
+        .iter()
+        .position(|(r, m)| r == "UpgradeCompleted" && restarted.iter().all(|n| m.contains(n)))
+        .unwrap_or_else(|| panic!("no UpgradeCompleted naming {restarted:?}: {events:?}"));
+    let upgraded = events.iter().rposition(|(r, _)| r == "MemberUpgraded").unwrap();
+    assert!(last_restart < upgraded && upgraded < completed, "{events:?}");
 
     // The builds: each member went from the old build to the new one once, in the order the
     // members were restarted; midway both ran at once; at the end every member runs the new.
