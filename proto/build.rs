@@ -20,6 +20,7 @@ const FILES: &[&str] = &[
     "v3electionpb/v3election.proto",
     "internal/request.proto",
     "internal/peer.proto",
+    "grpc/health/v1/health.proto",
 ];
 
 /// The proto packages that get protojson impls: etcd's public API, never Cairn's internals.

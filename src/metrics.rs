@@ -363,7 +363,8 @@ impl Builder {
         self.register(IntCounterVec::new(Opts::new(name, help), labels)?)
     }
 
-    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, Error> {
+    fn gauge_vec(&mut self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, Error> {
+        self.labelled.push((name.to_owned(), help.to_owned(), "gauge"));
         self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
     }
 

@@ -8,6 +8,8 @@
 //! With the `json` feature, every etcd message also implements serde's `Serialize` and
 //! `Deserialize` with the protojson rules etcd's HTTP gateway uses (see `build.rs`).
 //!
+//! `grpc.health.v1` is gRPC's standard health service, written from its published contract.
+//!
 //! The `internal` package holds what only Cairn members exchange: the replicated request
 //! (one raft log entry) and the peer service.
 
@@ -57,3 +59,15 @@ pub mod cairn {
 }
 
 pub use cairn::internal;
+
+/// The standard gRPC health checking service (`grpc.health.v1.Health`), which etcd
+/// registers too.
+pub mod grpc {
+    /// `grpc.health`.
+    pub mod health {
+        /// `grpc.health.v1`.
+        pub mod v1 {
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}

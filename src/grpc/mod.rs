@@ -8,7 +8,8 @@
 //! inbound messages into raft. DESIGN's single `peer.rs` is the `peer/` folder: transport
 //! client, peer service, leader forwarding and join calls, one file each. Lock and Election
 //! (`lock.rs`, `election.rs`) are thin shells over the server's concurrency recipes.
-//! `auth.rs` is etcd's Auth service; `caller.rs` runs every client request (gRPC and the
+//! `health.rs` is gRPC's standard health service, which etcd registers too. `auth.rs` is
+//! etcd's Auth service; `caller.rs` runs every client request (gRPC and the
 //! gateway sharing the port) as its caller, the token and certificate CN it carries.
 
 mod auth;
@@ -17,6 +18,7 @@ mod cluster;
 pub mod convert;
 pub mod corrupt;
 mod election;
+mod health;
 mod kv;
 mod leader;
 mod lease;
@@ -36,6 +38,7 @@ use cairn_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use cairn_proto::grpc::health::v1::health_server::HealthServer;
 use cairn_proto::v3electionpb::election_server::ElectionServer;
 use cairn_proto::v3lockpb::lock_server::LockServer;
 use tokio::net::TcpListener;
@@ -47,6 +50,7 @@ pub use self::auth::AuthService;
 pub use self::caller::CallerLayer;
 pub use self::cluster::ClusterService;
 pub use self::election::ElectionService;
+pub use self::health::HealthService;
 pub use self::kv::KvService;
 pub use self::lease::LeaseService;
 pub use self::lock::LockService;
@@ -170,6 +174,7 @@ pub async fn serve(
         .add_service(metered(
             AuthServer::new(AuthService::new(server.clone())).max_decoding_message_size(max_recv),
         ))
+        .add_service(metered(HealthServer::new(HealthService::new(server.clone()))))
         .add_service(metered(
             ClusterServer::new(ClusterService::new(server)).max_decoding_message_size(max_recv),
         ))

@@ -51,6 +51,9 @@ pub type LeaderFn = Arc<dyn Fn() -> bool + Send + Sync>;
 /// Opens one watch stream on the member: its request and response sides.
 pub type OpenFn = Arc<dyn Fn() -> (Requests, ResponseSource) + Send + Sync>;
 
+/// Completes when the member failed (`Server::stopped`): open streams end on it.
+pub type StoppedFn = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// Decides whether the stream's caller may watch `[key, range_end)`; a refusal carries the
 /// current revision for the refusal's header.
 pub type PermitFn = Arc<
@@ -72,6 +75,8 @@ pub struct WatchService {
     leader_check: Duration,
     /// The auth check of each create (everything passes when none is set).
     permit: Option<PermitFn>,
+    /// The member's failure (never, when none is set).
+    stopped: Option<StoppedFn>,
 }
 
 impl std::fmt::Debug for WatchService {
@@ -93,6 +98,7 @@ impl WatchService {
         let for_open = server.clone();
         let for_header = server.clone();
         let for_permit = server.clone();
+        let for_stopped = server.clone();
         let has_leader: LeaderFn = Arc::new(move || server.leader() != 0);
         let permit: PermitFn = Arc::new(move |caller, key, range_end| {
             let server = for_permit.clone();
@@ -113,6 +119,7 @@ impl WatchService {
             election,
         );
         svc.permit = Some(permit);
+        svc.stopped = Some(Arc::new(move || Box::pin(for_stopped.stopped())));
         svc
     }
 
@@ -125,7 +132,7 @@ impl WatchService {
         fragment_bytes: usize,
         leader_check: Duration,
     ) -> Self {
-        Self { open, header, has_leader, fragment_bytes, leader_check, permit: None }
+        Self { open, header, has_leader, fragment_bytes, leader_check, permit: None, stopped: None }
     }
 }
 
@@ -169,6 +176,10 @@ impl Watch for WatchService {
             fragment_bytes: self.fragment_bytes,
             leader,
             denied,
+            stopped: match &self.stopped {
+                Some(stopped) => stopped(),
+                None => Box::pin(std::future::pending()),
+            },
             done: false,
             _reader: reader,
         };
@@ -280,6 +291,9 @@ struct Outgoing {
     leader: Option<LeaderWatch>,
     /// Refused creates, answered in order with the other responses.
     denied: tokio::sync::mpsc::Receiver<pb::WatchResponse>,
+    /// Completes when the member failed: the stream then ends with etcd's "server stopped"
+    /// (Unavailable), and the client's retry finds another member.
+    stopped: futures::future::BoxFuture<'static, ()>,
     done: bool,
     _reader: AbortOnDrop,
 }
@@ -308,6 +322,10 @@ impl Outgoing {
         }
         loop {
             let response = tokio::select! {
+                () = &mut self.stopped => {
+                    self.done = true;
+                    return Some(Err(Status::unavailable(status::msg::STOPPED)));
+                }
                 Some(refusal) = self.denied.recv() => return Some(Ok(refusal)),
                 r = self.source.next() => r?,
                 lost = leader_lost(&mut self.leader) => {

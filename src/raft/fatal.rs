@@ -94,17 +94,33 @@ pub struct Failure {
 }
 
 /// A cheap-clone, set-once latch shared by the raft and apply tasks and read by health
-/// checks, metrics and the request paths.
-#[derive(Debug, Clone, Default)]
-pub struct Fatal(Arc<OnceLock<Failure>>);
+/// checks, metrics and the request paths; long-lived streams wait on [`Fatal::failed`].
+#[derive(Debug, Clone)]
+pub struct Fatal(Arc<Latch>);
+
+#[derive(Debug)]
+struct Latch {
+    failure: OnceLock<Failure>,
+    /// Becomes true when `failure` is set.
+    failed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Fatal {
+    fn default() -> Self {
+        Fatal(Arc::new(Latch {
+            failure: OnceLock::new(),
+            failed: tokio::sync::watch::Sender::new(false),
+        }))
+    }
+}
 
 impl Fatal {
     /// Records `failure` unless an earlier one is recorded (the first cause is the real
     /// one: the others follow from it), logs it and sets the metric; returns true when this
     /// call recorded it.
     pub fn set(&self, cause: Cause, message: String) -> bool {
-        let recorded = self.0.set(Failure { cause, message }).is_ok();
-        if let Some(f) = self.0.get().filter(|_| recorded) {
+        let recorded = self.0.failure.set(Failure { cause, message }).is_ok();
+        if let Some(f) = self.0.failure.get().filter(|_| recorded) {
             tracing::error!(
                 cause = f.cause.as_str(),
                 error = %f.message,
@@ -113,6 +129,7 @@ impl Fatal {
             if let Some(m) = crate::metrics::get() {
                 m.cairn.fatal_error.with_label_values(&[f.cause.as_str()]).set(1);
             }
+            self.0.failed.send_replace(true);
         }
         recorded
     }
@@ -124,12 +141,25 @@ impl Fatal {
 
     /// The recorded failure, if any.
     pub fn get(&self) -> Option<&Failure> {
-        self.0.get()
+        self.0.failure.get()
     }
 
     /// True once a failure is recorded.
     pub fn is_set(&self) -> bool {
-        self.0.get().is_some()
+        self.0.failure.get().is_some()
+    }
+
+    /// Completes once a failure is recorded (at once when one is); streams that outlive a
+    /// request (Watch, LeaseKeepAlive) end on it, so their clients move to another member.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.failed.subscribe();
+        async move {
+            // The sender lives as long as any clone of the latch; when the last one is gone
+            // the member is gone too, and nothing will fail any more.
+            if rx.wait_for(|failed| *failed).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -161,5 +191,16 @@ mod tests {
         assert!(!fatal.clone().set(Cause::Other, "apply channel closed".into()));
         assert_eq!(fatal.get().map(|f| f.cause), Some(Cause::DiskIo));
         assert!(fatal.get().is_some_and(|f| f.message.contains("fdatasync")));
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_on_the_failure_and_later_ones_complete_at_once() {
+        let fatal = Fatal::default();
+        let waiter = tokio::spawn(fatal.failed());
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        fatal.set(Cause::DiskFull, "wal: No space left on device".into());
+        waiter.await.unwrap();
+        fatal.failed().await;
     }
 }

@@ -487,6 +487,11 @@ impl Server {
         self.raft.fatal().get().cloned()
     }
 
+    /// Completes once the member failed (at once if it has): streams end on it.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.raft.fatal().failed()
+    }
+
     /// Refuses local reads once the member failed: its state no longer follows the log.
     fn refuse_if_failed(&self) -> Result<(), Error> {
         if self.raft.fatal().is_set() { Err(Error::Stopped) } else { Ok(()) }

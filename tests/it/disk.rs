@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cairn_proto::grpc::health::v1::health_check_response::ServingStatus;
+use cairn_proto::grpc::health::v1::{
+    HealthCheckRequest, HealthCheckResponse, health_client::HealthClient,
+};
+
 use crate::cluster::{Acked, Cluster, assert_acked_readable, time_until_writable, writers};
 use crate::gateway::get;
 use crate::harness::Cairn;
@@ -60,6 +65,19 @@ async fn a_member_whose_disk_fills_up_reports_why_and_a_restart_with_space_keeps
     srv.data_dir = PathBuf::from(fs.path()).join("data");
     srv.spawn().await;
     let mut c = srv.client().await;
+    let mut watch = c.watch("quiet", None).await.unwrap();
+    assert!(watch.message().await.unwrap().unwrap().created());
+    let channel = tonic::transport::Endpoint::from_shared(srv.client_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let server = || HealthCheckRequest { service: String::new() };
+    let mut health_watch = health.watch(server()).await.unwrap().into_inner();
+    let status = |m: HealthCheckResponse| m.status();
+    let first = health_watch.message().await.unwrap().map(status);
+    assert_eq!(first, Some(ServingStatus::Serving));
     let value = vec![b'x'; 100_000];
     let mut acked = Vec::new();
     let mut failed = false;
@@ -91,6 +109,20 @@ async fn a_member_whose_disk_fills_up_reports_why_and_a_restart_with_space_keeps
     assert!(srv.is_running(), "a failed member stays up to report why");
     assert_metric(&srv.client_url, "cairn_server_fatal_error{cause=\"disk_full\"} 1").await;
     assert!(c.put("refused", "x", None).await.is_err(), "a failed member took a write");
+    // A watch opened before the failure ends, so its client moves to another member.
+    let ended = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
+    match ended.expect("the watch stayed open on a failed member") {
+        Err(etcd_client::Error::GRpcStatus(s)) => {
+            let got = format!("{:?}: {}", s.code(), s.message());
+            assert_eq!(got, "Unavailable: etcdserver: server stopped");
+        }
+        other => panic!("the watch did not end with \"server stopped\": {other:?}"),
+    }
+    // gRPC health probes see it too: Check, and the Watch opened while it served.
+    let checked = health.check(server()).await.unwrap().into_inner();
+    assert_eq!(checked.status(), ServingStatus::NotServing);
+    let changed = tokio::time::timeout(Duration::from_secs(20), health_watch.message()).await;
+    assert_eq!(changed.unwrap().unwrap().map(status), Some(ServingStatus::NotServing));
     drop(c);
     // Told to stop, a failed member exits non-zero (1: no panic, no signal death).
     srv.signal("TERM");

@@ -131,3 +131,31 @@ async fn the_default_member_has_etcds_default_ids() {
     assert_eq!(m.client_urls(), std::slice::from_ref(&srv.client_url));
     assert!(!m.is_learner());
 }
+
+/// The `grpc.health.v1.Health` answers of the server at `url`, as text.
+async fn health_answers(url: &str) -> Vec<String> {
+    use cairn_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
+    let ch =
+        tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(ch);
+    let ask = |service: &str| HealthCheckRequest { service: service.to_owned() };
+    let text = |r: Result<tonic::Response<_>, tonic::Status>| match r {
+        Ok(r) => format!("{:?}", r.into_inner()),
+        Err(s) => format!("error {:?} {:?}", s.code(), s.message()),
+    };
+    let mut out = vec![text(health.check(ask("")).await), text(health.check(ask("etcd")).await)];
+    for service in ["", "etcdserverpb.KV"] {
+        let mut watch = health.watch(ask(service)).await.unwrap().into_inner();
+        out.push(format!("watch {service:?}: {:?}", watch.message().await));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_grpc_health_service_answers_as_etcds() {
+    let Some(etcd) = crate::harness::Etcd::start().await else { return };
+    let cairn = Cairn::start().await;
+    let want = health_answers(&etcd.client_url).await;
+    assert_eq!(health_answers(&cairn.client_url).await, want);
+    assert!(want[0].contains("Serving"), "etcd is SERVING: {want:?}");
+}
