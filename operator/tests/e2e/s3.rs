@@ -49,10 +49,18 @@ struct Moto {
     python: PathBuf,
     key_id: String,
     secret: String,
+    /// The CA of an `https://` server (`AWS_CA_BUNDLE` for boto3 and cairn).
+    ca: Option<PathBuf>,
 }
 
 impl Moto {
     async fn start(bed: &Bed) -> Moto {
+        Moto::start_with(bed, false).await
+    }
+
+    /// With `tls`, the server speaks https with the bed's serving certificate for 127.0.0.1
+    /// (issued by the bed's own CA, which no system trusts).
+    async fn start_with(bed: &Bed, tls: bool) -> Moto {
         let bin = moto_bin().unwrap();
         let python = bin.parent().unwrap().join("python");
         let port = bed::free_port().unwrap();
@@ -60,22 +68,30 @@ impl Moto {
             std::fs::File::create(bed.dir().join("logs").join(format!("moto-{port}.log"))).unwrap();
         // The first three requests (creating the user, its key and its policy) go
         // unauthenticated; every later one must carry a valid signature of that user.
+        let pki = bed.dir().join("pki");
+        let mut args = vec!["-H".to_owned(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+        if tls {
+            for (flag, file) in [("--ssl-cert", "apiserver.crt"), ("--ssl-key", "apiserver.key")] {
+                args.extend([flag.to_owned(), pki.join(file).display().to_string()]);
+            }
+        }
         let child = bed
             .command(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(&args)
             .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting moto_server");
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let endpoint = format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" });
         wait_for("moto_server listening", Duration::from_secs(60), || async move {
             Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ()))
         })
         .await
         .unwrap();
+        let ca = tls.then(|| pki.join("ca.crt"));
         let mut m =
-            Moto { _child: child, endpoint, python, key_id: "x".into(), secret: "x".into() };
+            Moto { _child: child, endpoint, python, key_id: "x".into(), secret: "x".into(), ca };
         let out = m.py(&format!(
             r#"
 iam = boto3.client("iam", endpoint_url=E, aws_access_key_id="setup", aws_secret_access_key="setup", region_name="us-east-1")
@@ -100,12 +116,12 @@ print(json.dumps([k["AccessKeyId"], k["SecretAccessKey"]]))
             "import boto3, json, os\nE = {:?}\nK = os.environ.get('K')\nS = os.environ.get('S')\n{body}",
             self.endpoint
         );
-        let out = std::process::Command::new(&self.python)
-            .args(["-c", &script])
-            .env("K", &self.key_id)
-            .env("S", &self.secret)
-            .output()
-            .unwrap();
+        let mut py = std::process::Command::new(&self.python);
+        py.args(["-c", &script]).env("K", &self.key_id).env("S", &self.secret);
+        if let Some(ca) = &self.ca {
+            py.env("AWS_CA_BUNDLE", ca);
+        }
+        let out = py.output().unwrap();
         assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
@@ -131,15 +147,24 @@ print(json.dumps({{o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="{BUCK
 
     /// `cairn snapshot <args>` with this server and user in the environment.
     fn cairn(&self, secret: &str, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(bed::cairn_bin().unwrap())
-            .arg("snapshot")
+        let mut cmd = self.cairn_without_ca(secret, args);
+        if let Some(ca) = &self.ca {
+            cmd.env("AWS_CA_BUNDLE", ca);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `cairn snapshot <args>` as [`Moto::cairn`], but trusting only the system's roots.
+    fn cairn_without_ca(&self, secret: &str, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bed::cairn_bin().unwrap());
+        cmd.arg("snapshot")
             .args(args)
             .env("AWS_ENDPOINT_URL", &self.endpoint)
             .env("AWS_ACCESS_KEY_ID", &self.key_id)
             .env("AWS_SECRET_ACCESS_KEY", secret)
             .env("CAIRN_S3_FORCE_PATH_STYLE", "true")
-            .output()
-            .unwrap()
+            .env_remove("AWS_CA_BUNDLE");
+        cmd
     }
 }
 
@@ -310,4 +335,47 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     for name in ["s3dst", "s3bad", "s3src"] {
         bed.kubectl(&["delete", "cc", name, "-n", &ns, "--wait=false"]).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_travel_to_an_https_bucket_whose_ca_is_given_in_aws_ca_bundle() {
+    let bed = bed::shared();
+    let moto = Moto::start_with(bed, true).await;
+    assert!(moto.endpoint.starts_with("https://"), "{}", moto.endpoint);
+    let work = tempfile::tempdir().unwrap();
+    // 6 MiB of varied bytes in 5 MiB parts: a multipart upload over TLS.
+    let file = work.path().join("snap.db");
+    let bytes: Vec<u8> =
+        (0..6u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let sum = sha256_of(&file);
+    let url = format!("s3://{BUCKET}/tls/snap.db");
+
+    // The server's certificate is checked: without its CA the upload is refused.
+    let untrusted = moto
+        .cairn_without_ca(&moto.secret, &["upload", file.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    assert!(!untrusted.status.success(), "{untrusted:?}");
+    let why = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(why.contains("UnknownIssuer") || why.contains("certificate"), "{why}");
+    assert!(moto.objects().is_empty(), "{:?}", moto.objects());
+
+    let part = (5u64 << 20).to_string();
+    let up =
+        moto.cairn(&moto.secret, &["upload", file.to_str().unwrap(), &url, "--part-size", &part]);
+    assert!(up.status.success(), "{up:?}");
+    assert!(String::from_utf8_lossy(&up.stdout).contains("2 parts"), "{up:?}");
+    assert_eq!(moto.objects().get("tls/snap.db"), Some(&(bytes.len() as u64)));
+
+    let back = work.path().join("back.db");
+    let down = moto.cairn(
+        &moto.secret,
+        &["download", &url, back.to_str().unwrap(), "--sha256", &format!("sha256:{sum}")],
+    );
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(std::fs::read(&back).unwrap(), bytes);
+    let gone = moto.cairn(&moto.secret, &["delete", &url]);
+    assert!(gone.status.success(), "{gone:?}");
+    assert!(moto.objects().is_empty());
 }
