@@ -483,51 +483,113 @@ async fn with_client_cert_auth_the_certificate_cn_is_the_user() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwt_tokens_are_signed_verified_and_outlived_by_an_auth_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let (private, public) = (dir.path().join("jwt.key"), dir.path().join("jwt.pub"));
+/// A key pair for `method` (RS256 or ES256) made with openssl: (private, public) PEM paths.
+fn jwt_keys(dir: &Path, method: &str) -> (PathBuf, PathBuf) {
+    let (private, public) = (dir.join(format!("{method}.key")), dir.join(format!("{method}.pub")));
+    let (p, q) = (private.to_str().unwrap(), public.to_str().unwrap());
     let openssl = |args: &[&str]| assert!(run(Command::new("openssl").args(args)).0, "{args:?}");
-    openssl(&["genrsa", "-out", private.to_str().unwrap(), "2048"]);
-    openssl(&[
-        "rsa",
-        "-in",
-        private.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
-    let flag = format!(
-        "jwt,pub-key={},priv-key={},sign-method=RS256,ttl=10m",
+    if method.starts_with("RS") {
+        openssl(&["genrsa", "-out", p, "2048"]);
+    } else {
+        openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", p]);
+    }
+    openssl(&["pkey", "-in", p, "-pubout", "-out", q]);
+    (private, public)
+}
+
+/// The `--auth-token` value etcd documents for JWT tokens signed with these keys.
+fn jwt_flag(method: &str, private: &Path, public: &Path) -> String {
+    format!(
+        "jwt,pub-key={},priv-key={},sign-method={method},ttl=10m",
         public.display(),
         private.display()
-    );
-    let cairn = Cairn::start_with(&["--bcrypt-cost", "4", "--auth-token", &flag]).await;
-    let url = cairn.client_url.clone();
-    setup(&url).await;
+    )
+}
+
+/// A JWT session against the member at `url`, as text: the token's header and claims
+/// (verified with the public key), and what the gateway and gRPC answer to it, to a forged
+/// one, and to one issued before an auth change.
+async fn jwt_run(url: &str, method: &str, public: &Path) -> Vec<String> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    setup(url).await;
     let auth =
         curl_json(&format!("{url}/v3/auth/authenticate"), None, r#"{"name":"u1","password":"p1"}"#);
     let token = token_of(&auth);
-    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    let pem = std::fs::read(public).unwrap();
+    let (alg, key) = match method {
+        "RS256" => (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem).unwrap()),
+        _ => (Algorithm::ES256, DecodingKey::from_ec_pem(&pem).unwrap()),
+    };
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &Validation::new(alg))
+        .unwrap_or_else(|e| panic!("{token} does not verify with the public key: {e}"))
+        .claims;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let ttl = claims["exp"].as_u64().unwrap().saturating_sub(now.as_secs());
+    let mut names: Vec<&String> = claims.as_object().unwrap().keys().collect();
+    names.sort();
+    let mut out = vec![
+        format!("header {:?} {:?}", header.alg, header.typ),
+        format!("claims {names:?} username {} revision {}", claims["username"], claims["revision"]),
+        format!("ttl about {} min", (ttl + 30) / 60),
+    ];
+    let answer = |body: String| {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v.get("header").is_some() {
+            "ok".to_owned()
+        } else {
+            format!("{} {}", v["code"], v["message"])
+        }
+    };
     let put = r#"{"key":"YXBwL2s=","value":"dg=="}"#;
-    let res = curl_json(&format!("{url}/v3/kv/put"), Some(&token), put);
-    assert!(res.contains("\"header\"") && !res.contains("error"), "{res}");
+    out.push(answer(curl_json(&format!("{url}/v3/kv/put"), Some(&token), put)));
     let mut forged = token.clone();
     forged.pop();
-    let res = curl_json(&format!("{url}/v3/kv/put"), Some(&forged), put);
-    assert!(res.contains("etcdserver: invalid auth token"), "{res}");
+    out.push(answer(curl_json(&format!("{url}/v3/kv/put"), Some(&forged), put)));
     // A JWT names the auth revision it was issued at: after any auth change the client must
     // authenticate again.
-    let mut u1 = user_client(&url, "u1", "p1").await.unwrap();
-    u1.put("app/x", "1", None).await.unwrap();
-    let mut root = user_client(&url, "root", "rootpw").await.unwrap();
+    let mut u1 = user_client(url, "u1", "p1").await.unwrap();
+    out.push(show(u1.put("app/x", "1", None).await, |_| "ok".into()));
+    let mut root = user_client(url, "root", "rootpw").await.unwrap();
     root.role_add("other").await.unwrap();
-    assert_eq!(
-        status(u1.put("app/x", "2", None).await.unwrap_err()),
-        "InvalidArgument etcdserver: revision of auth store is old"
-    );
-    let mut again = user_client(&url, "u1", "p1").await.unwrap();
-    again.put("app/x", "3", None).await.unwrap();
+    out.push(show(u1.put("app/x", "2", None).await, |_| "ok".into()));
+    out.push(answer(curl_json(&format!("{url}/v3/kv/put"), Some(&token), put)));
+    let mut again = user_client(url, "u1", "p1").await.unwrap();
+    out.push(show(again.put("app/x", "3", None).await, |_| "ok".into()));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_are_signed_verified_and_outlived_by_an_auth_change_as_etcds() {
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["RS256", "ES256"] {
+        let (private, public) = jwt_keys(dir.path(), method);
+        let flag = jwt_flag(method, &private, &public);
+        let cairn = Cairn::start_with(&["--bcrypt-cost", "4", "--auth-token", &flag]).await;
+        let ours = jwt_run(&cairn.client_url, method, &public).await;
+        eprintln!("{method}: {ours:#?}");
+        assert!(ours.iter().any(|l| l.contains("invalid auth token")), "{ours:#?}");
+        assert!(ours.iter().any(|l| l.contains("revision of auth store is old")), "{ours:#?}");
+        let Some(etcd) = Etcd::start_with(&["--auth-token", &flag]).await else { return };
+        // etcd 3.5.1 leaves the old-revision error of a JWT unmapped (Unknown "auth: revision
+        // in header is old", gateway code 2); etcd 3.6 maps it to InvalidArgument "etcdserver:
+        // revision of auth store is old", as it does for simple tokens. Cairn answers as 3.6.
+        let theirs: Vec<String> = jwt_run(&etcd.client_url, method, &public)
+            .await
+            .into_iter()
+            .map(|l| {
+                l.replace(
+                    "Unknown auth: revision in header is old",
+                    "InvalidArgument etcdserver: revision of auth store is old",
+                )
+                .replace(
+                    "2 \"auth: revision in header is old\"",
+                    "3 \"etcdserver: revision of auth store is old\"",
+                )
+            })
+            .collect();
+        assert_eq!(ours, theirs, "{method}: Cairn, then etcd");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
