@@ -42,6 +42,12 @@ impl Pki {
              extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
         )
         .unwrap();
+        std::fs::write(
+            d.join("elsewhere.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:db.example.com\n",
+        )
+        .unwrap();
         for ca in ["ca", "ca2"] {
             openssl(
                 d,
@@ -73,7 +79,11 @@ impl Pki {
             ("peer-rogue", "ca2", "member"),
             ("peer2", "ca2", "member"),
             ("intruder", "ca", "intruder"),
+            ("peer-revoked", "ca", "member"),
+            ("peer-elsewhere", "ca", "member"),
         ] {
+            // Every leaf names 127.0.0.1 and localhost, but peer-elsewhere only another host.
+            let ext = if name == "peer-elsewhere" { "elsewhere.ext" } else { "leaf.ext" };
             openssl(
                 d,
                 &[
@@ -107,7 +117,7 @@ impl Pki {
                     "-days",
                     "2",
                     "-extfile",
-                    "leaf.ext",
+                    ext,
                     "-out",
                     &format!("{name}.pem"),
                 ],
@@ -523,8 +533,6 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
     let members = (0..3).map(|i| peer_member(&format!("m{i}"), &flags)).collect();
     let cluster = Cluster::start_members(members, Vec::new()).await;
     let members = &cluster.members;
-    let mut initial: Vec<String> =
-        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
     let mut first = members[0].client().await;
     wait_writable(&mut first).await;
     first.put("over-peer-tls", "replicated", None).await.unwrap();
@@ -539,6 +547,18 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
     // A member whose certificate another CA signed, and one of the right CA with the wrong
     // CN, are added to the member list but cannot join: the members refuse their
     // connections, so they never learn the cluster.
+    refuse_joiners(&cluster, ["peer-rogue", "intruder"], |cert| peer_flags(&pki, cert)).await;
+}
+
+/// Adds a member for each of `certs` (two) to the three-member `cluster` and starts it with
+/// `flags(cert)`: none may join, because the members refuse its peer certificate at the TLS
+/// layer, and the cluster keeps taking writes (two unstarted members of five leave a quorum
+/// of three).
+async fn refuse_joiners(cluster: &Cluster, certs: [&str; 2], flags: impl Fn(&str) -> Vec<String>) {
+    let members = &cluster.members;
+    let mut initial: Vec<String> =
+        members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    let mut first = members[0].client().await;
     let mut leader = None;
     for m in members {
         let mut c = m.client().await;
@@ -548,8 +568,8 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
         }
     }
     let mut leader = leader.expect("a leader");
-    for cert in ["peer-rogue", "intruder"] {
-        let mut joiner = peer_member(cert, &peer_flags(&pki, cert));
+    for cert in certs {
+        let mut joiner = peer_member(cert, &flags(cert));
         leader.member_add([joiner.peer_url.as_str()], None).await.unwrap();
         initial.push(format!("{}={}", joiner.name, joiner.peer_url));
         joiner.initial_cluster = initial.join(",");
@@ -559,16 +579,37 @@ async fn a_cluster_on_peer_mutual_tls_admits_only_members_with_the_right_certifi
         assert!(stderr.contains("cannot join the cluster"), "{cert}: {stderr}");
         // Refused at the TLS layer, not for want of a member record.
         assert!(!stderr.contains("add it with MemberAdd first"), "{cert}: {stderr}");
-        // The cluster is unaffected (two unstarted members of five leave a quorum of three).
         first.put(format!("after-{cert}"), "ok", None).await.unwrap();
     }
     let list = first.member_list().await.unwrap();
     let unstarted = list.members().iter().filter(|m| m.name().is_empty()).count();
     assert_eq!(unstarted, 2, "{:?}", list.members());
     for m in members {
-        let got = m.client().await.get("after-intruder", None).await.unwrap();
+        let got = m.client().await.get(format!("after-{}", certs[1]), None).await.unwrap();
         assert_eq!(got.kvs()[0].value(), b"ok", "{}", m.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_refuse_a_revoked_certificate_and_one_not_valid_for_the_allowed_hostname() {
+    let pki = Pki::new();
+    let crl = revoke(&pki, "peer-revoked");
+    // The right CA and CN everywhere; what differs is the CRL and the host the certificate
+    // is valid for (--peer-cert-allowed-hostname instead of --peer-cert-allowed-cn).
+    let flags = |cert: &str| {
+        let mut f = peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"));
+        f.truncate(f.len() - 2);
+        f.extend(
+            ["--peer-crl-file", &crl, "--peer-cert-allowed-hostname", "localhost"]
+                .map(String::from),
+        );
+        f
+    };
+    let members = (0..3).map(|i| peer_member(&format!("m{i}"), &flags("peer"))).collect();
+    let cluster = Cluster::start_members(members, Vec::new()).await;
+    let mut first = cluster.members[0].client().await;
+    wait_writable(&mut first).await;
+    refuse_joiners(&cluster, ["peer-revoked", "peer-elsewhere"], flags).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
