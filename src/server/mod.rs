@@ -411,6 +411,7 @@ impl Server {
             threads: Mutex::new(vec![raft_thread, apply_thread]),
             tasks: Mutex::new(vec![read_task]),
         });
+        server.prune_staged_snapshots();
         let lease_loop =
             tokio::spawn(lease::run(server.clone(), server.cfg.lease_checkpoint_interval));
         let compactor = compactor::start(server.clone());

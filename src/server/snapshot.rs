@@ -52,6 +52,14 @@ impl Server {
         self.cfg.data_dir.join("snap").join(format!("{index:016x}.incoming"))
     }
 
+    /// Removes staged raft snapshots that can no longer be installed: those at or below the
+    /// applied index, which apply skips. A snapshot raft refused on arrival (older than its
+    /// commit index) is one; it goes at the next arrival or restart.
+    pub fn prune_staged_snapshots(&self) {
+        let applied = *self.applied.borrow();
+        prune_staged(&self.cfg.data_dir.join("snap"), applied);
+    }
+
     /// Pins the mvcc revision and copies, in the same pause between write groups, every
     /// record outside the mvcc keyspace, with the applied index.
     fn pin_state(&self) -> (Pin, PinnedState) {
@@ -187,5 +195,63 @@ impl Server {
         if tx.blocking_send(Ok(last)).is_ok() && tx.blocking_send(Ok(sha.to_vec())).is_ok() {
             tracing::info!(revision = header.revision, "sent database snapshot to client");
         }
+    }
+}
+
+/// Removes the `<index>.incoming` files in `dir` whose index is at most `applied`; returns
+/// how many went. Other files, and a missing `dir`, are left alone.
+fn prune_staged(dir: &std::path::Path, applied: u64) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let index = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".incoming"))
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        if index.is_some_and(|i| i <= applied) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale staged raft snapshot")
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            applied,
+            "removed staged raft snapshots at or below the applied index"
+        );
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_snapshots_at_or_below_the_applied_index_go_and_the_rest_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            format!("{:016x}.incoming", 90u64),
+            format!("{:016x}.incoming", 100u64),
+            format!("{:016x}.incoming", 101u64),
+            "0000000000000005.snap".to_owned(),
+            "notes.incoming".to_owned(),
+        ];
+        for n in &names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        assert_eq!(prune_staged(dir.path(), 100), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [names[3].clone(), names[2].clone(), names[4].clone()]);
+        assert_eq!(prune_staged(&dir.path().join("missing"), 100), 0);
     }
 }

@@ -93,6 +93,7 @@ impl Peer for PeerService {
         // The image goes to a file as it arrives, never whole into memory; apply installs
         // it from there (`raft/snapshot.rs`).
         let path = self.server.raft_snapshot_staging(msg.get_snapshot().get_metadata().index);
+        self.server.prune_staged_snapshots();
         let staged = stage(&path, first.data, &mut stream).await;
         let reference = match staged {
             Ok(()) => Reference::staged(&path)
