@@ -54,7 +54,8 @@ fail() { echo "backup failed: $1" >&2; report "{\"error\":\"$1\"}"; exit 1; }
 mkdir -p "$DEST" || fail "cannot create $DEST in the destination volume"
 saved=""
 for ep in $(echo "$ENDPOINTS" | tr ',' ' '); do
-  if cairn snapshot save "$DEST/$FILE" --endpoints "$ep"; then saved="$ep"; break; fi
+  # TLS_ARGS (client TLS): --cacert/--cert/--key, words split on purpose.
+  if cairn snapshot save "$DEST/$FILE" --endpoints "$ep" ${TLS_ARGS:-}; then saved="$ep"; break; fi
 done
 [ -n "$saved" ] || fail "no member could stream a snapshot (tried $ENDPOINTS)"
 status=$(cairn snapshot status "$DEST/$FILE" -w json) || fail "cairn snapshot status failed on the saved file"
@@ -223,6 +224,7 @@ pub fn save_job(
             env("LOCATION", location),
         ],
         default_repository,
+        true,
     )
 }
 
@@ -246,6 +248,7 @@ pub fn delete_job(
         DELETE_SCRIPT,
         vec![env("DEST", dir), env("FILE", file_name(&name)), env("LOCATION", location)],
         default_repository,
+        false,
     )
 }
 
@@ -257,7 +260,19 @@ fn job(
     script: &str,
     mut env: Vec<EnvVar>,
     default_repository: &str,
+    dials_members: bool,
 ) -> Result<Job> {
+    // A Job that dials the members presents the client TLS Secret's certificate.
+    let (tls_volumes, tls_mounts) = if dials_members && cluster.spec.client_tls().is_some() {
+        let dir = super::resources::CLIENT_TLS_DIR;
+        env.push(self::env(
+            "TLS_ARGS",
+            format!("--cacert={dir}/ca.crt --cert={dir}/tls.crt --key={dir}/tls.key"),
+        ));
+        super::resources::tls_volumes(cluster, false)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     // A claim is the destination itself; a bucket gets scratch space for the file before
     // the upload.
     let volume = match (&dest.pvc, &dest.s3) {
@@ -301,11 +316,15 @@ fn job(
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         env: Some(env),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "destination".into(),
-            mount_path: MOUNT.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "destination".into(),
+                mount_path: MOUNT.into(),
+                ..Default::default()
+            })
+            .chain(tls_mounts)
+            .collect(),
+        ),
         ..Default::default()
     };
     Ok(Job {
@@ -327,7 +346,7 @@ fn job(
                     containers: vec![container],
                     image_pull_secrets: (!cluster.spec.image_pull_secrets.is_empty())
                         .then(|| cluster.spec.image_pull_secrets.clone()),
-                    volumes: Some(vec![volume]),
+                    volumes: Some(std::iter::once(volume).chain(tls_volumes).collect()),
                     ..Default::default()
                 }),
             },
