@@ -302,7 +302,7 @@ pub struct StoreOptions {
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self.all(a, a.startsWith('--'))",
          "message": "options.extraArgs entries must be --flag or --flag=value"},
-        {"rule": "self.all(a, !a.matches('^--(name|data-dir|listen-client-urls|advertise-client-urls|listen-peer-urls|initial-advertise-peer-urls|initial-cluster|initial-cluster-state|initial-cluster-token|quota-backend-bytes|snapshot-count|auto-compaction-mode|auto-compaction-retention|force-new-cluster|listen-metrics-urls|cert-file|key-file|trusted-ca-file|client-cert-auth|peer-cert-file|peer-key-file|peer-trusted-ca-file|peer-client-cert-auth)(=.*)?$'))",
+        {"rule": "self.all(a, !a.matches('^--(name|data-dir|listen-client-urls|advertise-client-urls|listen-peer-urls|initial-advertise-peer-urls|initial-cluster|initial-cluster-state|initial-cluster-token|quota-backend-bytes|snapshot-count|auto-compaction-mode|auto-compaction-retention|listen-metrics-urls|cert-file|key-file|trusted-ca-file|client-cert-auth|peer-cert-file|peer-key-file|peer-trusted-ca-file|peer-client-cert-auth|force-new-cluster)(=.*)?$'))",
          "message": "options.extraArgs must not set a flag the operator manages (name, data-dir, URLs, initial-cluster*, quota, snapshot-count, auto-compaction, TLS files); use the spec fields"}
     ]))]
     #[schemars(length(max = 32), inner(length(max = 256)))]
