@@ -232,7 +232,8 @@ async fn a_cluster_on_client_and_peer_tls_serves_only_certified_clients() {
     let (ok, out) =
         etcdctl(&https(&ns, "tls", 0), &with_cert, &["member", "list", "-w", "json"]).await;
     assert!(ok, "{out}");
-    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // One JSON line on stdout (stderr follows in `out`).
+    let list: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     let peer_urls: Vec<&str> = list["members"]
         .as_array()
         .unwrap()
