@@ -224,8 +224,27 @@ pub fn save_job(
             env("LOCATION", location),
         ],
         default_repository,
-        true,
     )
+    .map(|j| with_client_tls(j, cluster))
+}
+
+/// With client TLS, the save Job presents the client Secret's certificate: the Secret
+/// mounted read-only and `TLS_ARGS` (`--cacert`, `--cert`, `--key`) for `cairn snapshot save`.
+fn with_client_tls(mut job: Job, cluster: &Cluster) -> Job {
+    if cluster.spec.client_tls().is_none() {
+        return job;
+    }
+    let (volumes, mounts) = super::resources::tls_volumes(cluster, false);
+    let dir = super::resources::CLIENT_TLS_DIR;
+    let args = format!("--cacert={dir}/ca.crt --cert={dir}/tls.crt --key={dir}/tls.key");
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        pod.volumes.get_or_insert_with(Vec::new).extend(volumes);
+        for c in &mut pod.containers {
+            c.volume_mounts.get_or_insert_with(Vec::new).extend(mounts.clone());
+            c.env.get_or_insert_with(Vec::new).push(env("TLS_ARGS", args.clone()));
+        }
+    }
+    job
 }
 
 /// The Job that deletes `backup`'s file from `dest`.
@@ -248,7 +267,6 @@ pub fn delete_job(
         DELETE_SCRIPT,
         vec![env("DEST", dir), env("FILE", file_name(&name)), env("LOCATION", location)],
         default_repository,
-        false,
     )
 }
 
@@ -260,19 +278,7 @@ fn job(
     script: &str,
     mut env: Vec<EnvVar>,
     default_repository: &str,
-    dials_members: bool,
 ) -> Result<Job> {
-    // A Job that dials the members presents the client TLS Secret's certificate.
-    let (tls_volumes, tls_mounts) = if dials_members && cluster.spec.client_tls().is_some() {
-        let dir = super::resources::CLIENT_TLS_DIR;
-        env.push(self::env(
-            "TLS_ARGS",
-            format!("--cacert={dir}/ca.crt --cert={dir}/tls.crt --key={dir}/tls.key"),
-        ));
-        super::resources::tls_volumes(cluster, false)
-    } else {
-        (Vec::new(), Vec::new())
-    };
     // A claim is the destination itself; a bucket gets scratch space for the file before
     // the upload.
     let volume = match (&dest.pvc, &dest.s3) {
@@ -316,15 +322,11 @@ fn job(
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         env: Some(env),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(
-            std::iter::once(VolumeMount {
-                name: "destination".into(),
-                mount_path: MOUNT.into(),
-                ..Default::default()
-            })
-            .chain(tls_mounts)
-            .collect(),
-        ),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "destination".into(),
+            mount_path: MOUNT.into(),
+            ..Default::default()
+        }]),
         ..Default::default()
     };
     Ok(Job {
@@ -346,7 +348,7 @@ fn job(
                     containers: vec![container],
                     image_pull_secrets: (!cluster.spec.image_pull_secrets.is_empty())
                         .then(|| cluster.spec.image_pull_secrets.clone()),
-                    volumes: Some(std::iter::once(volume).chain(tls_volumes).collect()),
+                    volumes: Some(vec![volume]),
                     ..Default::default()
                 }),
             },
@@ -653,6 +655,37 @@ mod tests {
             "backups"
         );
         assert_eq!(pod.containers[0].image.as_deref(), Some("cairn:latest"));
+        assert!(!env.contains_key("TLS_ARGS"));
+
+        // With client TLS the Job presents the client Secret; the delete Job does not dial.
+        c.spec.tls = Some(crate::crd::TlsSpec {
+            client: Some(crate::crd::TlsSecret {
+                secret_ref: crate::crd::SecretRef { name: "cli".into() },
+            }),
+            peer: None,
+        });
+        let j = save_job(&b, &c, &dest, &["https://a:2379".into()], "cairn").unwrap();
+        let pod = j.spec.unwrap().template.spec.unwrap();
+        let tls_args =
+            pod.containers[0].env.as_ref().unwrap().iter().find(|e| e.name == "TLS_ARGS");
+        assert_eq!(
+            tls_args.and_then(|e| e.value.as_deref()),
+            Some(
+                "--cacert=/etc/cairn/tls/client/ca.crt --cert=/etc/cairn/tls/client/tls.crt --key=/etc/cairn/tls/client/tls.key"
+            )
+        );
+        let secret = pod.volumes.as_ref().unwrap().iter().find_map(|v| v.secret.as_ref()).unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("cli"));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "tls-client");
+        assert_eq!(mount.map(|m| m.mount_path.as_str()), Some("/etc/cairn/tls/client"));
+        let delete =
+            delete_job(&b, &c, &dest, "cairn").unwrap().spec.unwrap().template.spec.unwrap();
+        assert!(delete.volumes.unwrap().iter().all(|v| v.secret.is_none()));
     }
 
     #[test]

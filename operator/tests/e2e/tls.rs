@@ -1,6 +1,6 @@
 //! `spec.tls` on the test bed: a CA and a member certificate made with openssl (serverAuth
-//! and clientAuth, SANs for every pod DNS name the bed resolves, 127.0.0.1 and the bed's pod
-//! IP blocks), put in `kubernetes.io/tls` Secrets with `ca.crt`; a 3-member Cluster with
+//! and clientAuth, wildcard SANs for the pod DNS names the bed resolves, 127.0.0.1 and the
+//! bed's pod IP blocks), put in `kubernetes.io/tls` Secrets with `ca.crt`; a 3-member Cluster with
 //! client and peer TLS becomes Available (the operator reaching its members over mutual TLS,
 //! the probes answered by the plain metrics listener); then etcdctl with the certificate
 //! writes and reads through every member's https client URL, a client without a certificate
@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cairn_operator::crd::{Backup, BackupPhase, Cluster};
+use cairn_operator::crd::{Backup, Cluster};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::Api;
 
@@ -47,12 +47,12 @@ fn make_certs(dir: &Path, ns: &str, cluster: &str) -> Certs {
     req.extend(ec);
     req.extend(["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=cairn-member"]);
     openssl(dir, &req);
-    let mut sans = Vec::new();
-    for o in 0..6 {
-        let host = format!("{cluster}-{o}.{cluster}-peer.{ns}.svc");
-        sans.push(format!("DNS:{host}"));
-        sans.push(format!("DNS:{host}.cluster.local"));
-    }
+    // A wildcard for the member names (as README and operator/examples/cluster-tls.yaml
+    // recommend), so any ordinal a scale-up adds is covered.
+    let mut sans = vec![
+        format!("DNS:*.{cluster}-peer.{ns}.svc"),
+        format!("DNS:*.{cluster}-peer.{ns}.svc.cluster.local"),
+    ];
     sans.push(format!("DNS:{cluster}-client.{ns}.svc"));
     sans.push("IP:127.0.0.1".into());
     // The bed's pod IPs: 127.0.<block>.<n> (block 1, or 2 when another bed holds 1).
@@ -276,16 +276,7 @@ async fn a_cluster_on_client_and_peer_tls_serves_only_certified_clients() {
     .await
     .unwrap();
     let backups: Api<Backup> = Api::namespaced(client.clone(), &ns);
-    let b = wait_for("backup snap Succeeded", STEP_TIMEOUT, || async {
-        let s = backups.get("snap").await?.status.unwrap_or_default();
-        match s.phase {
-            Some(BackupPhase::Failed) => Err(anyhow::anyhow!("backup failed: {s:?}")),
-            Some(BackupPhase::Succeeded) => Ok(Some(s)),
-            _ => Ok(None),
-        }
-    })
-    .await
-    .unwrap();
+    let b = crate::daytwo::succeeded(&backups, "snap").await;
     assert!(b.revision.unwrap_or(0) >= 4, "{b:?}");
     eprintln!("tls: backup over TLS, {} bytes at revision {:?}", b.size.unwrap_or(0), b.revision);
     bed.kubectl(&["delete", "cc", "tls", "-n", &ns, "--wait=false"]).await.unwrap();
