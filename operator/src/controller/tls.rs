@@ -1,6 +1,7 @@
 //! The Secrets `spec.tls` names: read every pass (so a rotated Secret is used from the next
-//! pass on), checked for `tls.crt`, `tls.key` and `ca.crt`, and the client one turned into
-//! the operator's own client TLS towards the members ([`etcd::Tls`]).
+//! pass on), checked for `tls.crt`, `tls.key` and `ca.crt` (each PEM that parses, the key
+//! matching the certificate), and the client one turned into the operator's own client TLS
+//! towards the members ([`etcd::Tls`]).
 //!
 //! A Secret that is missing or incomplete is a problem the user must fix, reported as a
 //! message (the reconciler turns it into a Degraded condition and an Event); only a failing
@@ -26,10 +27,16 @@ pub async fn load(
     spec: &ClusterSpec,
 ) -> Result<Result<Option<etcd::Tls>, String>> {
     let api = Api::<Secret>::namespaced(client.clone(), ns);
-    if let Some(name) = spec.peer_tls()
-        && let Err(why) = read(&api, name, "spec.tls.peer").await?
-    {
-        return Ok(Err(why));
+    if let Some(name) = spec.peer_tls() {
+        // Parsed too, so that a Secret the store could not load is reported here rather
+        // than by members failing to start.
+        let checked = read(&api, name, "spec.tls.peer").await?.and_then(|[cert, key, ca]| {
+            etcd::Tls::from_pem(&ca, &cert, &key)
+                .map_err(|e| format!("spec.tls.peer: Secret {name}: {e}"))
+        });
+        if let Err(why) = checked {
+            return Ok(Err(why));
+        }
     }
     let Some(name) = spec.client_tls() else { return Ok(Ok(None)) };
     let [cert, key, ca] = match read(&api, name, "spec.tls.client").await? {

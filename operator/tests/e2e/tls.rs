@@ -7,8 +7,8 @@
 //! and a plain-http one are refused, the member list's peer URLs are https, `/metrics` is
 //! scraped over plain http on 2381, the cluster grows by one member (a learner added and
 //! promoted over TLS) and a Backup Job saves a snapshot over TLS. Bad input: a Secret that
-//! does not exist, and one without `ca.crt`, each give a Degraded `TLSSecretInvalid`
-//! condition and an Event, and no store pod.
+//! does not exist, one without `ca.crt` and one whose `ca.crt` holds no certificate each give
+//! a Degraded `TLSSecretInvalid` condition and an Event, and no store pod.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
@@ -160,6 +160,8 @@ async fn a_cluster_on_client_and_peer_tls_serves_only_certified_clients() {
     secret(bed, &ns, "tls-client", &all).await;
     secret(bed, &ns, "tls-peer", &all).await;
     secret(bed, &ns, "no-ca", &all[..2]).await;
+    let key_as_ca = [all[0], all[1], ("ca.crt", certs.key.as_path())];
+    secret(bed, &ns, "bad-ca", &key_as_ca).await;
     let tls_spec = |client: &str, peer: &str| {
         format!(
             "  tls:\n    client: {{secretRef: {{name: {client}}}}}\n    peer: {{secretRef: {{name: {peer}}}}}\n"
@@ -169,11 +171,14 @@ async fn a_cluster_on_client_and_peer_tls_serves_only_certified_clients() {
     // Bad input first: no pod is started, the condition says what to fix.
     bed.apply(&manifest(&ns, "absent", 1, &tls_spec("nosuch", "tls-peer"))).await.unwrap();
     bed.apply(&manifest(&ns, "noca", 1, &tls_spec("tls-client", "no-ca"))).await.unwrap();
+    bed.apply(&manifest(&ns, "badca", 1, &tls_spec("tls-client", "bad-ca"))).await.unwrap();
     tls_refused(&api, "absent", "spec.tls.client: Secret nosuch does not exist").await;
     tls_refused(&api, "noca", "spec.tls.peer: Secret no-ca has no ca.crt").await;
+    tls_refused(&api, "badca", "spec.tls.peer: Secret bad-ca: ca.crt: no PEM certificate").await;
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     assert!(sts.get_opt("absent").await.unwrap().is_none(), "pods made without their Secret");
     assert!(sts.get_opt("noca").await.unwrap().is_none(), "pods made without a CA");
+    assert!(sts.get_opt("badca").await.unwrap().is_none(), "pods made with a CA that is no CA");
     let ev = events(bed, &ns).await;
     assert!(ev.contains("TLSSecretInvalid"), "{ev}");
     // spec.tls is immutable.
@@ -191,7 +196,9 @@ async fn a_cluster_on_client_and_peer_tls_serves_only_certified_clients() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("spec.tls is immutable"), "{err}");
-    bed.kubectl(&["delete", "cc", "absent", "noca", "-n", &ns, "--wait=false"]).await.unwrap();
+    bed.kubectl(&["delete", "cc", "absent", "noca", "badca", "-n", &ns, "--wait=false"])
+        .await
+        .unwrap();
 
     // Three members on client and peer TLS.
     let started = Instant::now();
