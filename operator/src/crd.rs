@@ -35,6 +35,15 @@ pub const MANAGED_FLAGS: &[&str] = &[
     "snapshot-count",
     "auto-compaction-mode",
     "auto-compaction-retention",
+    "listen-metrics-urls",
+    "cert-file",
+    "key-file",
+    "trusted-ca-file",
+    "client-cert-auth",
+    "peer-cert-file",
+    "peer-key-file",
+    "peer-trusted-ca-file",
+    "peer-client-cert-auth",
 ];
 
 /// A Go duration as etcd and Kubernetes write them (`90s`, `1h30m`, `500ms`).
@@ -77,7 +86,9 @@ const SCHEDULE_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnig
     {"rule": "has(self.bootstrap) == has(oldSelf.bootstrap) && (!has(self.bootstrap) || self.bootstrap == oldSelf.bootstrap)",
      "message": "spec.bootstrap is immutable: it only applies when the cluster is created"},
     {"rule": "has(self.storage.emptyDir) == has(oldSelf.storage.emptyDir)",
-     "message": "spec.storage cannot switch between a volume claim and emptyDir"}
+     "message": "spec.storage cannot switch between a volume claim and emptyDir"},
+    {"rule": "has(self.tls) == has(oldSelf.tls) && (!has(self.tls) || self.tls == oldSelf.tls)",
+     "message": "spec.tls is immutable: set it when the cluster is created; rotate certificates by updating the Secrets"}
 ]))]
 pub struct ClusterSpec {
     /// Number of members (0..9); 1, 3 or 5 are recommended, an even size gets a warning Event.
@@ -143,6 +154,11 @@ pub struct ClusterSpec {
     /// What to do when quorum is lost (day two; accepted and validated now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoverySpec>,
+
+    /// Client and peer TLS from Secrets; immutable (certificates rotate by updating the
+    /// Secrets in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 
     /// Stops every action of the operator on this cluster (status is still reported).
     #[serde(default)]
@@ -286,8 +302,8 @@ pub struct StoreOptions {
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self.all(a, a.startsWith('--'))",
          "message": "options.extraArgs entries must be --flag or --flag=value"},
-        {"rule": "self.all(a, !a.matches('^--(name|data-dir|listen-client-urls|advertise-client-urls|listen-peer-urls|initial-advertise-peer-urls|initial-cluster|initial-cluster-state|initial-cluster-token|quota-backend-bytes|snapshot-count|auto-compaction-mode|auto-compaction-retention|force-new-cluster)(=.*)?$'))",
-         "message": "options.extraArgs must not set a flag the operator manages (name, data-dir, URLs, initial-cluster*, quota, snapshot-count, auto-compaction); use the spec fields"}
+        {"rule": "self.all(a, !a.matches('^--(name|data-dir|listen-client-urls|advertise-client-urls|listen-peer-urls|initial-advertise-peer-urls|initial-cluster|initial-cluster-state|initial-cluster-token|quota-backend-bytes|snapshot-count|auto-compaction-mode|auto-compaction-retention|listen-metrics-urls|cert-file|key-file|trusted-ca-file|client-cert-auth|peer-cert-file|peer-key-file|peer-trusted-ca-file|peer-client-cert-auth|force-new-cluster)(=.*)?$'))",
+         "message": "options.extraArgs must not set a flag the operator manages (name, data-dir, URLs, initial-cluster*, quota, snapshot-count, auto-compaction, TLS files); use the spec fields"}
     ]))]
     #[schemars(length(max = 32), inner(length(max = 256)))]
     pub extra_args: Vec<String>,
@@ -464,6 +480,52 @@ pub struct FromBackup {
     /// Destination holding `location` (credentials for S3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<BackupDestination>,
+}
+
+/// Client and peer TLS of the members.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.client) || has(self.peer)", "message": "spec.tls needs client, peer or both"}
+]))]
+pub struct TlsSpec {
+    /// Client TLS: https client URLs with `--client-cert-auth`; clients (the operator and
+    /// backup Jobs included) present a certificate the Secret's `ca.crt` signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<TlsSecret>,
+    /// Peer TLS: https peer URLs with `--peer-client-cert-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<TlsSecret>,
+}
+
+/// A Secret holding `tls.crt`, `tls.key` and `ca.crt` (the `kubernetes.io/tls` shape
+/// cert-manager writes).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSecret {
+    /// The Secret, in the Cluster's namespace.
+    pub secret_ref: SecretRef,
+}
+
+/// A Secret in the Cluster's namespace, by name.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+impl ClusterSpec {
+    /// The client TLS Secret's name, when client TLS is on.
+    pub fn client_tls(&self) -> Option<&str> {
+        self.tls.as_ref()?.client.as_ref().map(|t| t.secret_ref.name.as_str())
+    }
+
+    /// The peer TLS Secret's name, when peer TLS is on.
+    pub fn peer_tls(&self) -> Option<&str> {
+        self.tls.as_ref()?.peer.as_ref().map(|t| t.secret_ref.name.as_str())
+    }
 }
 
 /// Quorum-loss handling.

@@ -2,9 +2,17 @@
 //! (MemberList/Add/Remove/Promote), Status, MoveLeader, HashKV, Compact, Defragment and Alarm, each with a deadline,
 //! over channels with HTTP/2 keepalive.
 //!
+//! `https://` endpoints are dialled over TLS ([`Tls`]: rustls with the ring provider,
+//! through tokio-rustls; tonic itself speaks plain HTTP/2 over the TLS stream): the member
+//! is verified against the CA given and the client certificate given is presented.
+//!
 //! It knows nothing of Kubernetes; it speaks to one endpoint per client, so it manages a
 //! real etcd as well as Cairn.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cairn_proto::etcdserverpb as pb;
@@ -109,6 +117,85 @@ pub struct Status {
     pub errors: Vec<String>,
 }
 
+/// Client TLS towards the members: the CA that verifies them and the certificate (with its
+/// key) the operator presents, from PEM.
+#[derive(Clone)]
+pub struct Tls(Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(..)")
+    }
+}
+
+impl Tls {
+    /// Builds the configuration from PEM `ca` (one or more certificates), `cert` (the
+    /// chain) and `key`.
+    ///
+    /// # Errors
+    /// Names the part that does not parse or the mismatch rustls found.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| format!("ca.crt: {e}"))?;
+            roots.add(c).map_err(|e| format!("ca.crt: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("ca.crt: no PEM certificate".into());
+        }
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("tls.crt: {e}"))?;
+        if chain.is_empty() {
+            return Err("tls.crt: no PEM certificate".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls.key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("tls.crt/tls.key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self(Arc::new(config)))
+    }
+}
+
+/// tonic's connector for `https://` endpoints: TCP, then a TLS handshake verifying the
+/// URI's host name.
+#[derive(Clone)]
+struct Dial(Arc<rustls::ClientConfig>);
+
+type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = Dialed;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Dialed>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = self.0.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
 /// A client of one member's etcd API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -117,21 +204,34 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `endpoint` (`http://host:2379`).
+    /// Connects to `endpoint` (`http://host:2379`, or `https://` with `tls`).
     ///
     /// # Errors
     /// [`Error::Connect`] when the URL is bad or the member is unreachable.
-    pub async fn connect(endpoint: &str) -> Result<Self, Error> {
-        Self::connect_with_deadline(endpoint, CALL_TIMEOUT).await
+    pub async fn connect(endpoint: &str, tls: Option<&Tls>) -> Result<Self, Error> {
+        Self::connect_with_deadline(endpoint, CALL_TIMEOUT, tls).await
     }
 
-    /// Connects to `endpoint` with `deadline` for every call (long calls: Defragment).
+    /// Connects to `endpoint` with `deadline` for every call (long calls: Defragment);
+    /// an `https://` endpoint needs `tls`.
     ///
     /// # Errors
     /// [`Error::Connect`] when the URL is bad or the member is unreachable.
-    pub async fn connect_with_deadline(endpoint: &str, deadline: Duration) -> Result<Self, Error> {
+    pub async fn connect_with_deadline(
+        endpoint: &str,
+        deadline: Duration,
+        tls: Option<&Tls>,
+    ) -> Result<Self, Error> {
         let fail = |message: String| Error::Connect { endpoint: endpoint.to_owned(), message };
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        // Over TLS tonic is asked for plain HTTP/2 and the connector does the TLS.
+        let (url, dial) = match endpoint.strip_prefix("https://") {
+            Some(rest) => {
+                let tls = tls.ok_or_else(|| fail("https endpoint but no client TLS".into()))?;
+                (format!("http://{rest}"), Some(Dial(tls.0.clone())))
+            }
+            None => (endpoint.to_owned(), None),
+        };
+        let channel = Endpoint::from_shared(url)
             .map_err(|e| fail(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(deadline)
@@ -139,7 +239,13 @@ impl Client {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let channel = tokio::time::timeout(CONNECT_TIMEOUT, channel.connect())
+        let connect = async {
+            match dial {
+                Some(dial) => channel.connect_with_connector(dial).await,
+                None => channel.connect().await,
+            }
+        };
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| fail("timed out".to_owned()))?
             .map_err(|e| fail(format!("{e}: {}", source_chain(&e))))?;
@@ -385,8 +491,16 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_endpoint_fails_with_its_name() {
-        let err = Client::connect("http://127.0.0.1:1").await.unwrap_err();
+        let err = Client::connect("http://127.0.0.1:1", None).await.unwrap_err();
         assert!(err.to_string().starts_with("http://127.0.0.1:1: connect"), "{err}");
-        assert!(Client::connect("not a url").await.is_err());
+        assert!(Client::connect("not a url", None).await.is_err());
+        let err = Client::connect("https://127.0.0.1:1", None).await.unwrap_err();
+        assert!(err.to_string().contains("no client TLS"), "{err}");
+    }
+
+    #[test]
+    fn tls_material_that_does_not_parse_is_named() {
+        let err = Tls::from_pem(b"", b"", b"").unwrap_err();
+        assert!(err.starts_with("ca.crt"), "{err}");
     }
 }

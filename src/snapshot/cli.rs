@@ -25,6 +25,15 @@ enum Command {
         /// The member to ask (`host:port` or `http://host:port`; the first one is used).
         #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
         endpoints: Vec<String>,
+        /// CA bundle that verifies an `https://` member (etcdctl's `--cacert`).
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// Client certificate to present (etcdctl's `--cert`; needs `--key`).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The client certificate's key (etcdctl's `--key`).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
     },
     /// Prints a snapshot file's hash, revision, total keys and size.
     Status {
@@ -96,9 +105,16 @@ enum Command {
 /// Whatever the subcommand failed at, worded for the operator.
 pub fn run(args: &Args) -> Result<(), Error> {
     match &args.command {
-        Command::Save { path, endpoints } => {
+        Command::Save { path, endpoints, cacert, cert, key } => {
             let endpoint = endpoints.first().map_or("127.0.0.1:2379", String::as_str);
-            runtime()?.block_on(save(endpoint, path))?;
+            let tls = match cacert {
+                Some(ca) => Some(
+                    crate::grpc::tls::Connector::client(ca, cert.as_deref().zip(key.as_deref()))
+                        .map_err(|e| Error::Remote(e.to_string()))?,
+                ),
+                None => None,
+            };
+            runtime()?.block_on(save(endpoint, tls, path))?;
             println!("Snapshot saved at {}", path.display());
             Ok(())
         }
@@ -174,17 +190,34 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 }
 
 /// Streams a snapshot from `endpoint` into `path` (through `path.part`, renamed when the
-/// trailer checked out and the file is fsynced, as etcdctl does).
-async fn save(endpoint: &str, path: &Path) -> Result<(), Error> {
-    let url =
-        if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+/// trailer checked out and the file is fsynced, as etcdctl does); over TLS through `tls`
+/// (a bare `host:port` is then dialled as `https://`).
+async fn save(
+    endpoint: &str,
+    tls: Option<std::sync::Arc<crate::grpc::tls::Connector>>,
+    path: &Path,
+) -> Result<(), Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("{scheme}://{endpoint}")
+    };
     let remote = |e: &dyn std::fmt::Display| Error::Remote(format!("{endpoint}: {e}"));
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| remote(&e))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| remote(&e))?;
+    let channel = match tls {
+        Some(tls) => crate::grpc::tls::Connector::endpoint(&url)
+            .map_err(|e| remote(&e))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_with_connector(crate::grpc::tls::Dial(tls))
+            .await
+            .map_err(|e| remote(&e))?,
+        None => tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| remote(&e))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| remote(&e))?,
+    };
     let mut client = MaintenanceClient::new(channel).max_decoding_message_size(usize::MAX);
     let mut stream =
         client.snapshot(SnapshotRequest {}).await.map_err(|e| remote(&e.message()))?.into_inner();

@@ -54,7 +54,8 @@ fail() { echo "backup failed: $1" >&2; report "{\"error\":\"$1\"}"; exit 1; }
 mkdir -p "$DEST" || fail "cannot create $DEST in the destination volume"
 saved=""
 for ep in $(echo "$ENDPOINTS" | tr ',' ' '); do
-  if cairn snapshot save "$DEST/$FILE" --endpoints "$ep"; then saved="$ep"; break; fi
+  # TLS_ARGS (client TLS): --cacert/--cert/--key, words split on purpose.
+  if cairn snapshot save "$DEST/$FILE" --endpoints "$ep" ${TLS_ARGS:-}; then saved="$ep"; break; fi
 done
 [ -n "$saved" ] || fail "no member could stream a snapshot (tried $ENDPOINTS)"
 status=$(cairn snapshot status "$DEST/$FILE" -w json) || fail "cairn snapshot status failed on the saved file"
@@ -224,6 +225,26 @@ pub fn save_job(
         ],
         default_repository,
     )
+    .map(|j| with_client_tls(j, cluster))
+}
+
+/// With client TLS, the save Job presents the client Secret's certificate: the Secret
+/// mounted read-only and `TLS_ARGS` (`--cacert`, `--cert`, `--key`) for `cairn snapshot save`.
+fn with_client_tls(mut job: Job, cluster: &Cluster) -> Job {
+    if cluster.spec.client_tls().is_none() {
+        return job;
+    }
+    let (volumes, mounts) = super::resources::tls_volumes(cluster, false);
+    let dir = super::resources::CLIENT_TLS_DIR;
+    let args = format!("--cacert={dir}/ca.crt --cert={dir}/tls.crt --key={dir}/tls.key");
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        pod.volumes.get_or_insert_with(Vec::new).extend(volumes);
+        for c in &mut pod.containers {
+            c.volume_mounts.get_or_insert_with(Vec::new).extend(mounts.clone());
+            c.env.get_or_insert_with(Vec::new).push(env("TLS_ARGS", args.clone()));
+        }
+    }
+    job
 }
 
 /// The Job that deletes `backup`'s file from `dest`.
@@ -634,6 +655,37 @@ mod tests {
             "backups"
         );
         assert_eq!(pod.containers[0].image.as_deref(), Some("cairn:latest"));
+        assert!(!env.contains_key("TLS_ARGS"));
+
+        // With client TLS the Job presents the client Secret; the delete Job does not dial.
+        c.spec.tls = Some(crate::crd::TlsSpec {
+            client: Some(crate::crd::TlsSecret {
+                secret_ref: crate::crd::SecretRef { name: "cli".into() },
+            }),
+            peer: None,
+        });
+        let j = save_job(&b, &c, &dest, &["https://a:2379".into()], "cairn").unwrap();
+        let pod = j.spec.unwrap().template.spec.unwrap();
+        let tls_args =
+            pod.containers[0].env.as_ref().unwrap().iter().find(|e| e.name == "TLS_ARGS");
+        assert_eq!(
+            tls_args.and_then(|e| e.value.as_deref()),
+            Some(
+                "--cacert=/etc/cairn/tls/client/ca.crt --cert=/etc/cairn/tls/client/tls.crt --key=/etc/cairn/tls/client/tls.key"
+            )
+        );
+        let secret = pod.volumes.as_ref().unwrap().iter().find_map(|v| v.secret.as_ref()).unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("cli"));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "tls-client");
+        assert_eq!(mount.map(|m| m.mount_path.as_str()), Some("/etc/cairn/tls/client"));
+        let delete =
+            delete_job(&b, &c, &dest, "cairn").unwrap().spec.unwrap().template.spec.unwrap();
+        assert!(delete.volumes.unwrap().iter().all(|v| v.secret.is_none()));
     }
 
     #[test]

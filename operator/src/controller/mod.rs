@@ -10,7 +10,8 @@
 //! - `backup_run`: the `Backup` reconciler (Job, report, file cleanup);
 //! - `restore`: the seed's restore init container (`spec.bootstrap.fromBackup`);
 //! - `upgrade`: the version check and the order of a rolling upgrade;
-//! - `status`: conditions and phase.
+//! - `status`: conditions and phase;
+//! - `tls`: the Secrets `spec.tls` names, and the operator's client TLS from them.
 
 pub mod backup;
 pub mod backup_run;
@@ -21,6 +22,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod restore;
 pub mod status;
+pub mod tls;
 pub mod upgrade;
 
 use std::future::Future;

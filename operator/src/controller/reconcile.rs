@@ -134,6 +134,8 @@ struct Pass<'a> {
     /// The image the store pods get: the requested one, or the current one while the
     /// requested one is refused.
     image: String,
+    /// The operator's client TLS towards the members (`spec.tls.client`), loaded each pass.
+    tls: Option<etcd::Tls>,
 }
 
 impl<'a> Pass<'a> {
@@ -149,6 +151,7 @@ impl<'a> Pass<'a> {
             restore: None,
             force: false,
             image: c.image(&ctx.settings.default_repository),
+            tls: None,
         })
     }
 
@@ -185,7 +188,44 @@ impl<'a> Pass<'a> {
     }
 
     fn client_url(&self, ordinal: u32) -> String {
-        res::client_url(&self.name, &self.ns, ordinal)
+        res::client_url(&self.name, &self.ns, ordinal, self.c.spec.client_tls().is_some())
+    }
+
+    fn peer_tls(&self) -> bool {
+        self.c.spec.peer_tls().is_some()
+    }
+
+    /// A pass that cannot talk to the members or start pods because a `spec.tls` Secret is
+    /// missing or incomplete: nothing is changed, status says why (Degraded,
+    /// `TLSSecretInvalid`, with an Event when the reason is new), and the pass is retried.
+    async fn blocked_on_tls(&self, why: String) -> Result<Action> {
+        const REASON: &str = "TLSSecretInvalid";
+        let reported = self.old.conditions.iter().any(|c| c.reason == REASON && c.message == why);
+        if !reported {
+            self.event(EventType::Warning, REASON, why.clone()).await;
+        }
+        let degraded = |type_: &str| Condition {
+            type_: type_.to_owned(),
+            status: if type_ == "Degraded" { "True" } else { "False" }.to_owned(),
+            reason: REASON.to_owned(),
+            message: why.clone(),
+            observed_generation: None,
+            last_transition_time: String::new(),
+        };
+        let mut conditions: Vec<Condition> =
+            self.old.conditions.iter().filter(|c| c.type_ != "Degraded").cloned().collect();
+        if !conditions.iter().any(|c| c.type_ == "Available") {
+            conditions.push(degraded("Available"));
+        }
+        conditions.push(degraded("Degraded"));
+        let generation = self.c.meta().generation;
+        let mut new = self.old.clone();
+        new.conditions =
+            status::merge(&self.old.conditions, conditions, generation, &self.now.to_string());
+        new.phase = Some(crate::crd::Phase::Degraded);
+        new.observed_generation = generation;
+        self.write_status(&new).await?;
+        Ok(Action::requeue(Duration::from_secs(10)))
     }
 
     /// Asks every candidate member for its Status (concurrently), then the member list
@@ -193,7 +233,7 @@ impl<'a> Pass<'a> {
     async fn observe_store(&self, ordinals: &[u32]) -> Store {
         let probes = ordinals.iter().map(|&o| async move {
             let url = self.client_url(o);
-            let status = match etcd::Client::connect(&url).await {
+            let status = match etcd::Client::connect(&url, self.tls.as_ref()).await {
                 Ok(client) => client.status().await.map(|s| (client, s)),
                 Err(e) => Err(e),
             };
@@ -241,6 +281,10 @@ impl<'a> Pass<'a> {
             // Owner references cascade; nothing needs the store to clean up.
             self.ctx.metrics.forget(&self.ns, &self.name);
             return Ok(Action::await_change());
+        }
+        match super::tls::load(&self.ctx.client, &self.ns, &c.spec).await? {
+            Ok(tls) => self.tls = tls,
+            Err(why) => return self.blocked_on_tls(why).await,
         }
         let selector = res::selector_string(&self.name);
         let lp = ListParams::default().labels(&selector);
@@ -1302,7 +1346,13 @@ impl<'a> Pass<'a> {
         };
         let url =
             ordinal_of_pod(&self.name, &m.name).map(|o| self.client_url(o)).unwrap_or_default();
-        let result = match etcd::Client::connect_with_deadline(&url, etcd::DEFRAG_TIMEOUT).await {
+        let result = match etcd::Client::connect_with_deadline(
+            &url,
+            etcd::DEFRAG_TIMEOUT,
+            self.tls.as_ref(),
+        )
+        .await
+        {
             Ok(c) => c.defragment().await,
             Err(e) => Err(e),
         };
@@ -1458,9 +1508,9 @@ impl<'a> Pass<'a> {
         // empty volume joins (and fails fast if it is not in the member list) instead of
         // forming a stranger cluster.
         let (initial, state) = if formed {
-            (res::initial_cluster(&self.name, &self.ns, ordinals), "existing")
+            (res::initial_cluster(&self.name, &self.ns, ordinals, self.peer_tls()), "existing")
         } else {
-            (res::initial_cluster(&self.name, &self.ns, &[0]), "new")
+            (res::initial_cluster(&self.name, &self.ns, &[0], self.peer_tls()), "new")
         };
         // No member list this pass (no member answered): keep the ConfigMap as it is rather
         // than hand a starting pod an empty `--initial-cluster`.
@@ -1528,7 +1578,7 @@ impl<'a> Pass<'a> {
         order.sort_by_key(|(_, s)| (Some(s.member_id) != leader, s.is_learner));
         let mut last = None;
         for (o, _) in order {
-            match etcd::Client::connect(&self.client_url(*o)).await {
+            match etcd::Client::connect(&self.client_url(*o), self.tls.as_ref()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -1584,7 +1634,7 @@ impl<'a> Pass<'a> {
             Step::Blocked(why) => Ok(Outcome::Blocked(why.clone())),
             Step::AddLearner { ordinal } => {
                 let client = self.leader_client(store).await?;
-                let url = res::peer_url(&self.name, &self.ns, *ordinal);
+                let url = res::peer_url(&self.name, &self.ns, *ordinal, self.peer_tls());
                 match client.member_add(&url, true).await {
                     Ok(id) => {
                         self.event(

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -36,6 +36,13 @@ use crate::{Error, Result};
 pub const CLIENT_PORT: i32 = 2379;
 /// Peer port of every member.
 pub const PEER_PORT: i32 = 2380;
+/// The plain-http `--listen-metrics-urls` port of every member: `/metrics` and the health
+/// endpoints the probes use, reachable without a client certificate.
+pub const METRICS_PORT: i32 = 2381;
+/// Where the client TLS Secret is mounted in store and backup containers.
+pub const CLIENT_TLS_DIR: &str = "/etc/cairn/tls/client";
+/// Where the peer TLS Secret is mounted in store containers.
+pub const PEER_TLS_DIR: &str = "/etc/cairn/tls/peer";
 /// Where the data volume is mounted in the store container.
 pub const DATA_MOUNT: &str = "/var/lib/cairn";
 /// The data dir inside the volume (a subdirectory, so a volume's `lost+found` is not in it).
@@ -94,22 +101,31 @@ fn host(cluster: &str, ns: &str, ordinal: u32) -> String {
     format!("{}.{}.{ns}.svc", pod_name(cluster, ordinal), peer_service_name(cluster))
 }
 
-/// Peer URL of `ordinal` (stable DNS of the headless Service).
-pub fn peer_url(cluster: &str, ns: &str, ordinal: u32) -> String {
-    format!("http://{}:{PEER_PORT}", host(cluster, ns, ordinal))
+/// `https` with TLS, else `http`.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
 }
 
-/// Client URL of `ordinal`.
-pub fn client_url(cluster: &str, ns: &str, ordinal: u32) -> String {
-    format!("http://{}:{CLIENT_PORT}", host(cluster, ns, ordinal))
+/// Peer URL of `ordinal` (stable DNS of the headless Service), https with peer TLS.
+pub fn peer_url(cluster: &str, ns: &str, ordinal: u32, tls: bool) -> String {
+    format!("{}://{}:{PEER_PORT}", scheme(tls), host(cluster, ns, ordinal))
 }
 
-/// The ordinal a peer URL belongs to, if it is one of this Cluster's.
+/// Client URL of `ordinal`, https with client TLS.
+pub fn client_url(cluster: &str, ns: &str, ordinal: u32, tls: bool) -> String {
+    format!("{}://{}:{CLIENT_PORT}", scheme(tls), host(cluster, ns, ordinal))
+}
+
+/// The ordinal a peer URL (http or https) belongs to, if it is one of this Cluster's.
 pub fn ordinal_of_peer_url(cluster: &str, ns: &str, url: &str) -> Option<u32> {
-    let rest = url.strip_prefix("http://")?.strip_prefix(cluster)?.strip_prefix('-')?;
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://")?),
+    };
+    let rest = rest.strip_prefix(cluster)?.strip_prefix('-')?;
     let (ordinal, tail) = rest.split_once('.')?;
     let ordinal: u32 = ordinal.parse().ok()?;
-    (url == peer_url(cluster, ns, ordinal) && !tail.is_empty()).then_some(ordinal)
+    (url == peer_url(cluster, ns, ordinal, tls) && !tail.is_empty()).then_some(ordinal)
 }
 
 /// The `--initial-cluster-token` of this Cluster incarnation: `<namespace>-<name>-<uid>`.
@@ -126,12 +142,12 @@ pub fn token(c: &Cluster) -> Result<String> {
 }
 
 /// `--initial-cluster` from the ordinals of the member list.
-pub fn initial_cluster(cluster: &str, ns: &str, ordinals: &[u32]) -> String {
+pub fn initial_cluster(cluster: &str, ns: &str, ordinals: &[u32], tls: bool) -> String {
     let mut o = ordinals.to_vec();
     o.sort_unstable();
     o.dedup();
     o.iter()
-        .map(|&i| format!("{}={}", pod_name(cluster, i), peer_url(cluster, ns, i)))
+        .map(|&i| format!("{}={}", pod_name(cluster, i), peer_url(cluster, ns, i, tls)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -301,17 +317,37 @@ pub fn store_args(c: &Cluster) -> Result<Vec<String>> {
     let name = c.name_any();
     let peer = peer_service_name(&name);
     let host = format!("$(POD_NAME).{peer}.$(POD_NAMESPACE).svc");
+    let client_tls = c.spec.client_tls().is_some();
+    let peer_tls = c.spec.peer_tls().is_some();
+    let (cs, ps) = (scheme(client_tls), scheme(peer_tls));
     let mut args = vec![
         "--name=$(POD_NAME)".to_owned(),
         format!("--data-dir={DATA_DIR}"),
-        format!("--listen-client-urls=http://$(POD_IP):{CLIENT_PORT}"),
-        format!("--advertise-client-urls=http://{host}:{CLIENT_PORT}"),
-        format!("--listen-peer-urls=http://$(POD_IP):{PEER_PORT}"),
-        format!("--initial-advertise-peer-urls=http://{host}:{PEER_PORT}"),
+        format!("--listen-client-urls={cs}://$(POD_IP):{CLIENT_PORT}"),
+        format!("--advertise-client-urls={cs}://{host}:{CLIENT_PORT}"),
+        format!("--listen-peer-urls={ps}://$(POD_IP):{PEER_PORT}"),
+        format!("--initial-advertise-peer-urls={ps}://{host}:{PEER_PORT}"),
+        format!("--listen-metrics-urls=http://$(POD_IP):{METRICS_PORT}"),
         "--initial-cluster=$(INITIAL_CLUSTER)".to_owned(),
         "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".to_owned(),
         "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_owned(),
     ];
+    if client_tls {
+        args.extend([
+            format!("--cert-file={CLIENT_TLS_DIR}/tls.crt"),
+            format!("--key-file={CLIENT_TLS_DIR}/tls.key"),
+            format!("--trusted-ca-file={CLIENT_TLS_DIR}/ca.crt"),
+            "--client-cert-auth=true".to_owned(),
+        ]);
+    }
+    if peer_tls {
+        args.extend([
+            format!("--peer-cert-file={PEER_TLS_DIR}/tls.crt"),
+            format!("--peer-key-file={PEER_TLS_DIR}/tls.key"),
+            format!("--peer-trusted-ca-file={PEER_TLS_DIR}/ca.crt"),
+            "--peer-client-cert-auth=true".to_owned(),
+        ]);
+    }
     let o = &c.spec.options;
     if let Some(q) = &o.quota_backend_bytes {
         let bytes = quantity_bytes(q)
@@ -367,11 +403,44 @@ fn container_security_context() -> SecurityContext {
     }
 }
 
+/// The TLS Secrets' volumes and their read-only mounts: the client Secret (at
+/// [`CLIENT_TLS_DIR`]) when client TLS is on, and with `peer` the peer Secret (at
+/// [`PEER_TLS_DIR`]). Whole directories, not `subPath`s, so the kubelet's updates of a
+/// rotated Secret reach the files the store re-reads.
+pub fn tls_volumes(c: &Cluster, peer: bool) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let secrets = [
+        ("tls-client", c.spec.client_tls(), CLIENT_TLS_DIR),
+        ("tls-peer", c.spec.peer_tls().filter(|_| peer), PEER_TLS_DIR),
+    ];
+    secrets
+        .into_iter()
+        .filter_map(|(volume, secret, dir)| {
+            let v = Volume {
+                name: volume.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret?.to_owned()),
+                    // Owner and group (fsGroup) read; the key is not world-readable.
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let m = VolumeMount {
+                name: volume.to_owned(),
+                mount_path: dir.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            };
+            Some((v, m))
+        })
+        .unzip()
+}
+
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("client".into()),
+            port: IntOrString::String("metrics".into()),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -390,6 +459,7 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
     let name = c.name_any();
     let spec = &c.spec;
     let cm = config_map_name(&name);
+    let (tls_volumes, tls_mounts) = tls_volumes(c, true);
     let container = Container {
         name: "cairn".into(),
         image: Some(c.image(default_repository)),
@@ -408,16 +478,25 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
                 container_port: PEER_PORT,
                 ..Default::default()
             },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                ..Default::default()
+            },
         ]),
         readiness_probe: Some(probe("/readyz", 2, 3)),
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..probe("/livez", 10, 6) }),
         resources: spec.resources.clone(),
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: DATA_MOUNT.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "data".into(),
+                mount_path: DATA_MOUNT.into(),
+                ..Default::default()
+            })
+            .chain(tls_mounts.clone())
+            .collect(),
+        ),
         ..Default::default()
     };
     let placement = spec.placement.clone().unwrap_or_default();
@@ -425,16 +504,19 @@ pub fn stateful_set(c: &Cluster, replicas: i32, default_repository: &str) -> Res
     let mut pod_labels = overrides.labels;
     pod_labels.extend(selector_labels(&name));
     let empty_dir = spec.storage.empty_dir.as_ref();
-    let volumes = empty_dir.map(|e| {
-        vec![Volume {
+    let volumes: Vec<Volume> = empty_dir
+        .map(|e| Volume {
             name: "data".into(),
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: e.medium.clone(),
                 size_limit: e.size_limit.clone().map(Quantity),
             }),
             ..Default::default()
-        }]
-    });
+        })
+        .into_iter()
+        .chain(tls_volumes)
+        .collect();
+    let volumes = (!volumes.is_empty()).then_some(volumes);
     let claims = empty_dir.is_none().then(|| {
         let size = spec.storage.size.clone().unwrap_or_else(|| DEFAULT_STORAGE_SIZE.to_owned());
         vec![PersistentVolumeClaim {
@@ -531,8 +613,14 @@ mod tests {
 
     #[test]
     fn urls_are_stable_dns_names_and_parse_back_to_ordinals() {
-        assert_eq!(peer_url("main", "db", 2), "http://main-2.main-peer.db.svc:2380");
-        assert_eq!(client_url("main", "db", 0), "http://main-0.main-peer.db.svc:2379");
+        assert_eq!(peer_url("main", "db", 2, false), "http://main-2.main-peer.db.svc:2380");
+        assert_eq!(client_url("main", "db", 0, false), "http://main-0.main-peer.db.svc:2379");
+        assert_eq!(peer_url("main", "db", 2, true), "https://main-2.main-peer.db.svc:2380");
+        assert_eq!(client_url("main", "db", 0, true), "https://main-0.main-peer.db.svc:2379");
+        assert_eq!(
+            ordinal_of_peer_url("main", "db", "https://main-2.main-peer.db.svc:2380"),
+            Some(2)
+        );
         assert_eq!(
             ordinal_of_peer_url("main", "db", "http://main-2.main-peer.db.svc:2380"),
             Some(2)
@@ -546,9 +634,71 @@ mod tests {
     #[test]
     fn initial_cluster_lists_each_ordinal_once_in_order() {
         assert_eq!(
-            initial_cluster("a", "n", &[1, 0, 1]),
+            initial_cluster("a", "n", &[1, 0, 1], false),
             "a-0=http://a-0.a-peer.n.svc:2380,a-1=http://a-1.a-peer.n.svc:2380"
         );
+        assert_eq!(initial_cluster("a", "n", &[0], true), "a-0=https://a-0.a-peer.n.svc:2380");
+    }
+
+    #[test]
+    fn tls_makes_https_urls_with_cert_auth_and_mounts_the_secrets_whole() {
+        use crate::crd::{SecretRef, TlsSecret, TlsSpec};
+        let secret = |n: &str| Some(TlsSecret { secret_ref: SecretRef { name: n.into() } });
+        let c = cluster(ClusterSpec {
+            tls: Some(TlsSpec { client: secret("cli"), peer: secret("peer") }),
+            ..Default::default()
+        });
+        let s = stateful_set(&c, 1, "cairn").unwrap();
+        let container = &pod_spec(&s).containers[0];
+        let args = container.args.as_ref().unwrap();
+        for a in [
+            "--listen-client-urls=https://$(POD_IP):2379",
+            "--advertise-client-urls=https://$(POD_NAME).main-peer.$(POD_NAMESPACE).svc:2379",
+            "--listen-peer-urls=https://$(POD_IP):2380",
+            "--initial-advertise-peer-urls=https://$(POD_NAME).main-peer.$(POD_NAMESPACE).svc:2380",
+            "--listen-metrics-urls=http://$(POD_IP):2381",
+            "--cert-file=/etc/cairn/tls/client/tls.crt",
+            "--key-file=/etc/cairn/tls/client/tls.key",
+            "--trusted-ca-file=/etc/cairn/tls/client/ca.crt",
+            "--client-cert-auth=true",
+            "--peer-cert-file=/etc/cairn/tls/peer/tls.crt",
+            "--peer-key-file=/etc/cairn/tls/peer/tls.key",
+            "--peer-trusted-ca-file=/etc/cairn/tls/peer/ca.crt",
+            "--peer-client-cert-auth=true",
+        ] {
+            assert!(args.contains(&a.to_owned()), "{a} not in {args:?}");
+        }
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        for (name, dir) in [("tls-client", CLIENT_TLS_DIR), ("tls-peer", PEER_TLS_DIR)] {
+            let m = mounts.iter().find(|m| m.name == name).unwrap();
+            assert_eq!(m.mount_path, dir);
+            assert_eq!(m.read_only, Some(true));
+            assert!(m.sub_path.is_none(), "a subPath mount never sees a rotated Secret");
+        }
+        let volumes = pod_spec(&s).volumes.as_ref().unwrap();
+        let secret_of = |v: &str| {
+            volumes
+                .iter()
+                .find(|x| x.name == v)
+                .unwrap()
+                .secret
+                .as_ref()
+                .unwrap()
+                .secret_name
+                .clone()
+        };
+        assert_eq!(secret_of("tls-client").as_deref(), Some("cli"));
+        assert_eq!(secret_of("tls-peer").as_deref(), Some("peer"));
+        // Probes do not need a client certificate: the plain metrics listener serves them.
+        let probe_port =
+            |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().port.clone();
+        assert_eq!(probe_port(&container.readiness_probe), IntOrString::String("metrics".into()));
+        assert_eq!(probe_port(&container.liveness_probe), IntOrString::String("metrics".into()));
+        // Without TLS: plain URLs, no TLS flags or volumes.
+        let plain = stateful_set(&cluster(ClusterSpec::default()), 1, "cairn").unwrap();
+        let args = pod_spec(&plain).containers[0].args.clone().unwrap();
+        assert!(!args.iter().any(|a| a.contains("https") || a.contains("cert")), "{args:?}");
+        assert!(pod_spec(&plain).volumes.is_none());
     }
 
     #[test]

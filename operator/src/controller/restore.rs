@@ -193,7 +193,8 @@ pub fn add_to(sts: &mut StatefulSet, c: &Cluster, src: &Source, image: String) {
         env(
             "PEER_URL",
             format!(
-                "http://$(POD_NAME).{}.$(POD_NAMESPACE).svc:{}",
+                "{}://$(POD_NAME).{}.$(POD_NAMESPACE).svc:{}",
+                super::resources::scheme(c.spec.peer_tls().is_some()),
                 super::resources::peer_service_name(&name),
                 super::resources::PEER_PORT
             ),

@@ -602,7 +602,8 @@ async fn helm_install_runs_the_operator_that_makes_a_cluster_available() {
         "no backup gauge for the Cluster after its backup:\n{operator_text}"
     );
     let store_ip = bed.pod_ip(&ns, "main-0").unwrap();
-    let store_text = scrape(&format!("http://{store_ip}:2379/metrics")).await.unwrap();
+    // The port the PodMonitor scrapes (`metrics`, the plain --listen-metrics-urls listener).
+    let store_text = scrape(&format!("http://{store_ip}:2381/metrics")).await.unwrap();
     let mut exported = exported_names(&store_text);
     exported.extend(exported_names(&operator_text));
     // `up` is Prometheus's own series for every target.

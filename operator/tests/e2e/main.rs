@@ -11,4 +11,5 @@ mod kubelet;
 mod operator;
 mod s3;
 mod smoke;
+mod tls;
 mod upgrade;
