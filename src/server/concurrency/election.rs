@@ -6,8 +6,8 @@ use cairn_proto::etcdserverpb::{self as pb, request_op};
 use tokio::sync::mpsc;
 
 use super::{
-    Withdraw, by_create, contender_key, created_at, delete, get, malformed, op, prefix_end,
-    prefix_of, range_kvs,
+    Withdraw, by_create, contender_key, created_at, delete, entered_revision, get, malformed, op,
+    prefix_end, prefix_of, range_kvs,
 };
 use crate::server::types::{CreateRequest, EventKind, KeyValue, ResponseKind};
 use crate::server::{Error, Server};
@@ -70,18 +70,16 @@ impl Server {
             lease: session,
             ..Default::default()
         }));
-        let res = self
-            .txn(pb::TxnRequest {
-                compare: vec![created_at(&key, 0)],
-                success: vec![put],
-                failure: vec![get(&key)],
-            })
-            .await?;
-        let mut rev = res.revision;
+        let entry = pb::TxnRequest {
+            compare: vec![created_at(&key, 0)],
+            success: vec![put],
+            failure: vec![get(&key)],
+        };
+        let res = self.enter(&key, entry).await?;
+        let rev = entered_revision(&res).ok_or_else(malformed)?;
         let leader = |rev| LeaderKey { name: name.to_vec(), key: key.clone(), rev, lease };
         if !res.succeeded {
             let kv = range_kvs(&res, 0).and_then(|kvs| kvs.first()).ok_or_else(malformed)?;
-            rev = kv.create_revision;
             if kv.value != value
                 && let Err(e) = self.proclaim(&leader(rev), value).await
             {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use cairn_proto::etcdserverpb::{self as pb, request_op};
 
 use super::{
-    Withdraw, by_create, contender_key, created_at, get, malformed, op, prefix_of, range_kvs,
+    Withdraw, by_create, contender_key, created_at, entered_revision, get, malformed, op,
+    prefix_of, range_kvs,
 };
 use crate::server::{Error, Server};
 
@@ -39,19 +40,14 @@ impl Server {
             ..Default::default()
         }));
         let owner = op(request_op::Request::RequestRange(by_create(&prefix, true, 0)));
-        let res = self
-            .txn(pb::TxnRequest {
-                compare: vec![created_at(&key, 0)],
-                success: vec![put, owner.clone()],
-                failure: vec![get(&key), owner],
-            })
-            .await?;
-        let my_rev = if res.succeeded {
-            res.revision
-        } else {
-            // This lease already holds or waits for the lock: reuse its key.
-            range_kvs(&res, 0).and_then(|kvs| kvs.first()).ok_or_else(malformed)?.create_revision
+        let entry = pb::TxnRequest {
+            compare: vec![created_at(&key, 0)],
+            success: vec![put, owner.clone()],
+            failure: vec![get(&key), owner],
         };
+        let res = self.enter(&key, entry).await?;
+        // On failure this lease already holds or waits for the lock: its key is reused.
+        let my_rev = entered_revision(&res).ok_or_else(malformed)?;
         let owner_rev =
             range_kvs(&res, 1).ok_or_else(malformed)?.first().map(|kv| kv.create_revision);
         if owner_rev.is_none_or(|rev| rev == my_rev) {

@@ -14,8 +14,8 @@
 //! lowest create revision under the prefix, and a contender waits until every key with a
 //! lower create revision is deleted (`wait_deletes`). Unlike etcd's server, which cleans up
 //! only when the client's context ends while it waits, a waiter whose request future is
-//! dropped at any point after its key is created deletes the key ([`Withdraw`]), so a
-//! disconnected client leaves no stale waiter.
+//! dropped at any point, even while its key's creation is being committed ([`Server::enter`]),
+//! deletes the key ([`Withdraw`]), so a disconnected client leaves no stale waiter.
 
 mod election;
 mod lock;
@@ -109,6 +109,17 @@ fn delete(key: &[u8]) -> pb::RequestOp {
     }))
 }
 
+/// The create revision of the contender's key after its entry txn (`created_at(key, 0)`,
+/// then a put on success or a read of the key first on failure): the txn's revision when it
+/// created the key, else the existing key's.
+fn entered_revision(res: &TxnResult) -> Option<i64> {
+    if res.succeeded {
+        Some(res.revision)
+    } else {
+        range_kvs(res, 0)?.first().map(|kv| kv.create_revision)
+    }
+}
+
 /// The key-values of the txn's `i`th op, when it was a range.
 fn range_kvs(res: &TxnResult, i: usize) -> Option<&[KeyValue]> {
     match res.responses.get(i) {
@@ -165,6 +176,24 @@ impl Drop for Withdraw {
 }
 
 impl Server {
+    /// Runs a contender's entry txn for `key` (see [`entered_revision`]) to its end even if
+    /// the caller leaves meanwhile: the txn runs in its own task, and when its answer finds
+    /// the caller gone, the key it entered is withdrawn at once. A future dropped while the
+    /// proposal was in flight would otherwise leave the key waiting in line until its lease
+    /// expired, with no [`Withdraw`] yet to clean it up.
+    async fn enter(self: &Arc<Self>, key: &[u8], txn: pb::TxnRequest) -> Result<TxnResult, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (server, key) = (self.clone(), key.to_vec());
+        tokio::spawn(async move {
+            if let Err(Ok(res)) = tx.send(server.txn(txn).await)
+                && let Some(rev) = entered_revision(&res)
+            {
+                drop(Withdraw::new(&server, &key, rev));
+            }
+        });
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
     /// The lease a request runs under: `lease`, or for 0 a new lease of etcd's session TTL
     /// (etcd's server opens a session, which grants one).
     async fn session_lease(&self, lease: i64) -> Result<i64, Error> {
