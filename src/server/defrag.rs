@@ -91,7 +91,9 @@ impl Server {
         let known = *self.space_factor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let estimate = known.map(|factor| self.record_bytes() as f64 * factor);
         match estimate {
-            Some(bytes) if bytes <= db_size as f64 => bytes as u64,
+            // Rounded: right after a measurement the product is the file size give or take
+            // a float's last bit.
+            Some(bytes) if bytes.round() <= db_size as f64 => bytes.round() as u64,
             // More records than the files could hold at the measured factor: the factor
             // was taken on a (nearly) empty store, whose fixed overhead dwarfs its records.
             // The files are then taken as full, and the factor measured again.
