@@ -13,6 +13,10 @@
 #        scripts/bench-vs-etcd.sh core             (the issue-13 table: put at 1/64/256 clients,
 #                                                   txn of 4 puts, linearizable and serializable
 #                                                   reads, for one and three members)
+#        scripts/bench-vs-etcd.sh footprint-1m-keys (one member: 1M distinct 8-byte keys with
+#                                                   256-byte values, put once each by 64 clients;
+#                                                   then the data dir's size (du) running and
+#                                                   after a clean stop, and the peak RSS)
 # Three-member workloads start three members of each server on loopback and spread the
 # benchmark's connections over all three client URLs (followers forward writes to the leader).
 # Env:   ROUNDS (default 3), SCALE (multiplies request totals, default 1),
@@ -30,6 +34,8 @@
 #        and write every key, set up with etcdctl 3.5; the benchmark authenticates as bench)
 #        BENCH_DEBUG=1 (echo every benchmark's output to stderr),
 #        NO_FSYNC_PROBE=1 (skip the fsync limit), FSYNC_APPENDS (appends per probe, default 2000)
+#        FOOTPRINT_KEYS (keys footprint-1m-keys loads, default 1000000), FOOTPRINT_SETTLE
+#        (seconds to wait after the load before measuring, default 15)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -148,6 +154,9 @@ declare -A WORKLOADS=(
   # Watch workloads get their own table (see the end): @PID@ becomes the server's pid.
   [watch-latency-100watchers]="|--conns 2 watch-latency --watchers 100 --streams 10 --rate 200 --puts $((2000 * SCALE))"
   [watch-memory-100k]="|--conns 10 watch-memory --watchers 100000 --streams 100 --pid @PID@"
+  # Footprint workloads get a third table: the data dir (du) and the server's peak RSS after
+  # loading 1M distinct keys ("00000000".."00999999", 8 bytes) with 256-byte values, one put each.
+  [footprint-1m-keys]="|--conns 8 --clients 64 --total ${FOOTPRINT_KEYS:-1000000} put --key-size 8 --val-size 256 --sequential-keys --key-space-size ${FOOTPRINT_KEYS:-1000000}"
 )
 ORDER=(put-1client put-64clients put-256clients txn-put4-64clients range-serializable-64clients range-linearizable-64clients lease-keepalive-64clients lock-1client lock-64clients watch-latency-100watchers watch-memory-100k)
 CLUSTER_ORDER=(3m-put-1client 3m-put-64clients 3m-put-256clients 3m-txn-put4-64clients 3m-range-linearizable-64clients 3m-range-serializable-64clients)
@@ -162,7 +171,7 @@ for w in "${ORDER[@]}"; do
   [ -n "${WORKLOADS[$w]+x}" ] || { echo "unknown workload $w" >&2; exit 2; }
 done
 
-run_one() { # kind workload → "rps p50 p99" (watch-*: the raw bench output)
+run_one() { # kind workload → "rps p50 p99" (watch-*, footprint-*: the raw bench output)
   local kind=$1 spec=${WORKLOADS[$2]}
   local setup=${spec%%|*} args=${spec#*|}
   MEMBERS=1
@@ -183,6 +192,15 @@ run_one() { # kind workload → "rps p50 p99" (watch-*: the raw bench output)
     echo "bench against $kind failed: $out" >&2
     cat "$WORK/$kind-0.log" >&2
   }
+  if [[ $2 == footprint-* ]]; then
+    # Let both settle (etcd's backend commits every 100 ms, Cairn's checkpoint runs behind
+    # apply), then the data dir while running and the peak RSS (VmHWM) of the server.
+    sleep "${FOOTPRINT_SETTLE:-15}"
+    local dir="$WORK/$kind-data-0" pid=${pids# }
+    out="$out
+Data dir running KiB	$(du -sk "$dir" | cut -f1)
+Peak RSS KiB	$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")"
+  fi
   # The servers are not this shell's children (they were started in a command
   # substitution), so wait for them to be gone before the next ones bind the same ports.
   # shellcheck disable=SC2086
@@ -190,8 +208,11 @@ run_one() { # kind workload → "rps p50 p99" (watch-*: the raw bench output)
   for pid in $pids; do
     while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   done
+  # After a clean stop (SIGTERM): what a restart would find.
+  [[ $2 == footprint-* ]] && out="$out
+Data dir stopped KiB	$(du -sk "$WORK/$kind-data-0" | cut -f1)"
   echo "$out" >"$WORK/last-$kind.out"; [ -n "${BENCH_DEBUG:-}" ] && echo "$out" >&2
-  case $2 in watch-*) echo "$out"; return ;; esac
+  case $2 in watch-* | footprint-*) echo "$out"; return ;; esac
   local rps p50 p99
   rps=$(awk -F'\t' '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '/ 50% in/ {print $3}' <<<"$out")
@@ -251,7 +272,7 @@ hdr=$(printf '%-30s %14s %14s %6s %7s %7s %8s %8s %6s' workload etcd_rps cairn_r
 RESULTS=("$hdr")
 echo "$hdr"
 for w in "${ORDER[@]}"; do
-  case $w in watch-*) continue ;; esac
+  case $w in watch-* | footprint-*) continue ;; esac
   for k in "${KINDS[@]}"; do : >"$WORK/$k.rps"; : >"$WORK/$k.p50"; : >"$WORK/$k.p99"; done
   for r in $(seq 1 "$ROUNDS"); do
     # Rotate who goes first so drift on a shared machine hits all alike.
@@ -291,11 +312,17 @@ if [ "${#RESULTS[@]}" -gt 2 ]; then
   printf '%s\n' "${RESULTS[@]}"
 fi
 
-# Watch workloads: watch-latency compares the p99 of put-acknowledged -> event-received
-# (and, second, put-sent -> event-received, which includes the write itself) in
-# microseconds, and counts lost events (must be 0); watch-memory compares the server's
-# resident bytes per watcher. Lower is better for every figure; ratio = Cairn/etcd.
-watch_figures() { # workload output → "first second lost"
+# Watch and footprint workloads, one row per figure: watch-latency compares the p99 of
+# put-acknowledged -> event-received (and put-sent -> event-received, which includes the
+# write itself) in microseconds, and counts lost events (must be 0); watch-memory compares
+# the server's resident bytes per watcher and the p99 of creating a watch; footprint-1m-keys
+# compares the data dir (du, MiB) while running after the load has settled and after a clean
+# stop, and the server's peak RSS (VmHWM, MiB). Lower is better for every figure;
+# ratio = Cairn/etcd (and base/etcd with BASE_BIN).
+FIGURES_watch_latency=("p99 ack->event us" "p99 sent->event us" "events lost")
+FIGURES_watch_memory=("bytes/watcher" "p99 watch create us" "-")
+FIGURES_footprint=("data dir running MiB" "data dir stopped MiB" "peak RSS MiB")
+figures() { # workload output → three figures
   case $1 in
     watch-latency-*)
       awk -F'\t' '/put acknowledged -> event/ {a=$2} /put sent -> event/ {b=$2} /Events lost/ {l=$2}
@@ -303,37 +330,48 @@ watch_figures() { # workload output → "first second lost"
     watch-memory-*)
       awk -F'\t' '/Bytes per watcher/ {a=$2} / 99% in/ {split($0, p, " "); b=p[3]}
         END {print a, b * 1000000, 0}' <<<"$2" ;;
+    footprint-*)
+      awk -F'\t' '/Data dir running KiB/ {a=$2} /Data dir stopped KiB/ {b=$2} /Peak RSS KiB/ {m=$2}
+        END {printf "%.0f %.0f %.0f\n", a / 1024, b / 1024, m / 1024}' <<<"$2" ;;
   esac
 }
 
-watch_header_done=
+second_header_done=
 for w in "${ORDER[@]}"; do
-  case $w in watch-*) ;; *) continue ;; esac
-  if [ -z "$watch_header_done" ]; then
+  case $w in watch-* | footprint-*) ;; *) continue ;; esac
+  wkinds=(etcd cairn); [ -n "${BASE_BIN:-}" ] && wkinds+=(base)
+  if [ -z "$second_header_done" ]; then
     echo
-    printf '%-28s %-24s %10s %10s %7s %10s %10s %7s %9s\n' workload figure etcd cairn ratio \
-      etcd_2nd cairn_2nd ratio lost_e/c
-    watch_header_done=1
+    hdr=$(printf '%-28s %-22s %10s %10s %7s' workload figure etcd cairn ratio)
+    [ -n "${BASE_BIN:-}" ] && hdr="$hdr $(printf '%10s %7s' base r_base)"
+    echo "$hdr"; second_header_done=1
   fi
-  for k in etcd cairn; do : >"$WORK/$k.w1"; : >"$WORK/$k.w2"; : >"$WORK/$k.lost"; done
-  # The watch table compares etcd 3.6 and Cairn only.
+  for k in "${wkinds[@]}"; do for f in 1 2 3; do : >"$WORK/$k.f$f"; done; done
   for r in $(seq 1 "$ROUNDS"); do
-    kinds=(etcd cairn); [ $((r % 2)) -eq 0 ] && kinds=(cairn etcd)
+    kinds=("${wkinds[@]}")
+    for _ in $(seq 2 "$r"); do kinds=("${kinds[@]:1}" "${kinds[0]}"); done
     for k in "${kinds[@]}"; do
-      read -r f1 f2 lost < <(watch_figures "$w" "$(run_one "$k" "$w")")
-      echo "$f1" >>"$WORK/$k.w1"; echo "$f2" >>"$WORK/$k.w2"; echo "$lost" >>"$WORK/$k.lost"
-      echo "  round $r $w $k: $f1 / $f2, lost $lost" >&2
+      read -r f1 f2 f3 < <(figures "$w" "$(run_one "$k" "$w")")
+      echo "$f1" >>"$WORK/$k.f1"; echo "$f2" >>"$WORK/$k.f2"; echo "$f3" >>"$WORK/$k.f3"
+      echo "  round $r $w $k: $f1 / $f2 / $f3" >&2
     done
   done
-  e1=$(median <"$WORK/etcd.w1"); c1=$(median <"$WORK/cairn.w1")
-  e2=$(median <"$WORK/etcd.w2"); c2=$(median <"$WORK/cairn.w2")
-  el=$(sort -g "$WORK/etcd.lost" | tail -1); cl=$(sort -g "$WORK/cairn.lost" | tail -1)
-  r1=$(awk -v c="$c1" -v e="$e1" 'BEGIN { printf "%.2f", (e > 0 ? c / e : 0) }')
-  r2=$(awk -v c="$c2" -v e="$e2" 'BEGIN { printf "%.2f", (e > 0 ? c / e : 0) }')
   case $w in
-    watch-latency-*) figure="p99 ack->event us" ;;
-    *) figure="bytes/watcher" ;;
+    watch-latency-*) names=("${FIGURES_watch_latency[@]}") ;;
+    watch-memory-*) names=("${FIGURES_watch_memory[@]}") ;;
+    *) names=("${FIGURES_footprint[@]}") ;;
   esac
-  printf '%-28s %-24s %10s %10s %7s %10s %10s %7s %9s\n' "$w" "$figure" "$e1" "$c1" "$r1" \
-    "$e2" "$c2" "$r2" "$el/$cl"
+  for f in 1 2 3; do
+    name=${names[$((f - 1))]}
+    [ "$name" = - ] && continue
+    # Lost events: the worst round, not the median.
+    pick=median; [ "$name" = "events lost" ] && pick="sort -g | tail -1"
+    e=$(eval "$pick" <"$WORK/etcd.f$f"); c=$(eval "$pick" <"$WORK/cairn.f$f")
+    line=$(printf '%-28s %-22s %10s %10s %7s' "$w" "$name" "$e" "$c" "$(ratio "$c" "$e")")
+    if [ -n "${BASE_BIN:-}" ]; then
+      b=$(eval "$pick" <"$WORK/base.f$f")
+      line="$line $(printf '%10s %7s' "$b" "$(ratio "$b" "$e")")"
+    fi
+    echo "$line"
+  done
 done

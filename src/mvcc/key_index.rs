@@ -58,6 +58,17 @@ pub(super) struct Trim {
     revs: usize,
 }
 
+/// Pushes `x` onto `v`, doubling its capacity from one element when full.
+///
+/// Most keys hold one generation of one or two revisions, and `Vec`'s own first push
+/// reserves room for four: with a million keys that spare room was half the index's memory.
+fn push_small<T>(v: &mut Vec<T>, x: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(v.len().max(1));
+    }
+    v.push(x);
+}
+
 /// All generations of one key; the key itself is the [`super::index::Index`] map key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct KeyIndex {
@@ -77,13 +88,13 @@ impl KeyIndex {
     /// `rev` must be newer than every revision already recorded.
     pub(super) fn put(&mut self, rev: Revision) {
         if self.generations.is_empty() {
-            self.generations.push(Generation::default());
+            push_small(&mut self.generations, Generation::default());
         }
         if let Some(g) = self.generations.last_mut() {
             if g.revs.is_empty() {
                 g.created = rev.main;
             }
-            g.revs.push(rev);
+            push_small(&mut g.revs, rev);
             g.ver += 1;
         }
     }
@@ -95,7 +106,7 @@ impl KeyIndex {
             return false;
         }
         self.put(rev);
-        self.generations.push(Generation::default());
+        push_small(&mut self.generations, Generation::default());
         true
     }
 
