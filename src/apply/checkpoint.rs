@@ -12,9 +12,6 @@
 //! Durability of acknowledged writes does not depend on any of this: they are in the raft
 //! log, which is compacted only up to an index a finished checkpoint reported.
 //!
-//! The thread runs at a lower CPU priority (`storage::BACKGROUND_NICE`): a flush's
-//! serialization work yields to apply and to client requests when the CPU is short.
-//!
 //! A failed checkpoint is fatal and never retried (fsyncgate, see the apply module doc): the
 //! thread records it in the member's [`Fatal`] latch and stops taking requests.
 
@@ -127,7 +124,6 @@ fn run(
     busy: &AtomicBool,
     fatal: &OnceLock<Fatal>,
 ) {
-    crate::storage::lower_thread_priority();
     while let Ok((index, done)) = rx.recv() {
         let ok = match engine.sync() {
             Ok(()) => {

@@ -17,9 +17,8 @@ pub use self::sled::SledEngine;
 #[cfg(test)]
 use self::sled::tests::reopen as reopen_sled;
 
-/// The nice value background storage work runs at: compaction's deletes, checkpoints, and
-/// reading or installing raft snapshot images (above the default 0, so applies and client
-/// requests get the CPU first when it is short).
+/// The nice value that reading or installing a raft snapshot image runs at (above the
+/// default 0, so applies and client requests get the CPU first when it is short).
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`] (on Linux a thread has
