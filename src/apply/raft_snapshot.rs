@@ -12,7 +12,9 @@
 //!
 //! Installing reads the image the peer service staged in a file into a rewrite of the
 //! engine (`storage::import_image_file`), committed atomically once its checksum checked
-//! out, and rebuilds the in-memory views from it.
+//! out, and rebuilds the in-memory views from it. That copy runs at background CPU
+//! priority (`storage::BACKGROUND_NICE`), and so does the transport's reading of a pinned
+//! image on the sender.
 
 use std::path::Path;
 
@@ -85,7 +87,25 @@ impl SnapshotImage for PinnedImage {
 /// # Errors
 /// A corrupt or unreadable image (nothing changed then), storage errors.
 pub(super) fn install_staged(kv: &KvStore, engine: &dyn Engine, path: &Path) -> mvcc::Result<()> {
-    kv.replace(|| storage::import_image_file(engine, path).map_err(mvcc::Error::from))
+    let install =
+        || kv.replace(|| storage::import_image_file(engine, path).map_err(mvcc::Error::from));
+    // The copy runs on a helper thread at background priority while apply waits for it
+    // (apply has nothing else to do meanwhile): a member catching up from a large image
+    // then yields the CPU to whatever shares the machine with it.
+    std::thread::scope(|s| {
+        let helper =
+            std::thread::Builder::new().name("cairn-snap-install".into()).spawn_scoped(s, || {
+                storage::lower_thread_priority();
+                install()
+            });
+        match helper {
+            Ok(helper) => helper.join().unwrap_or_else(|_| {
+                Err(mvcc::Error::Corrupt("the snapshot install thread panicked".into()))
+            }),
+            // No thread to spare: install on this one.
+            Err(_) => install(),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,12 @@
 //! thread in batches of at most `batch_limit` records (etcd's
 //! `--experimental-compaction-batch-limit`, default 1000), each between two write groups
 //! and followed by a pause (`--experimental-compaction-sleep-interval`, default 10 ms), so
-//! applies interleave with a long compaction instead of waiting for all of it.
+//! applies interleave with a long compaction instead of waiting for all of it. The worker
+//! deletes a batch's records one by one ([`crate::storage::Engine::remove_each`]): on
+//! sled, one batch of a thousand deletes held every apply off until its end (put p99
+//! during a 300k-revision compaction went from about 8 ms to about 6 ms with this). The
+//! worker keeps the default CPU priority: it holds the writer slot while it plans, and a
+//! lowered priority measured no better (a preempted holder would stall apply).
 //!
 //! Nothing reads the records a compaction drops: reads at or after the compaction revision
 //! never reach them, and whatever scans storage directly ([`super::KvStore::hash_kv`],
@@ -30,7 +35,7 @@ use super::key_index::Trim;
 use super::revision::Revision;
 use super::write::WriteTxn;
 use super::{Error, Inner, KvStore, Result, codec};
-use crate::storage::{Batch, Keyspace};
+use crate::storage::Keyspace;
 
 /// How the physical part of a compaction is paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,18 +216,10 @@ fn step(inner: &Inner) -> Result<bool> {
     drop(slot);
 
     // The deletes need no slot: no write group touches these records, and every reader
-    // already skips them (`is_kept`). Their sizes are read first for `stored_bytes`.
-    let mut freed = 0u64;
-    let mut batch = Batch::new();
-    for key in chunk.dropped {
-        if let Some(value) = inner.engine.get(Keyspace::Kv, &key)? {
-            freed = freed.saturating_add((key.len() + value.len()) as u64);
-        }
-        batch.delete(Keyspace::Kv, key);
-    }
-    if !batch.is_empty() {
-        inner.engine.write(batch)?;
-    }
+    // already skips them (`is_kept`). They go one by one, not as one atomic batch: a
+    // crash midway only leaves records that the restart plans again, while a large batch
+    // would hold the engine's writers (apply) off until its end.
+    let freed = inner.engine.remove_each(Keyspace::Kv, chunk.dropped)?;
     // A replacement of the whole state meanwhile recounted the bytes and restarted the
     // compaction: this batch's bookkeeping belongs to the old state.
     let replaced = inner.epoch.load(Ordering::SeqCst) != epoch;
@@ -427,7 +424,8 @@ mod tests {
         del(kv, "k0", "");
     }
 
-    /// Commits a compaction at `rev` and waits until its first batch deleted something.
+    /// Commits a compaction at `rev` and waits until its first batch deleted its
+    /// `STALLED.batch_limit` records (they go one by one); returns how many went.
     fn start_compaction(kv: &KvStore, engine: &dyn Engine, rev: i64) -> usize {
         let before = stored_revisions(engine).len();
         let mut w = kv.write();
@@ -435,7 +433,7 @@ mod tests {
         w.commit().unwrap();
         loop {
             let now = stored_revisions(engine).len();
-            if now < before {
+            if now + STALLED.batch_limit <= before {
                 return before - now;
             }
             std::thread::yield_now();

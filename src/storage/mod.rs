@@ -17,6 +17,28 @@ pub use self::sled::SledEngine;
 #[cfg(test)]
 use self::sled::tests::reopen as reopen_sled;
 
+/// The nice value that reading or installing a raft snapshot image runs at (above the
+/// default 0, so applies and client requests get the CPU first when it is short).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`] (on Linux a thread has
+/// its own nice value); a no-op elsewhere, and when the system refuses. Call it only on a
+/// thread of its own, never on a pooled one (a nice value cannot always be raised again).
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: gettid and setpriority take and return plain integers; no memory is shared.
+        let failed = unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid().unsigned_abs(), BACKGROUND_NICE)
+        } != 0;
+        if failed {
+            let error = std::io::Error::last_os_error();
+            tracing::debug!(%error, "cannot lower a background thread's priority");
+        }
+    }
+}
+
 /// Errors from a storage engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -196,6 +218,26 @@ pub trait Engine: Send + Sync + 'static {
     /// # Errors
     /// Fails when the engine cannot write; nothing of the batch is then visible.
     fn write(&self, batch: Batch) -> Result<()>;
+
+    /// Removes each of `keys` from `keyspace` on its own, not atomically (after a crash
+    /// any subset may be gone), and returns the bytes (key plus value) of the records it
+    /// removed. For work that may be cut short and redone, such as compaction's deletes:
+    /// unlike one large [`Engine::write`], it never holds other writers off for long.
+    ///
+    /// # Errors
+    /// Fails when the engine cannot write; the keys removed before stay removed.
+    fn remove_each(&self, keyspace: Keyspace, keys: Vec<Vec<u8>>) -> Result<u64> {
+        let mut freed = 0u64;
+        for key in keys {
+            if let Some(value) = self.get(keyspace, &key)? {
+                freed = freed.saturating_add((key.len() + value.len()) as u64);
+                let mut batch = Batch::new();
+                batch.delete(keyspace, key);
+                self.write(batch)?;
+            }
+        }
+        Ok(freed)
+    }
 
     /// Makes every completed write durable against power loss (a checkpoint).
     ///

@@ -194,6 +194,19 @@ impl Engine for SledEngine {
         result
     }
 
+    fn remove_each(&self, keyspace: Keyspace, keys: Vec<Vec<u8>>) -> Result<u64> {
+        // One `remove` per key: a sled batch holds sled's process-wide write lock until its
+        // last op, and every apply and read waits for it meanwhile.
+        let db = self.db();
+        let mut freed = 0u64;
+        for key in keys {
+            if let Some(value) = db.remove(keyspace.encode(&key)).map_err(engine_err)? {
+                freed = freed.saturating_add((key.len() + value.len()) as u64);
+            }
+        }
+        Ok(freed)
+    }
+
     fn sync(&self) -> Result<()> {
         let start = Instant::now();
         // The live generation is read once: a rewrite's commit syncs its own files.

@@ -11,7 +11,7 @@ use cairn_proto::internal::peer_client::PeerClient;
 use cairn_proto::internal::{RaftBatch, SnapshotChunk};
 use futures::StreamExt as _;
 use protobuf::Message as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::Request;
 use tonic::transport::Channel;
 
@@ -222,7 +222,13 @@ async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Me
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(SNAPSHOT_BUFFER);
     let reader = match Reference::parse(&data) {
         Reference::Pinned(i) if i == index => match a.raft.snapshot_image(index) {
-            Some(image) => tokio::task::spawn_blocking(move || stream_image(image.as_ref(), &tx)),
+            Some(image) => match spawn_reader(move || stream_image(image.as_ref(), &tx)) {
+                Ok(reader) => reader,
+                Err(e) => {
+                    tracing::warn!(to = msg.to, error = %e, "cannot start a snapshot reader");
+                    return false;
+                }
+            },
             None => {
                 // Not the image offered now (a newer one replaced it): raft takes a new one.
                 a.raft.snapshot_unusable(index);
@@ -231,11 +237,14 @@ async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Me
         },
         Reference::Inline(image) => {
             let image = image.to_vec();
+            let (done_tx, done_rx) = oneshot::channel();
             tokio::task::spawn_blocking(move || {
                 let out = |piece: Vec<u8>| tx.blocking_send(chunk(piece)).is_ok();
                 let done = image.chunks(CHUNK).all(|p| out(p.to_vec()));
-                done.then(|| crc32fast::hash(&image)).ok_or_else(|| "receiver gone".to_owned())
-            })
+                let crc = done.then(|| crc32fast::hash(&image));
+                let _ = done_tx.send(crc.ok_or_else(|| "receiver gone".to_owned()));
+            });
+            done_rx
         }
         Reference::Pinned(_) | Reference::Staged(_) => {
             // A reference only this member's past understood (a snapshot it received
@@ -252,7 +261,7 @@ async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Me
     let mut req = Request::new(outbound);
     req.set_timeout(SNAPSHOT_TIMEOUT);
     let (sent, produced) = tokio::join!(peer.snapshot(req), async move {
-        let produced = reader.await.unwrap_or_else(|e| Err(format!("reader thread: {e}")));
+        let produced = reader.await.unwrap_or_else(|_| Err("the reader thread died".into()));
         if let Ok(crc) = &produced {
             let _ =
                 trailer_tx.send(SnapshotChunk { last: true, crc32: *crc, ..Default::default() });
@@ -276,6 +285,20 @@ async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Me
             false
         }
     }
+}
+
+/// Runs a pinned image's reader on a thread of its own at background priority
+/// (`storage::lower_thread_priority`): reading and encoding the image's pages yields the
+/// CPU to applies and client requests. Its result arrives on the returned channel.
+fn spawn_reader(
+    read: impl FnOnce() -> Result<u32, String> + Send + 'static,
+) -> std::io::Result<oneshot::Receiver<Result<u32, String>>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new().name("cairn-snap-read".into()).spawn(move || {
+        crate::storage::lower_thread_priority();
+        let _ = done_tx.send(read());
+    })?;
+    Ok(done_rx)
 }
 
 /// A data chunk of a snapshot stream.
