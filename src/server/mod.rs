@@ -62,6 +62,9 @@ pub use self::propose::IdGen;
 pub use self::quota::Alarm;
 pub use self::snapshot::SnapshotStream;
 pub use crate::auth::Error as AuthError;
+/// For the edge's background threads (the peer port's snapshot reader), which may name
+/// only the server (`tests/layering.rs`).
+pub use crate::storage::lower_thread_priority;
 
 /// Cairn's own version (`cairn --version`, the `cairn_build_info` metric): the
 /// `CAIRN_BUILD_VERSION` set at compile time, else the crate's version. The rolling-upgrade

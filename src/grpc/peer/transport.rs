@@ -288,14 +288,14 @@ async fn send_snapshot(peer: &mut PeerClient<Channel>, a: &Attached, mut msg: Me
 }
 
 /// Runs a pinned image's reader on a thread of its own at background priority
-/// (`storage::lower_thread_priority`): reading and encoding the image's pages yields the
+/// (`server::lower_thread_priority`): reading and encoding the image's pages yields the
 /// CPU to applies and client requests. Its result arrives on the returned channel.
 fn spawn_reader(
     read: impl FnOnce() -> Result<u32, String> + Send + 'static,
 ) -> std::io::Result<oneshot::Receiver<Result<u32, String>>> {
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new().name("cairn-snap-read".into()).spawn(move || {
-        crate::storage::lower_thread_priority();
+        crate::server::lower_thread_priority();
         let _ = done_tx.send(read());
     })?;
     Ok(done_rx)
