@@ -73,20 +73,15 @@ impl Health for HealthService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let known = request.get_ref().service.is_empty();
         let first = if known { self.status() } else { ServingStatus::ServiceUnknown };
-        let stopped = self.server.stopped();
-        // The current status, then NOT_SERVING when the member fails (the latch never
+        // The current status, then NOT_SERVING when a serving member fails (the latch never
         // clears, so that is the last change); the stream stays open until the client goes.
-        let later = futures::stream::once(async move {
-            if known && first == ServingStatus::Serving {
-                stopped.await;
-                Some(Ok(response(ServingStatus::NotServing)))
-            } else {
-                std::future::pending::<()>().await;
-                None
-            }
+        let stopped = (first == ServingStatus::Serving).then(|| self.server.stopped());
+        let later = futures::stream::iter(stopped).then(|stopped| async move {
+            stopped.await;
+            Ok(response(ServingStatus::NotServing))
         });
         let stream = futures::stream::iter([Ok(response(first))])
-            .chain(later.filter_map(std::future::ready))
+            .chain(later)
             .chain(futures::stream::pending());
         Ok(Response::new(Box::pin(stream)))
     }
