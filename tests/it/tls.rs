@@ -488,11 +488,15 @@ async fn bad_tls_settings_stop_the_start_with_a_clear_error() {
 /// Peer flags for a member presenting `cert` and trusting CA 1, with client-cert auth and
 /// the allowed CN `member`.
 fn peer_flags(pki: &Pki, cert: &str) -> Vec<String> {
-    peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"))
+    peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"), ALLOWED_CN)
 }
 
-/// Peer flags with the given certificate, key and CA files.
-fn peer_flags_at(cert: &str, key: &str, ca: &str) -> Vec<String> {
+/// The peer identity check of most tests: the CN `member`.
+const ALLOWED_CN: [&str; 2] = ["--peer-cert-allowed-cn", "member"];
+
+/// Peer flags with the given certificate, key and CA files, client-cert auth and the
+/// identity check `allowed` (a flag and its value).
+fn peer_flags_at(cert: &str, key: &str, ca: &str, allowed: [&str; 2]) -> Vec<String> {
     [
         "--peer-cert-file",
         cert,
@@ -501,8 +505,8 @@ fn peer_flags_at(cert: &str, key: &str, ca: &str) -> Vec<String> {
         "--peer-trusted-ca-file",
         ca,
         "--peer-client-cert-auth",
-        "--peer-cert-allowed-cn",
-        "member",
+        allowed[0],
+        allowed[1],
     ]
     .iter()
     .map(|s| s.to_string())
@@ -597,12 +601,9 @@ async fn peers_refuse_a_revoked_certificate_and_one_not_valid_for_the_allowed_ho
     // The right CA and CN everywhere; what differs is the CRL and the host the certificate
     // is valid for (--peer-cert-allowed-hostname instead of --peer-cert-allowed-cn).
     let flags = |cert: &str| {
-        let mut f = peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"));
-        f.truncate(f.len() - 2);
-        f.extend(
-            ["--peer-crl-file", &crl, "--peer-cert-allowed-hostname", "localhost"]
-                .map(String::from),
-        );
+        let allowed = ["--peer-cert-allowed-hostname", "localhost"];
+        let mut f = peer_flags_at(&pki.path(cert), &pki.key(cert), &pki.path("ca"), allowed);
+        f.extend(["--peer-crl-file".to_owned(), crl.clone()]);
         f
     };
     let members = (0..3).map(|i| peer_member(&format!("m{i}"), &flags("peer"))).collect();
@@ -635,7 +636,7 @@ async fn members_take_rotated_peer_certificates_and_ca_without_a_restart() {
     std::fs::copy(pki.path("peer"), &cert).unwrap();
     std::fs::copy(pki.key("peer"), &key).unwrap();
     std::fs::copy(pki.path("ca"), &ca).unwrap();
-    let flags = peer_flags_at(&cert, &key, &ca);
+    let flags = peer_flags_at(&cert, &key, &ca, ALLOWED_CN);
     let members = (0..2).map(|i| peer_member(&format!("r{i}"), &flags)).collect();
     let mut cluster = Cluster::start_members(members, Vec::new()).await;
     let mut first = cluster.members[0].client().await;
