@@ -158,6 +158,17 @@ pub(crate) fn sha256_of(path: &std::path::Path) -> String {
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
+/// Waits until retention pruned a backup of `cluster`, then slows its schedule to hourly so
+/// the set of kept backups settles.
+pub(crate) async fn settle_after_pruning(bed: &Bed, ns: &str, cluster: &str) {
+    wait_for("a backup pruned by keep.count", STEP_TIMEOUT, || async {
+        Ok(events(bed, ns).await.contains("BackupPruned").then_some(()))
+    })
+    .await
+    .unwrap();
+    patch_spec(bed, ns, cluster, r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
+}
+
 pub(crate) async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
     Ok(api
         .list(&ListParams::default())
@@ -230,12 +241,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
 
     // Retention: once older backups are pruned, slow the schedule down and let it settle:
     // exactly the newest two successful backups remain, objects and files alike.
-    wait_for("a backup pruned by keep.count", STEP_TIMEOUT, || async {
-        Ok(events(bed, &ns).await.contains("BackupPruned").then_some(()))
-    })
-    .await
-    .unwrap();
-    patch_spec(bed, &ns, "bk", r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
+    settle_after_pruning(bed, &ns, "bk").await;
     let kept = wait_for("two backups kept, files matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "bk").await?;
         let good: Vec<String> = all

@@ -20,11 +20,9 @@ use kube::api::Api;
 use crate::bed::{self, Bed, wait_for};
 use crate::daytwo::{
     assert_hash_kv, backups_of, checksum_refusal, create, phase_of, put_numbered,
-    report_first_backup, restored, sha256_of, succeeded,
+    report_first_backup, restored, settle_after_pruning, sha256_of, succeeded,
 };
-use crate::operator::{
-    STEP_TIMEOUT, client_url, etcd, events, manifest, operator, patch_spec, status,
-};
+use crate::operator::{STEP_TIMEOUT, client_url, etcd, events, manifest, operator, status};
 
 /// The bucket every test object goes to.
 const BUCKET: &str = "cairn-backups";
@@ -256,12 +254,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
 
     // Retention: once older backups are pruned, slow the schedule down and let it settle:
     // exactly the two kept Backups' objects remain in the bucket.
-    wait_for("a backup pruned by keep.count", STEP_TIMEOUT, || async {
-        Ok(events(bed, &ns).await.contains("BackupPruned").then_some(()))
-    })
-    .await
-    .unwrap();
-    patch_spec(bed, &ns, "s3src", r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
+    settle_after_pruning(bed, &ns, "s3src").await;
     let kept = wait_for("two backups kept, objects matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "s3src").await?;
         let mut good: Vec<String> = all
