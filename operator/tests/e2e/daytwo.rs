@@ -169,6 +169,19 @@ pub(crate) async fn settle_after_pruning(bed: &Bed, ns: &str, cluster: &str) {
     patch_spec(bed, ns, cluster, r#"{"spec":{"backup":{"schedule":"@every 1h"}}}"#).await;
 }
 
+/// The names of the succeeded Backups among `all` that retention has not deleted, sorted.
+pub(crate) fn kept_names(all: &[Backup]) -> Vec<String> {
+    let mut names: Vec<String> = all
+        .iter()
+        .filter(|b| {
+            phase_of(b) == Some(BackupPhase::Succeeded) && b.metadata.deletion_timestamp.is_none()
+        })
+        .map(|b| b.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
 pub(crate) async fn backups_of(api: &Api<Backup>, cluster: &str) -> anyhow::Result<Vec<Backup>> {
     Ok(api
         .list(&ListParams::default())
@@ -244,14 +257,7 @@ async fn scheduled_backups_land_in_a_claim_with_checksums_and_retention() {
     settle_after_pruning(bed, &ns, "bk").await;
     let kept = wait_for("two backups kept, files matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "bk").await?;
-        let good: Vec<String> = all
-            .iter()
-            .filter(|b| {
-                phase_of(b) == Some(BackupPhase::Succeeded)
-                    && b.metadata.deletion_timestamp.is_none()
-            })
-            .map(|b| b.name_any())
-            .collect();
+        let good = kept_names(&all);
         let mut files: Vec<String> = std::fs::read_dir(&dir)?
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();

@@ -19,7 +19,7 @@ use kube::api::Api;
 
 use crate::bed::{self, Bed, wait_for};
 use crate::daytwo::{
-    assert_hash_kv, backups_of, checksum_refusal, create, phase_of, put_numbered,
+    assert_hash_kv, backups_of, checksum_refusal, create, kept_names, phase_of, put_numbered,
     report_first_backup, restored, settle_after_pruning, sha256_of, succeeded,
 };
 use crate::operator::{STEP_TIMEOUT, client_url, etcd, events, manifest, operator, status};
@@ -257,15 +257,7 @@ async fn backups_go_to_a_bucket_with_retention_and_restore_from_it() {
     settle_after_pruning(bed, &ns, "s3src").await;
     let kept = wait_for("two backups kept, objects matching", STEP_TIMEOUT, || async {
         let all = backups_of(&backups, "s3src").await?;
-        let mut good: Vec<String> = all
-            .iter()
-            .filter(|b| {
-                phase_of(b) == Some(BackupPhase::Succeeded)
-                    && b.metadata.deletion_timestamp.is_none()
-            })
-            .map(|b| b.name_any())
-            .collect();
-        good.sort();
+        let good = kept_names(&all);
         let objects: Vec<String> = moto.objects().into_keys().collect();
         let want: Vec<String> = good.iter().map(|n| format!("clusters/s3src/{n}.db")).collect();
         Ok((all.len() == 2 && good.len() == 2 && objects == want).then_some(good))
