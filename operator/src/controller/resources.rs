@@ -333,20 +333,10 @@ pub fn store_args(c: &Cluster) -> Result<Vec<String>> {
         "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_owned(),
     ];
     if client_tls {
-        args.extend([
-            format!("--cert-file={CLIENT_TLS_DIR}/tls.crt"),
-            format!("--key-file={CLIENT_TLS_DIR}/tls.key"),
-            format!("--trusted-ca-file={CLIENT_TLS_DIR}/ca.crt"),
-            "--client-cert-auth=true".to_owned(),
-        ]);
+        args.extend(tls_args("", CLIENT_TLS_DIR));
     }
     if peer_tls {
-        args.extend([
-            format!("--peer-cert-file={PEER_TLS_DIR}/tls.crt"),
-            format!("--peer-key-file={PEER_TLS_DIR}/tls.key"),
-            format!("--peer-trusted-ca-file={PEER_TLS_DIR}/ca.crt"),
-            "--peer-client-cert-auth=true".to_owned(),
-        ]);
+        args.extend(tls_args("peer-", PEER_TLS_DIR));
     }
     let o = &c.spec.options;
     if let Some(q) = &o.quota_backend_bytes {
@@ -401,6 +391,17 @@ fn container_security_context() -> SecurityContext {
         capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
         ..Default::default()
     }
+}
+
+/// etcd's TLS flags for one side (`prefix` "" for clients, "peer-" for peers) with the
+/// Secret's files mounted at `dir`, certificate auth on.
+fn tls_args(prefix: &str, dir: &str) -> [String; 4] {
+    [
+        format!("--{prefix}cert-file={dir}/tls.crt"),
+        format!("--{prefix}key-file={dir}/tls.key"),
+        format!("--{prefix}trusted-ca-file={dir}/ca.crt"),
+        format!("--{prefix}client-cert-auth=true"),
+    ]
 }
 
 /// The TLS Secrets' volumes and their read-only mounts: the client Secret (at
