@@ -164,14 +164,11 @@ impl Tls {
     }
 }
 
-/// tonic's connector for `https://` endpoints: TCP, then a TLS handshake verifying the
-/// URI's host name.
-#[derive(Clone)]
-struct Dial(Arc<rustls::ClientConfig>);
-
 type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
-impl tower_service::Service<http::Uri> for Dial {
+/// tonic's connector for `https://` endpoints: TCP, then a TLS handshake verifying the
+/// URI's host name.
+impl tower_service::Service<http::Uri> for Tls {
     type Response = Dialed;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Dialed>> + Send>>;
@@ -227,7 +224,7 @@ impl Client {
         let (url, dial) = match endpoint.strip_prefix("https://") {
             Some(rest) => {
                 let tls = tls.ok_or_else(|| fail("https endpoint but no client TLS".into()))?;
-                (format!("http://{rest}"), Some(Dial(tls.0.clone())))
+                (format!("http://{rest}"), Some(tls.clone()))
             }
             None => (endpoint.to_owned(), None),
         };
